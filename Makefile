@@ -1,0 +1,30 @@
+# Two entry points do every set-up step on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.moekit-installed
+# pytest-xdist workers; CI machines have 2 cores.
+WORKERS ?= 2
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch 2.13.0 lies on this machine's disk; pinning it first keeps
+	# the resolver from fetching a multi-GB CUDA build for the open range in pyproject.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m moekit layer-demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n $(WORKERS) --durations=15
+
+bench: $(STAMP)
+	$(PY) benchmarks/moe_layer.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

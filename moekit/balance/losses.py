@@ -1,0 +1,128 @@
+"""Load-balancing losses, as pure functions of a layer's routing.
+
+Shape legend: T tokens, E experts, K top-k, B sequences of S tokens (T = B*S).
+
+* switch_aux_loss: Fedus et al. 2021 (Switch) / Lepikhin et al. 2020 (GShard):
+  E * sum_i f_i * P_i, f_i the share of routing decisions that picked expert i, P_i the mean
+  router probability of i. The normalisation conventions are listed in BalanceConfig.
+* cv_squared_loss: Shazeer et al. 2017: CV(importance)^2 + CV(load)^2, CV^2 = var / mean^2
+  (population variance), importance = sum over tokens of the sparse gates, load = the smooth
+  estimator sum_t Phi((clean - threshold) / noise_std) when noise is on, else the counts.
+* z_loss: Zoph et al. 2022 (ST-MoE): mean over tokens of logsumexp(logits)^2.
+* sequence_aux_loss: DeepSeek-V3 complementary sequence-wise loss: per sequence,
+  sum_i f_i * P_i with f_i = E/(K*S) * count_i and P_i the mean normalised score; mean over B.
+"""
+
+from __future__ import annotations
+
+
+import torch
+
+from ..router.routing import Routing
+
+
+def normalized_scores(routing: Routing) -> torch.Tensor:
+    """Per-token probabilities over experts: softmax as is, sigmoid scores divided by their sum."""
+    if routing.score_func == "sigmoid":
+        return routing.scores_TE / (routing.scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+    return routing.scores_TE
+
+
+def expert_counts(idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(E,) number of top-k picks of each expert."""
+    return torch.bincount(idx_TK.reshape(-1), minlength=num_experts).to(dtype)
+
+
+def switch_aux_loss(routing: Routing, num_experts: int, convention: str = "moekit") -> torch.Tensor:
+    """Unweighted switch/GShard loss of one layer (1 at perfect balance, k for ``mixtral``)."""
+    if not routing.is_token_choice:
+        raise ValueError("the switch aux loss needs a token-choice router (expert choice is balanced by design)")
+    idx_TK = routing.topk_idx_TK
+    T, K = idx_TK.shape
+    P_E = normalized_scores(routing).mean(dim=0)
+    if convention == "switch":
+        f_E = expert_counts(idx_TK[:, :1], num_experts) / T
+        return num_experts * (f_E * P_E).sum()
+    if convention in ("moekit", "megatron"):
+        # Megatron-Core writes this as E / (K * T^2) * sum_i (sum_t p_ti) * count_i.
+        counts_E = expert_counts(idx_TK, num_experts)
+        return num_experts / (K * T * T) * ((P_E * T) * counts_E).sum()
+    if convention == "mixtral":
+        f_E = expert_counts(idx_TK, num_experts) / T
+        return num_experts * (f_E * P_E).sum()
+    raise ValueError(f"aux_loss_convention={convention!r} is not known")
+
+
+def pooled_mixtral_aux_loss(routings: list[Routing], num_experts: int) -> torch.Tensor:
+    """transformers' load_balancing_loss_func: every layer's tokens pooled before f and P."""
+    idx = torch.cat([r.topk_idx_TK for r in routings], dim=0)
+    probs = torch.cat([normalized_scores(r) for r in routings], dim=0)
+    f_E = expert_counts(idx, num_experts) / idx.shape[0]
+    return num_experts * (f_E * probs.mean(dim=0)).sum()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+def cv_squared(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    if x_E.numel() <= 1:
+        return x_E.new_zeros(())
+    mean = x_E.mean()
+    return ((x_E - mean).square().mean()) / (mean.square() + eps)
+
+
+def importance(routing: Routing, num_experts: int) -> torch.Tensor:
+    """(E,) sum over tokens of the sparse gate values."""
+    gates_TE = routing.logits_TE.new_zeros(routing.num_tokens, num_experts).scatter(1, routing.topk_idx_TK, routing.topk_weight_TK)
+    return gates_TE.sum(dim=0)
+
+
+def smooth_load(routing: Routing, num_experts: int, top_k: int) -> torch.Tensor:
+    """(E,) Shazeer's differentiable load estimate, or plain counts when no noise was drawn.
+
+    P(t, i) = Phi((clean_ti - kth_excluding(noisy_t, k, i)) / noise_std_ti), where the threshold is
+    the k-th largest noisy logit of the other experts: the (k+1)-th if i is in the top-k, else the k-th.
+    """
+    if routing.noise_std_TE is None or routing.noisy_logits_TE is None or top_k >= num_experts:
+        return expert_counts(routing.topk_idx_TK, num_experts)
+    noisy_TE, clean_TE, std_TE = routing.noisy_logits_TE, routing.logits_TE, routing.noise_std_TE
+    top_TK1 = noisy_TE.topk(top_k + 1, dim=-1).values
+    kth_in_T1 = top_TK1[:, top_k:top_k + 1]
+    kth_out_T1 = top_TK1[:, top_k - 1:top_k]
+    is_in_TE = noisy_TE > kth_in_T1
+    threshold_TE = torch.where(is_in_TE, kth_in_T1, kth_out_T1)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    return normal.cdf((clean_TE - threshold_TE) / std_TE).sum(dim=0)
+
+
+def cv_squared_loss(routing: Routing, num_experts: int, top_k: int) -> torch.Tensor:
+    return cv_squared(importance(routing, num_experts)) + cv_squared(smooth_load(routing, num_experts, top_k))
+
+
+def sequence_aux_loss(routing: Routing, num_experts: int, batch: int) -> torch.Tensor:
+    idx_TK = routing.topk_idx_TK
+    T, K = idx_TK.shape
+    if T % batch != 0:
+        raise ValueError(f"{T} tokens do not split into {batch} sequences")
+    S = T // batch
+    probs_BSE = normalized_scores(routing).view(batch, S, num_experts)
+    onehot_BSE = probs_BSE.new_zeros(batch, S, num_experts)
+    onehot_BSE.scatter_add_(2, idx_TK.view(batch, S, K), probs_BSE.new_ones(batch, S, K))
+    f_BE = onehot_BSE.sum(dim=1) * (num_experts / (K * S))
+    P_BE = probs_BSE.mean(dim=1)
+    return (f_BE * P_BE).sum(dim=-1).mean()
+
+
+def entropy(probs_TE: torch.Tensor) -> torch.Tensor:
+    """(T,) entropy in nats of each token's routing distribution."""
+    return -(probs_TE * torch.log(probs_TE.clamp_min(1e-20))).sum(dim=-1)
+
+
+def perfect_balance_value(convention: str, top_k: int) -> float:
+    return float(top_k) if convention == "mixtral" else 1.0
+
+
+__all__ = ["switch_aux_loss", "pooled_mixtral_aux_loss", "z_loss", "cv_squared", "cv_squared_loss",
+           "importance", "smooth_load", "sequence_aux_loss", "entropy", "normalized_scores",
+           "perfect_balance_value"]

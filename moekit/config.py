@@ -1,0 +1,262 @@
+"""Typed, validated configuration for an MoE layer.
+
+Options are grouped by the part they configure (router, balancing losses, shared experts), so
+each part reads only its own group. Every dataclass validates in ``__post_init__`` and
+round-trips through ``to_dict`` / ``from_dict``; unknown keys are an error that names the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROUTERS = ("softmax_topk", "noisy_topk", "switch", "sigmoid_topk", "expert_choice")
+SCORE_FUNCS = ("softmax", "sigmoid")
+GROUP_SCORES = ("top2_sum", "max")
+DROP_POLICIES = ("probability", "position")
+EXPERT_KINDS = ("swiglu", "mlp")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+AUX_CONVENTIONS = ("moekit", "switch", "megatron", "mixtral")
+BACKENDS = ("auto", "grouped_mm", "loop", "reference")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and its value."""
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
+
+
+@dataclass
+class RouterConfig:
+    """How tokens pick experts.
+
+    kind:
+      ``softmax_topk``  softmax over experts, top-k (Mixtral, Qwen, OLMoE).
+      ``noisy_topk``    Shazeer et al. 2017: learned, input-dependent Gaussian noise on the
+                        logits during training, then softmax over the kept top-k.
+      ``switch``        Fedus et al. 2021: top-1, weight = softmax probability of the pick.
+      ``sigmoid_topk``  DeepSeek-V3: sigmoid scores, optional aux-loss-free bias (selection only)
+                        and group-limited selection; weights from unbiased scores.
+      ``expert_choice`` Zhou et al. 2022: each expert picks its top-capacity tokens. Not causal:
+                        a token's routing depends on the other tokens of the batch.
+    """
+
+    kind: str = "softmax_topk"
+    top_k: int = 2
+    # Renormalise the top-k weights to sum to 1 (Mixtral: True; Qwen2-MoE/OLMoE: False).
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    # Group-limited routing (DeepSeek-V2/V3): experts split into n_group groups, only
+    # topk_group groups are eligible per token.
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: str = "top2_sum"
+    # Score function for group/sigmoid routers; None picks the kind's own.
+    score_func: str | None = None
+    # Aux-loss-free balancing (DeepSeek-V3): per-expert bias added for selection only,
+    # updated by b += rate * sign(mean(c) - c) outside autograd. None disables it.
+    bias_update_rate: float | None = None
+    # Multiplicative input jitter in training (Switch Transformer); 0 disables.
+    jitter_eps: float = 0.0
+    # Linear bias on the router logits (gpt-oss).
+    logit_bias: bool = False
+    # Capacity: None means dropless. Otherwise capacity = ceil(T*k/E*capacity_factor).
+    capacity_factor: float | None = None
+    drop_policy: str = "probability"
+
+    def __post_init__(self) -> None:
+        _one_of("router.kind", self.kind, ROUTERS)
+        _check(isinstance(self.top_k, int) and self.top_k >= 1, f"router.top_k={self.top_k!r} must be an int >= 1")
+        if self.kind == "switch":
+            _check(self.top_k == 1, f"router.top_k={self.top_k} but the switch router is top-1")
+        if self.score_func is not None:
+            _one_of("router.score_func", self.score_func, SCORE_FUNCS)
+        _one_of("router.group_score", self.group_score, GROUP_SCORES)
+        _one_of("router.drop_policy", self.drop_policy, DROP_POLICIES)
+        _check(self.n_group >= 1, f"router.n_group={self.n_group} must be >= 1")
+        _check(1 <= self.topk_group <= self.n_group,
+               f"router.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+        _check(self.routed_scaling_factor > 0, f"router.routed_scaling_factor={self.routed_scaling_factor} must be > 0")
+        _check(self.jitter_eps >= 0, f"router.jitter_eps={self.jitter_eps} must be >= 0")
+        if self.capacity_factor is not None:
+            _check(math.isfinite(self.capacity_factor) and self.capacity_factor > 0,
+                   f"router.capacity_factor={self.capacity_factor} must be a positive number (or None for dropless)")
+        if self.kind == "expert_choice":
+            _check(self.capacity_factor is not None,
+                   "router.kind='expert_choice' needs router.capacity_factor (tokens per expert = T*cf/E)")
+        if self.bias_update_rate is not None:
+            _check(self.bias_update_rate >= 0, f"router.bias_update_rate={self.bias_update_rate} must be >= 0")
+            _check(self.kind in ("sigmoid_topk", "softmax_topk"),
+                   f"router.bias_update_rate is set but router.kind={self.kind!r} has no selection bias")
+
+    @property
+    def effective_score_func(self) -> str:
+        if self.score_func is not None:
+            return self.score_func
+        return "sigmoid" if self.kind == "sigmoid_topk" else "softmax"
+
+
+@dataclass
+class BalanceConfig:
+    """Coefficients and conventions of the load-balancing losses (0 disables a loss).
+
+    aux_loss_convention names how the switch/GShard loss alpha*E*sum_i f_i*P_i is normalised:
+      ``moekit``   per layer; f_i = share of the T*k assignments; P_i = mean full-softmax prob.
+                   Equals 1 at perfect balance for any k.
+      ``switch``   Fedus et al. 2021: f_i from each token's top-1 choice. 1 at balance.
+      ``megatron`` Megatron-Core switch_load_balancing_loss_func: per layer,
+                   E/(k*T^2) * sum_i (sum_t p_ti) * count_i. 1 at balance.
+      ``mixtral``  transformers' load_balancing_loss_func: logits of all layers pooled, f_i =
+                   count_i / T over top-k picks (so k at balance).
+    """
+
+    aux_loss_coef: float = 0.01
+    aux_loss_convention: str = "moekit"
+    z_loss_coef: float = 0.0
+    cv_loss_coef: float = 0.0
+    seq_aux_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of("balance.aux_loss_convention", self.aux_loss_convention, AUX_CONVENTIONS)
+        for name in ("aux_loss_coef", "z_loss_coef", "cv_loss_coef", "seq_aux_loss_coef"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"balance.{name}={value} must be a finite number >= 0")
+
+
+@dataclass
+class SharedExpertConfig:
+    """Experts every token passes through (DeepSeek, Qwen2-MoE). num=0 disables them."""
+
+    num: int = 0
+    # Hidden size of the fused shared MLP; None means num * expert_hidden.
+    hidden: int | None = None
+    # Qwen2-MoE scales the shared output by sigmoid(x @ w_gate).
+    gated: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.num >= 0, f"shared.num={self.num} must be >= 0")
+        if self.hidden is not None:
+            _check(self.hidden >= 1, f"shared.hidden={self.hidden} must be >= 1")
+            _check(self.num >= 1, f"shared.hidden={self.hidden} is set but shared.num=0")
+        if self.gated:
+            _check(self.num >= 1, "shared.gated=True but shared.num=0")
+
+
+@dataclass
+class MoEConfig:
+    """One MoE layer: (..., dim) -> (..., dim)."""
+
+    dim: int
+    num_experts: int
+    expert_hidden: int
+    expert_kind: str = "swiglu"
+    activation: str = "silu"
+    router: RouterConfig = field(default_factory=RouterConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    shared: SharedExpertConfig = field(default_factory=SharedExpertConfig)
+    # Grouped-product implementation; "auto" picks the fastest correct one for the device/dtype.
+    backend: str = "auto"
+    # Raise on NaN/Inf input, and name any expert whose output is not finite.
+    check_finite: bool = True
+    # Keep routing statistics (cheap, no host sync).
+    track_stats: bool = True
+    # An expert that gets no token for this many forward passes is reported dead.
+    dead_window: int = 100
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, dict):
+            self.router = RouterConfig(**_known(RouterConfig, self.router, "router"))
+        if isinstance(self.balance, dict):
+            self.balance = BalanceConfig(**_known(BalanceConfig, self.balance, "balance"))
+        if isinstance(self.shared, dict):
+            self.shared = SharedExpertConfig(**_known(SharedExpertConfig, self.shared, "shared"))
+        for name in ("dim", "num_experts", "expert_hidden", "dead_window"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, f"{name}={value!r} must be an int >= 1")
+        _one_of("expert_kind", self.expert_kind, EXPERT_KINDS)
+        _one_of("activation", self.activation, ACTIVATIONS)
+        _one_of("backend", self.backend, BACKENDS)
+        r = self.router
+        _check(r.top_k <= self.num_experts,
+               f"router.top_k={r.top_k} exceeds num_experts={self.num_experts}")
+        _check(self.num_experts % r.n_group == 0,
+               f"num_experts={self.num_experts} is not divisible by router.n_group={r.n_group}")
+        if r.n_group > 1:
+            per_group = self.num_experts // r.n_group
+            _check(r.topk_group * per_group >= r.top_k,
+                   f"router.topk_group={r.topk_group} groups of {per_group} experts cannot hold top_k={r.top_k}")
+            if r.group_score == "top2_sum":
+                _check(per_group >= 2, f"group_score='top2_sum' needs >= 2 experts per group, got {per_group}")
+
+    @property
+    def top_k(self) -> int:
+        return self.router.top_k
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
+        return cls(**_known(cls, data, "MoEConfig"))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> MoEConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+T = TypeVar("T")
+
+
+def _known(cls: type[T], data: dict[str, Any], where: str) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    _check(not unknown, f"unknown key(s) {unknown} in {where}; known: {sorted(names)}")
+    return dict(data)
+
+
+_ROUTER_KEYS = {f.name for f in fields(RouterConfig)}
+_BALANCE_KEYS = {f.name for f in fields(BalanceConfig)}
+
+
+def moe_config(**kwargs: Any) -> MoEConfig:
+    """Build a MoEConfig from flat keywords.
+
+    Router fields (top_k, capacity_factor, ...) and balance fields (aux_loss_coef, ...) may be
+    given directly; ``router`` may be a router kind name; ``shared_experts=N``,
+    ``shared_expert_hidden`` and ``shared_expert_gated`` fill the shared-expert group.
+    """
+    router = kwargs.pop("router", None)
+    router_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _ROUTER_KEYS}
+    balance_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _BALANCE_KEYS}
+    shared_kw = {}
+    for flat, name in (("shared_experts", "num"), ("shared_expert_hidden", "hidden"), ("shared_expert_gated", "gated")):
+        if flat in kwargs:
+            shared_kw[name] = kwargs.pop(flat)
+    if isinstance(router, str):
+        router_kw["kind"] = router
+        if router == "switch":
+            router_kw.setdefault("top_k", 1)
+    elif isinstance(router, RouterConfig):
+        _check(not router_kw, f"router fields {sorted(router_kw)} given beside a RouterConfig")
+        router_kw = dataclasses.asdict(router)
+    elif router is not None:
+        raise ConfigError(f"router={router!r} must be a router kind name or a RouterConfig")
+    names = {f.name for f in fields(MoEConfig)} - {"router", "balance", "shared"}
+    unknown = sorted(set(kwargs) - names)
+    _check(not unknown, f"unknown MoE option(s) {unknown}")
+    return MoEConfig(router=RouterConfig(**router_kw), balance=BalanceConfig(**balance_kw),
+                     shared=SharedExpertConfig(**shared_kw), **kwargs)

@@ -1,0 +1,258 @@
+"""The MoE layer: router -> dispatch -> experts -> combine, plus shared experts.
+
+Shape legend: T tokens (all leading dims flattened), D model dim, E experts, K top-k,
+R rows after dispatch (grouped by expert).
+
+    x (..., D) --router--> Routing --plan--> rows grouped by expert --experts--> y (R, D)
+      --combine (weighted, back to token order)--> (..., D)  [+ shared experts(x)]
+
+Balancing losses are computed in training and kept on the layer (``layer.aux_loss``); routing
+statistics are kept in buffers (``layer.stats``). Nothing here syncs with the host on the hot
+path except the grouped-product fallback and the finite checks (``check_finite=False`` skips them).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .balance import losses as L
+from .config import MoEConfig, moe_config
+from .dispatch import DispatchPlan, combine, permute, plan_expert_choice, plan_token_choice
+from .experts import MLPExperts, ModuleExperts, SharedExperts, SwiGLUExperts
+from .router import Routing, build_router
+from .stats import LayerReport, RoutingStats
+
+
+class ExpertNonFiniteError(FloatingPointError):
+    """An expert produced NaN/Inf; ``experts`` lists their indices, ``layer`` names the layer."""
+
+    def __init__(self, layer: str, experts: list[int]) -> None:
+        self.layer, self.experts = layer, experts
+        super().__init__(f"{layer}: expert(s) {experts} produced NaN/Inf outputs; mask them with "
+                         f"layer.mask_experts({experts}) to keep serving with the others")
+
+
+class MoE(nn.Module):
+    """Mixture-of-Experts layer mapping (..., dim) to (..., dim).
+
+    Build from a config, or from keywords (see ``moekit.config.moe_config``)::
+
+        layer = MoE(dim=512, num_experts=8, expert_hidden=1024, top_k=2)
+        layer = MoE(cfg, experts=[my_module_0, my_module_1, ...])   # arbitrary nn.Module experts
+    """
+
+    def __init__(self, config: MoEConfig | None = None, *, experts: Sequence[nn.Module] | nn.Module | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = moe_config(**kwargs)
+        elif kwargs:
+            raise TypeError(f"pass either a MoEConfig or keywords, not both (got {sorted(kwargs)})")
+        self.config = cfg = config
+        self.num_experts, self.dim, self.top_k = cfg.num_experts, cfg.dim, cfg.router.top_k
+        self.layer_name = "MoE"
+        self.router = build_router(cfg.dim, cfg.num_experts, cfg.router)
+        self.experts = self._build_experts(cfg, experts)
+        self.shared_experts = None
+        if cfg.shared.num > 0:
+            hidden = cfg.shared.hidden or cfg.shared.num * cfg.expert_hidden
+            self.shared_experts = SharedExperts(cfg.dim, hidden, cfg.activation, cfg.shared.gated)
+        self.stats = RoutingStats(cfg.num_experts, cfg.dead_window)
+        self.register_buffer("available_E", torch.ones(cfg.num_experts, dtype=torch.bool), persistent=False)
+        self.register_buffer("frozen_E", torch.zeros(cfg.num_experts, dtype=torch.bool), persistent=False)
+        # Assignments per expert since the last bias update (aux-loss-free balancing).
+        self.register_buffer("bias_load_E", torch.zeros(cfg.num_experts), persistent=False)
+        self._freeze_hooks: list[Any] = []
+        self._any_masked = False
+        self.aux_loss: torch.Tensor = torch.zeros(())
+        self.last_losses: dict[str, float | torch.Tensor] = {}
+        self.last_routing: Routing | None = None
+        self.last_plan: DispatchPlan | None = None
+        self._pooled_routing: Routing | None = None
+
+    @staticmethod
+    def _build_experts(cfg: MoEConfig, experts: Sequence[nn.Module] | nn.Module | None) -> nn.Module:
+        if experts is None:
+            cls = SwiGLUExperts if cfg.expert_kind == "swiglu" else MLPExperts
+            return cls(cfg.num_experts, cfg.dim, cfg.expert_hidden, cfg.activation, cfg.backend)
+        if isinstance(experts, nn.Module) and hasattr(experts, "num_experts"):
+            module = experts
+        else:
+            module = ModuleExperts(list(experts))
+        if module.num_experts != cfg.num_experts:
+            raise ValueError(f"got {module.num_experts} expert modules but num_experts={cfg.num_experts}")
+        return module
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._validate_input(x)
+        shape = x.shape
+        x_TD = x.reshape(-1, self.dim)
+        available_E = self.available_E if self._any_masked else None
+        routing = self.router(x_TD, available_E)
+        if routing.is_token_choice:
+            plan = plan_token_choice(routing, self.num_experts, self.config.router.capacity_factor,
+                                     self.config.router.drop_policy)
+        else:
+            plan = plan_expert_choice(routing, available_E)
+        x_RD = permute(x_TD, plan)
+        y_RD = self.experts(x_RD, plan.counts_E)
+        if self.config.check_finite:
+            self._check_expert_outputs(y_RD, plan)
+        out_TD = combine(y_RD, plan, x.dtype)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+
+        batch = math.prod(shape[:-2]) if len(shape) >= 3 else 1
+        self._record(routing, plan, batch)
+        return out_TD.view(shape)
+
+    def _validate_input(self, x: torch.Tensor) -> None:
+        if not torch.is_floating_point(x):
+            raise TypeError(f"{self.layer_name}: input must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.dim:
+            raise ValueError(f"{self.layer_name}: input of shape {tuple(x.shape)} has last dimension "
+                             f"{x.shape[-1] if x.dim() else None}, expected dim={self.dim}")
+        if x.numel() == 0:
+            raise ValueError(f"{self.layer_name}: input of shape {tuple(x.shape)} has no tokens")
+        if self.config.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{self.layer_name}: input contains NaN or Inf values")
+
+    def _check_expert_outputs(self, y_RD: torch.Tensor, plan: DispatchPlan) -> None:
+        bad_R = ~torch.isfinite(y_RD).all(dim=-1)
+        if bool(bad_R.any()):
+            expert_R = torch.repeat_interleave(torch.arange(self.num_experts, device=y_RD.device), plan.counts_E)
+            bad = sorted(set(expert_R[bad_R].tolist()))
+            self.stats.nonfinite_E[bad] = True
+            raise ExpertNonFiniteError(self.layer_name, bad)
+
+    # ------------------------------------------------------------------ losses and statistics
+    def _record(self, routing: Routing, plan: DispatchPlan, batch: int) -> None:
+        cfg = self.config
+        self.last_routing = _detached(routing)
+        self.last_plan = plan
+        if cfg.track_stats:
+            self.stats.update(routing, plan)
+        if self.training and self.router.selection_bias is not None and cfg.router.bias_update_rate is not None:
+            self.bias_load_E += plan.routed_E.to(self.bias_load_E.dtype)
+        if self.training and torch.is_grad_enabled():
+            self.aux_loss, self.last_losses = self._losses(routing, batch)
+            self._pooled_routing = routing if cfg.balance.aux_loss_convention == "mixtral" else None
+        else:
+            self.aux_loss, self.last_losses, self._pooled_routing = routing.logits_TE.new_zeros(()), {}, None
+
+    def _losses(self, routing: Routing, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted sum of this layer's balancing losses, and each unweighted term (detached)."""
+        b, E, K = self.config.balance, self.num_experts, self.top_k
+        total = routing.logits_TE.new_zeros(())
+        terms: dict[str, torch.Tensor] = {}
+        token_choice = routing.is_token_choice
+        if b.aux_loss_coef > 0 and token_choice and b.aux_loss_convention != "mixtral":
+            terms["aux"] = value = L.switch_aux_loss(routing, E, b.aux_loss_convention)
+            total = total + b.aux_loss_coef * value
+        if b.z_loss_coef > 0:
+            terms["z"] = value = L.z_loss(routing.logits_TE)
+            total = total + b.z_loss_coef * value
+        if b.cv_loss_coef > 0 and token_choice:
+            terms["cv"] = value = L.cv_squared_loss(routing, E, K)
+            total = total + b.cv_loss_coef * value
+        if b.seq_aux_loss_coef > 0 and token_choice:
+            terms["seq_aux"] = value = L.sequence_aux_loss(routing, E, batch)
+            total = total + b.seq_aux_loss_coef * value
+        return total, {k: v.detach() for k, v in terms.items()}
+
+    def report(self) -> LayerReport:
+        return self.stats.report()
+
+    def reset_stats(self) -> None:
+        self.stats.reset()
+
+    # ------------------------------------------------------------------ aux-loss-free balancing
+    @torch.no_grad()
+    def update_selection_bias(self) -> None:
+        """DeepSeek-V3's rule b_i += u * sign(mean(c) - c_i) over the assignments c counted since the
+        last call (so gradient accumulation sees the whole step); then the counts reset."""
+        rate = self.config.router.bias_update_rate
+        bias = self.router.selection_bias
+        if rate is None or bias is None or float(self.bias_load_E.sum()) == 0:
+            return
+        avail = self.available_E
+        load = self.bias_load_E
+        mean = load[avail].mean()
+        bias[avail] += rate * torch.sign(mean - load[avail])
+        self.bias_load_E.zero_()
+
+    # ------------------------------------------------------------------ expert control
+    def _expert_ids(self, ids: Iterable[int]) -> list[int]:
+        ids = sorted({int(i) for i in ids})
+        bad = [i for i in ids if not 0 <= i < self.num_experts]
+        if bad:
+            raise IndexError(f"{self.layer_name}: expert ids {bad} out of range [0, {self.num_experts})")
+        return ids
+
+    def mask_experts(self, ids: Iterable[int]) -> None:
+        """Disable experts at run time: the router chooses among the rest and renormalises."""
+        ids = self._expert_ids(ids)
+        available = self.available_E.clone()
+        available[ids] = False
+        left = int(available.sum())
+        needed = 1 if self.config.router.kind == "expert_choice" else self.top_k
+        if left < needed:
+            raise ValueError(f"{self.layer_name}: masking {ids} leaves {left} expert(s), fewer than top_k={needed}")
+        self.available_E.copy_(available)
+        self._any_masked = True
+
+    def unmask_experts(self, ids: Iterable[int] | None = None) -> None:
+        if ids is None:
+            self.available_E.fill_(True)
+        else:
+            self.available_E[self._expert_ids(ids)] = True
+        self._any_masked = not bool(self.available_E.all())
+
+    @property
+    def masked_experts(self) -> list[int]:
+        return torch.nonzero(~self.available_E.cpu()).flatten().tolist()
+
+    def freeze_experts(self, ids: Iterable[int]) -> None:
+        """Stop gradients to chosen experts' parameters (their grads are zero, rows stay put
+        under plain SGD/Adam; exclude them from weight decay to keep them bit-identical)."""
+        ids = self._expert_ids(ids)
+        self.frozen_E[ids] = True
+        if isinstance(self.experts, ModuleExperts):
+            for i in ids:
+                self.experts.experts[i].requires_grad_(False)
+            return
+        if not self._freeze_hooks:
+            for p in self.experts.parameters():
+                if p.dim() >= 1 and p.shape[0] == self.num_experts:
+                    self._freeze_hooks.append(p.register_hook(self._zero_frozen_grad))
+
+    def unfreeze_experts(self, ids: Iterable[int] | None = None) -> None:
+        ids = list(range(self.num_experts)) if ids is None else self._expert_ids(ids)
+        self.frozen_E[ids] = False
+        if isinstance(self.experts, ModuleExperts):
+            for i in ids:
+                self.experts.experts[i].requires_grad_(True)
+
+    def _zero_frozen_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        keep = (~self.frozen_E).to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+        return grad * keep
+
+    @property
+    def frozen_experts(self) -> list[int]:
+        return torch.nonzero(self.frozen_E.cpu()).flatten().tolist()
+
+    def extra_repr(self) -> str:
+        r = self.config.router
+        cap = "dropless" if r.capacity_factor is None else f"capacity_factor={r.capacity_factor}"
+        return f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, router={r.kind}, {cap}"
+
+
+def _detached(routing: Routing) -> Routing:
+    fields = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in vars(routing).items()}
+    return Routing(**fields)

@@ -1,0 +1,106 @@
+"""Token-choice routers: each token picks its top-k experts.
+
+One module covers the token-choice family, selected by ``RouterConfig.kind``:
+  softmax_topk  Mixtral / Qwen / OLMoE: p = softmax(x W^T); top-k of p; optional renormalisation.
+  noisy_topk    Shazeer et al. 2017, "Outrageously Large Neural Networks": in training,
+                H = x W_g^T + N(0,1) * softplus(x W_noise^T); weights = softmax over the kept top-k
+                of H (the same as renormalising softmax(H) over the top-k).
+  switch        Fedus et al. 2021, "Switch Transformers": top-1, weight = p of the chosen expert.
+  sigmoid_topk  DeepSeek-V3 (arXiv 2412.19437): s = sigmoid(x W^T); selection on s + b (b the
+                aux-loss-free bias), optionally group-limited; weights from the unbiased s,
+                normalised over the top-k, times routed_scaling_factor.
+Group-limited selection (DeepSeek-V2/V3) applies to any score function: experts are split into
+n_group groups, each group scored by its top-2 sum (V3) or max (V2), and only the best
+topk_group groups are eligible.
+
+Router math runs in float32 whatever the input dtype: softmax/top-k over bf16 logits flips
+near-ties and loses small probabilities, which changes which experts are chosen.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import RouterConfig
+from .routing import Routing, routing_dtype
+
+
+def group_limited_mask(choice_TE: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
+    """Bool (T, E): True for experts in each token's best ``topk_group`` groups."""
+    T, E = choice_TE.shape
+    grouped_TGe = choice_TE.view(T, n_group, E // n_group)
+    if group_score == "top2_sum":
+        group_TG = grouped_TGe.topk(2, dim=-1).values.sum(dim=-1)
+    else:
+        group_TG = grouped_TGe.amax(dim=-1)
+    best_TG = group_TG.topk(topk_group, dim=-1).indices
+    keep_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, best_TG, True)
+    return keep_TG.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+
+
+class TopKRouter(nn.Module):
+    """x (T, D) -> Routing with ``topk_idx_TK`` and float32 ``topk_weight_TK``."""
+
+    def __init__(self, dim: int, num_experts: int, config: RouterConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.num_experts = num_experts
+        self.top_k = config.top_k
+        self.score_func = config.effective_score_func
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if config.logit_bias else None
+        # Shazeer et al. initialise both gating matrices to zero.
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, dim)) if config.kind == "noisy_topk" else None
+        has_selection_bias = config.kind == "sigmoid_topk" or config.bias_update_rate is not None
+        # Aux-loss-free balancing bias: used only to choose experts, moved by a rule, not gradients.
+        self.register_buffer("selection_bias", torch.zeros(num_experts) if has_selection_bias else None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x_TD: torch.Tensor, available_E: torch.Tensor | None = None) -> Routing:
+        cfg = self.config
+        x_TD = x_TD.to(routing_dtype(x_TD.dtype))
+        if self.training and cfg.jitter_eps > 0:
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
+        bias = None if self.bias is None else self.bias.to(x_TD.dtype)
+        logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype), bias)
+
+        noise_std_TE = noisy_TE = None
+        select_logits_TE = logits_TE
+        if self.noise_weight is not None and self.training:
+            noise_std_TE = F.softplus(F.linear(x_TD, self.noise_weight.to(x_TD.dtype))) + 1e-2
+            noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+            select_logits_TE = noisy_TE
+        if available_E is not None:
+            select_logits_TE = select_logits_TE.masked_fill(~available_E, float("-inf"))
+
+        if self.score_func == "softmax":
+            scores_TE = torch.softmax(select_logits_TE, dim=-1)
+        else:
+            scores_TE = torch.sigmoid(select_logits_TE)
+
+        choice_TE = scores_TE if self.selection_bias is None else scores_TE + self.selection_bias
+        if available_E is not None:
+            choice_TE = choice_TE.masked_fill(~available_E, float("-inf"))
+        if cfg.n_group > 1:
+            keep_TE = group_limited_mask(choice_TE, cfg.n_group, cfg.topk_group, cfg.group_score)
+            choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
+        topk_idx_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        weight_TK = scores_TE.gather(1, topk_idx_TK)
+        if cfg.norm_topk_prob and cfg.kind != "switch":
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.routed_scaling_factor != 1.0:
+            weight_TK = weight_TK * cfg.routed_scaling_factor
+        return Routing(
+            logits_TE=logits_TE,
+            scores_TE=scores_TE,
+            topk_idx_TK=topk_idx_TK,
+            topk_weight_TK=weight_TK,
+            noise_std_TE=noise_std_TE,
+            noisy_logits_TE=noisy_TE,
+            score_func=self.score_func,
+        )

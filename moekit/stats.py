@@ -1,0 +1,131 @@
+"""Per-layer routing health, kept in buffers and updated without host syncs.
+
+Cheap enough to leave on in training: a few (E,) reductions and one (E, E) product per forward.
+Read with ``RoutingStats.report()`` (one layer) or ``moekit.routing_report(model)`` (all layers).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from .balance.losses import entropy, normalized_scores
+from .dispatch.plan import DispatchPlan
+from .router.routing import Routing
+
+
+class RoutingCollapseWarning(UserWarning):
+    """An expert is dead, or one expert takes most of the load."""
+
+
+@dataclass
+class LayerReport:
+    tokens_per_expert: list[float]
+    utilization: list[float]
+    assignments: int
+    dropped: int
+    dropped_fraction: float
+    mean_entropy: float
+    max_entropy: float
+    max_over_mean_load: float
+    top_expert_share: float
+    mean_router_z: float
+    dead_experts: list[int]
+    dead_window: int
+    coactivation: list[list[float]]
+    forward_passes: int
+    nonfinite_experts: list[int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RoutingStats(nn.Module):
+    """Running counts since the last ``reset()``; buffers follow the layer's device."""
+
+    def __init__(self, num_experts: int, dead_window: int) -> None:
+        super().__init__()
+        E = num_experts
+        self.num_experts, self.dead_window = E, dead_window
+        self.register_buffer("tokens_E", torch.zeros(E, dtype=torch.float64), persistent=False)
+        self.register_buffer("routed_E", torch.zeros(E, dtype=torch.float64), persistent=False)
+        self.register_buffer("dropped", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("entropy_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("z_sum", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("num_tokens", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("coactivation_EE", torch.zeros(E, E, dtype=torch.float64), persistent=False)
+        self.register_buffer("idle_steps_E", torch.zeros(E, dtype=torch.long), persistent=False)
+        self.register_buffer("nonfinite_E", torch.zeros(E, dtype=torch.bool), persistent=False)
+        self.forward_passes = 0
+
+    @torch.no_grad()
+    def update(self, routing: Routing, plan: DispatchPlan) -> None:
+        self.forward_passes += 1
+        self.tokens_E += plan.counts_E
+        self.routed_E += plan.routed_E
+        self.dropped += plan.num_dropped
+        probs_TE = normalized_scores(routing)
+        self.entropy_sum += entropy(probs_TE).sum()
+        self.z_sum += torch.logsumexp(routing.logits_TE, dim=-1).square().sum()
+        self.num_tokens += routing.num_tokens
+        if routing.topk_idx_TK is not None and routing.topk_idx_TK.shape[1] > 1:
+            hit_TE = torch.zeros_like(routing.logits_TE).scatter_(1, routing.topk_idx_TK, 1.0)
+            self.coactivation_EE += (hit_TE.t() @ hit_TE).double()
+        used_E = plan.counts_E > 0
+        self.idle_steps_E.add_(1).masked_fill_(used_E, 0)
+
+    def reset(self) -> None:
+        for buf in self.buffers(recurse=False):
+            buf.zero_()
+        self.forward_passes = 0
+
+    def report(self) -> LayerReport:
+        E = self.num_experts
+        tokens = self.tokens_E.cpu()
+        total = float(tokens.sum())
+        routed = float(self.routed_E.sum())
+        n = max(float(self.num_tokens), 1.0)
+        mean_load = total / E if total > 0 else 0.0
+        co = self.coactivation_EE.cpu()
+        return LayerReport(
+            tokens_per_expert=tokens.tolist(),
+            utilization=(tokens / total).tolist() if total > 0 else [0.0] * E,
+            assignments=int(routed),
+            dropped=int(self.dropped),
+            dropped_fraction=float(self.dropped) / routed if routed > 0 else 0.0,
+            mean_entropy=float(self.entropy_sum) / n,
+            max_entropy=float(torch.log(torch.tensor(float(E)))),
+            max_over_mean_load=float(tokens.max()) / mean_load if mean_load > 0 else 0.0,
+            top_expert_share=float(tokens.max()) / total if total > 0 else 0.0,
+            mean_router_z=float(self.z_sum) / n,
+            dead_experts=[e for e in range(E) if int(self.idle_steps_E[e]) >= self.dead_window],
+            dead_window=self.dead_window,
+            coactivation=co.tolist(),
+            forward_passes=self.forward_passes,
+            nonfinite_experts=torch.nonzero(self.nonfinite_E.cpu()).flatten().tolist(),
+        )
+
+
+def warn_on_collapse(name: str, report: LayerReport, top_k: int, collapse_share: float = 0.5,
+                     collapse_ratio: float = 2.0) -> list[str]:
+    """Warn (RoutingCollapseWarning) when experts are dead or one expert takes most of the load.
+
+    Collapse: the busiest expert serves more than ``collapse_share`` of the tokens and more than
+    ``collapse_ratio`` times the mean load.
+    """
+    problems = []
+    if report.dead_experts:
+        problems.append(f"{name}: experts {report.dead_experts} received no tokens in the last "
+                        f"{report.dead_window} forward passes (dead)")
+    tokens_served_share = report.top_expert_share * top_k
+    if tokens_served_share > collapse_share and report.max_over_mean_load > collapse_ratio:
+        E = len(report.tokens_per_expert)
+        busiest = max(range(E), key=lambda e: report.tokens_per_expert[e])
+        problems.append(f"{name}: expert {busiest} serves {tokens_served_share:.0%} of tokens "
+                        f"({report.max_over_mean_load:.1f}x the mean load): routing is collapsing")
+    for message in problems:
+        warnings.warn(message, RoutingCollapseWarning, stacklevel=3)
+    return problems
