@@ -22,7 +22,7 @@ from torch import nn
 
 from .balance import losses as L
 from .config import MoEConfig, moe_config
-from .dispatch import DispatchPlan, combine, permute, plan_expert_choice, plan_token_choice
+from .dispatch import DispatchPlan, plan_expert_choice, plan_token_choice, run_experts
 from .experts import MLPExperts, ModuleExperts, SharedExperts, SwiGLUExperts
 from .router import Routing, build_router
 from .stats import LayerReport, RoutingStats
@@ -100,11 +100,8 @@ class MoE(nn.Module):
                                      self.config.router.drop_policy)
         else:
             plan = plan_expert_choice(routing, available_E)
-        x_RD = permute(x_TD, plan)
-        y_RD = self.experts(x_RD, plan.counts_E)
-        if self.config.check_finite:
-            self._check_expert_outputs(y_RD, plan)
-        out_TD = combine(y_RD, plan, x.dtype)
+        check = self._check_expert_outputs if self.config.check_finite else None
+        out_TD = run_experts(x_TD, plan, self.experts, check)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
 
