@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m moekit layer-demo
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m moekit demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(WORKERS) --durations=15

@@ -80,6 +80,9 @@ class RouterConfig:
         _check(isinstance(self.top_k, int) and self.top_k >= 1, f"router.top_k={self.top_k!r} must be an int >= 1")
         if self.kind == "switch":
             _check(self.top_k == 1, f"router.top_k={self.top_k} but the switch router is top-1")
+        if self.kind == "noisy_topk":
+            _check(self.norm_topk_prob, "router.norm_topk_prob=False but noisy_topk weights are the softmax over "
+                   "the kept top-k (Shazeer et al. 2017); use softmax_topk for unnormalised weights")
         if self.score_func is not None:
             _one_of("router.score_func", self.score_func, SCORE_FUNCS)
         _one_of("router.group_score", self.group_score, GROUP_SCORES)
@@ -90,6 +93,8 @@ class RouterConfig:
         _check(self.routed_scaling_factor > 0, f"router.routed_scaling_factor={self.routed_scaling_factor} must be > 0")
         _check(self.jitter_eps >= 0, f"router.jitter_eps={self.jitter_eps} must be >= 0")
         if self.capacity_factor is not None:
+            _check(isinstance(self.capacity_factor, (int, float)) and not isinstance(self.capacity_factor, bool),
+                   f"router.capacity_factor={self.capacity_factor!r} must be a number (or None for dropless)")
             _check(math.isfinite(self.capacity_factor) and self.capacity_factor > 0,
                    f"router.capacity_factor={self.capacity_factor} must be a positive number (or None for dropless)")
         if self.kind == "expert_choice":
@@ -111,14 +116,29 @@ class RouterConfig:
 class BalanceConfig:
     """Coefficients and conventions of the load-balancing losses (0 disables a loss).
 
-    aux_loss_convention names how the switch/GShard loss alpha*E*sum_i f_i*P_i is normalised:
-      ``moekit``   per layer; f_i = share of the T*k assignments; P_i = mean full-softmax prob.
-                   Equals 1 at perfect balance for any k.
-      ``switch``   Fedus et al. 2021: f_i from each token's top-1 choice. 1 at balance.
-      ``megatron`` Megatron-Core switch_load_balancing_loss_func: per layer,
-                   E/(k*T^2) * sum_i (sum_t p_ti) * count_i. 1 at balance.
-      ``mixtral``  transformers' load_balancing_loss_func: logits of all layers pooled, f_i =
-                   count_i / T over top-k picks (so k at balance).
+    aux_loss_coef * E * sum_i f_i * P_i is the switch/GShard loss. In every convention P_i is the
+    mean over tokens of the full (not top-k renormalised) router distribution: softmax
+    probabilities, or sigmoid scores divided by their per-token sum; f_i counts the layer's own
+    top-k picks before capacity drops. aux_loss_convention picks f and the scope:
+
+      ==========  ==============================  ================  ==================
+      convention  f_i                             scope             value at balance
+      ==========  ==============================  ================  ==================
+      moekit      count_i / (k*T), top-k picks    per layer         1 for any k
+      switch      top-1 count_i / T (Fedus 2021)  per layer         1
+      megatron    count_i / (k*T), top-k picks    per layer         1
+      mixtral     count_i / T, top-k picks        layers pooled     k
+      ==========  ==============================  ================  ==================
+
+    ``megatron`` is Megatron-Core's switch_load_balancing_loss_func,
+    E/(k*T^2) * sum_i (sum_t p_ti) * count_i: the same value as ``moekit``.
+    ``mixtral`` is transformers' load_balancing_loss_func: every layer's tokens (layers with the
+    same E and coefficient) are concatenated before f and P are taken, in ``moekit.aux_loss``.
+    Megatron and transformers take the counted top-k from the plain scores; moekit counts the
+    layer's actual picks, which is the same unless selection uses noise, a selection bias, group
+    limits or masking.
+    z_loss_coef: ST-MoE router z-loss. cv_loss_coef: Shazeer et al. 2017 importance + load CV^2.
+    seq_aux_loss_coef: DeepSeek-V3 complementary sequence-wise balance loss.
     """
 
     aux_loss_coef: float = 0.01
@@ -181,6 +201,9 @@ class MoEConfig:
             self.balance = BalanceConfig(**_known(BalanceConfig, self.balance, "balance"))
         if isinstance(self.shared, dict):
             self.shared = SharedExpertConfig(**_known(SharedExpertConfig, self.shared, "shared"))
+        for name, cls in (("router", RouterConfig), ("balance", BalanceConfig), ("shared", SharedExpertConfig)):
+            value = getattr(self, name)
+            _check(isinstance(value, cls), f"{name}={value!r} must be a {cls.__name__} or a dict of its fields")
         for name in ("dim", "num_experts", "expert_hidden", "dead_window"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, f"{name}={value!r} must be an int >= 1")
@@ -208,14 +231,26 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
+        _check(isinstance(data, dict), f"MoEConfig data must be a dict, got {type(data).__name__}")
+        missing = [name for name in ("dim", "num_experts", "expert_hidden") if name not in data]
+        _check(not missing, f"MoEConfig is missing required key(s) {missing}")
         return cls(**_known(cls, data, "MoEConfig"))
 
     def save(self, path: str | Path) -> None:
+        """Write the config as JSON; ``MoEConfig.load`` reads it back to an equal config."""
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: str | Path) -> MoEConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """Read a config written by ``save``; errors name the file."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        try:
+            return cls.from_dict(data)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from err
 
 
 T = TypeVar("T")

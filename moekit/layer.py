@@ -66,8 +66,8 @@ class MoE(nn.Module):
         self.register_buffer("available_E", torch.ones(cfg.num_experts, dtype=torch.bool), persistent=False)
         self.register_buffer("frozen_E", torch.zeros(cfg.num_experts, dtype=torch.bool), persistent=False)
         # Assignments per expert since the last bias update (aux-loss-free balancing).
-        self.register_buffer("bias_load_E", torch.zeros(cfg.num_experts), persistent=False)
-        self._freeze_hooks: list[Any] = []
+        self.register_buffer("bias_load_E", torch.zeros(cfg.num_experts, dtype=torch.long), persistent=False)
+        self._any_frozen = False
         self._any_masked = False
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_losses: dict[str, float | torch.Tensor] = {}
@@ -91,6 +91,8 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._validate_input(x)
+        if self._any_frozen:
+            self._ensure_freeze_hooks()
         shape = x.shape
         x_TD = x.reshape(-1, self.dim)
         available_E = self.available_E if self._any_masked else None
@@ -136,7 +138,7 @@ class MoE(nn.Module):
         if cfg.track_stats:
             self.stats.update(routing, plan)
         if self.training and self.router.selection_bias is not None and cfg.router.bias_update_rate is not None:
-            self.bias_load_E += plan.routed_E.to(self.bias_load_E.dtype)
+            self.bias_load_E += plan.routed_E
         if self.training and torch.is_grad_enabled():
             self.aux_loss, self.last_losses = self._losses(routing, batch)
             self._pooled_routing = routing if cfg.balance.aux_loss_convention == "mixtral" else None
@@ -164,7 +166,11 @@ class MoE(nn.Module):
         return total, {k: v.detach() for k, v in terms.items()}
 
     def report(self) -> LayerReport:
-        return self.stats.report()
+        """Routing statistics since the last reset; masked experts are not reported dead."""
+        report = self.stats.report()
+        masked = set(self.masked_experts)
+        report.dead_experts = [e for e in report.dead_experts if e not in masked]
+        return report
 
     def reset_stats(self) -> None:
         self.stats.reset()
@@ -176,10 +182,10 @@ class MoE(nn.Module):
         last call (so gradient accumulation sees the whole step); then the counts reset."""
         rate = self.config.router.bias_update_rate
         bias = self.router.selection_bias
-        if rate is None or bias is None or float(self.bias_load_E.sum()) == 0:
+        if rate is None or bias is None or int(self.bias_load_E.sum()) == 0:
             return
         avail = self.available_E
-        load = self.bias_load_E
+        load = self.bias_load_E.to(bias.dtype)
         mean = load[avail].mean()
         bias[avail] += rate * torch.sign(mean - load[avail])
         self.bias_load_E.zero_()
@@ -201,8 +207,24 @@ class MoE(nn.Module):
         needed = 1 if self.config.router.kind == "expert_choice" else self.top_k
         if left < needed:
             raise ValueError(f"{self.layer_name}: masking {ids} leaves {left} expert(s), fewer than top_k={needed}")
+        self._check_groups_after_mask(ids, available)
         self.available_E.copy_(available)
         self._any_masked = True
+
+    def _check_groups_after_mask(self, ids: list[int], available_E: torch.Tensor) -> None:
+        """Group-limited routing picks topk_group groups by score; any such choice among the groups
+        that can still score must hold top_k unmasked experts."""
+        r = self.config.router
+        if r.n_group == 1 or r.kind == "expert_choice":
+            return
+        per_group = available_E.view(r.n_group, -1).sum(dim=1).tolist()
+        need = 2 if r.group_score == "top2_sum" else 1
+        usable = sorted(c for c in per_group if c >= need)
+        if len(usable) < r.topk_group or sum(usable[:r.topk_group]) < self.top_k:
+            raise ValueError(f"{self.layer_name}: masking {ids} leaves unmasked experts per group {per_group}; "
+                             f"group-limited routing (n_group={r.n_group}, topk_group={r.topk_group}, "
+                             f"group_score={r.group_score!r}) could then choose groups holding fewer than "
+                             f"top_k={self.top_k} experts")
 
     def unmask_experts(self, ids: Iterable[int] | None = None) -> None:
         if ids is None:
@@ -220,18 +242,29 @@ class MoE(nn.Module):
         under plain SGD/Adam; exclude them from weight decay to keep them bit-identical)."""
         ids = self._expert_ids(ids)
         self.frozen_E[ids] = True
+        self._any_frozen = True
         if isinstance(self.experts, ModuleExperts):
             for i in ids:
                 self.experts.experts[i].requires_grad_(False)
             return
-        if not self._freeze_hooks:
-            for p in self.experts.parameters():
-                if p.dim() >= 1 and p.shape[0] == self.num_experts:
-                    self._freeze_hooks.append(p.register_hook(self._zero_frozen_grad))
+        self._ensure_freeze_hooks()
+
+    def _ensure_freeze_hooks(self) -> None:
+        """Zero frozen experts' rows of every stacked (E, ...) weight's gradient. Checked on each
+        forward while experts are frozen, because tensor hooks do not survive copy.deepcopy or
+        a parameter being replaced."""
+        if isinstance(self.experts, ModuleExperts):
+            return
+        for p in self.experts.parameters():
+            if p.dim() >= 1 and p.shape[0] == self.num_experts:
+                hooks = getattr(p, "_backward_hooks", None) or {}
+                if not any(h == self._zero_frozen_grad for h in hooks.values()):
+                    p.register_hook(self._zero_frozen_grad)
 
     def unfreeze_experts(self, ids: Iterable[int] | None = None) -> None:
         ids = list(range(self.num_experts)) if ids is None else self._expert_ids(ids)
         self.frozen_E[ids] = False
+        self._any_frozen = bool(self.frozen_E.any())
         if isinstance(self.experts, ModuleExperts):
             for i in ids:
                 self.experts.experts[i].requires_grad_(True)

@@ -46,7 +46,7 @@ def reference_routing(layer: MoE, x_TD: torch.Tensor) -> list[list[tuple[int, to
         for e in range(E):
             if not available[e]:
                 continue
-            for t in sorted(range(T), key=lambda t: -float(scores[t, e]))[:C]:
+            for t in sorted(range(T), key=lambda t: -float(scores[t, e].detach()))[:C]:
                 per_token[t].append((e, scores[t, e]))
         return per_token
     score_func = cfg.effective_score_func
@@ -82,7 +82,7 @@ def _apply_capacity(per_token, E: int, k: int, cf: float, policy: str):
     for e in range(E):
         claims = [(t, j, w) for t in range(T) for j, (ee, w) in enumerate(per_token[t]) if ee == e]
         if policy == "probability":
-            claims.sort(key=lambda c: -float(c[2]))
+            claims.sort(key=lambda c: -float(c[2].detach()))
         for t, j, w in claims[:C]:
             kept[t].append((e, w))
     return kept

@@ -61,6 +61,14 @@ class RoutingStats(nn.Module):
         self.register_buffer("nonfinite_E", torch.zeros(E, dtype=torch.bool), persistent=False)
         self.forward_passes = 0
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # Counts and sums stay float64 when the model is cast (bf16 counts stop at 256).
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float64:
+                self._buffers[name] = buf.to(torch.float64)
+        return self
+
     @torch.no_grad()
     def update(self, routing: Routing, plan: DispatchPlan) -> None:
         self.forward_passes += 1
@@ -71,7 +79,7 @@ class RoutingStats(nn.Module):
         self.entropy_sum += entropy(probs_TE).sum()
         self.z_sum += torch.logsumexp(routing.logits_TE, dim=-1).square().sum()
         self.num_tokens += routing.num_tokens
-        if routing.topk_idx_TK is not None and routing.topk_idx_TK.shape[1] > 1:
+        if routing.topk_idx_TK is not None:
             hit_TE = torch.zeros_like(routing.logits_TE).scatter_(1, routing.topk_idx_TK, 1.0)
             self.coactivation_EE += (hit_TE.t() @ hit_TE).double()
         used_E = plan.counts_E > 0

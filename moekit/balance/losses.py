@@ -3,14 +3,18 @@
 Shape legend: T tokens, E experts, K top-k, B sequences of S tokens (T = B*S).
 
 * switch_aux_loss: Fedus et al. 2021 (Switch) / Lepikhin et al. 2020 (GShard):
-  E * sum_i f_i * P_i, f_i the share of routing decisions that picked expert i, P_i the mean
-  router probability of i. The normalisation conventions are listed in BalanceConfig.
+  E * sum_i f_i * P_i, f_i the share of routing decisions that picked expert i (before capacity
+  drops), P_i the mean full-distribution router probability of i (normalized_scores). The
+  conventions (f from top-1 or top-k, per layer or pooled, 1 or k at balance) are tabled in
+  moekit.config.BalanceConfig.
 * cv_squared_loss: Shazeer et al. 2017: CV(importance)^2 + CV(load)^2, CV^2 = var / mean^2
   (population variance), importance = sum over tokens of the sparse gates, load = the smooth
-  estimator sum_t Phi((clean - threshold) / noise_std) when noise is on, else the counts.
+  estimator sum_t Phi((clean_ti - kth_excluding(noisy_t, k, i)) / noise_std_ti) when noise is
+  on (training), else the counts of top-k picks.
 * z_loss: Zoph et al. 2022 (ST-MoE): mean over tokens of logsumexp(logits)^2.
-* sequence_aux_loss: DeepSeek-V3 complementary sequence-wise loss: per sequence,
-  sum_i f_i * P_i with f_i = E/(K*S) * count_i and P_i the mean normalised score; mean over B.
+* sequence_aux_loss: DeepSeek-V3 (arXiv 2412.19437) complementary sequence-wise loss: per
+  sequence, sum_i f_i * P_i with f_i = E/(K*S) * count_i and P_i the mean of the scores
+  normalised per token to sum to 1; mean over the B sequences.
 """
 
 from __future__ import annotations
@@ -41,14 +45,14 @@ def switch_aux_loss(routing: Routing, num_experts: int, convention: str = "moeki
     T, K = idx_TK.shape
     P_E = normalized_scores(routing).mean(dim=0)
     if convention == "switch":
-        f_E = expert_counts(idx_TK[:, :1], num_experts) / T
+        f_E = expert_counts(idx_TK[:, :1], num_experts, P_E.dtype) / T
         return num_experts * (f_E * P_E).sum()
     if convention in ("moekit", "megatron"):
         # Megatron-Core writes this as E / (K * T^2) * sum_i (sum_t p_ti) * count_i.
-        counts_E = expert_counts(idx_TK, num_experts)
+        counts_E = expert_counts(idx_TK, num_experts, P_E.dtype)
         return num_experts / (K * T * T) * ((P_E * T) * counts_E).sum()
     if convention == "mixtral":
-        f_E = expert_counts(idx_TK, num_experts) / T
+        f_E = expert_counts(idx_TK, num_experts, P_E.dtype) / T
         return num_experts * (f_E * P_E).sum()
     raise ValueError(f"aux_loss_convention={convention!r} is not known")
 
@@ -57,7 +61,7 @@ def pooled_mixtral_aux_loss(routings: list[Routing], num_experts: int) -> torch.
     """transformers' load_balancing_loss_func: every layer's tokens pooled before f and P."""
     idx = torch.cat([r.topk_idx_TK for r in routings], dim=0)
     probs = torch.cat([normalized_scores(r) for r in routings], dim=0)
-    f_E = expert_counts(idx, num_experts) / idx.shape[0]
+    f_E = expert_counts(idx, num_experts, probs.dtype) / idx.shape[0]
     return num_experts * (f_E * probs.mean(dim=0)).sum()
 
 
@@ -85,7 +89,7 @@ def smooth_load(routing: Routing, num_experts: int, top_k: int) -> torch.Tensor:
     the k-th largest noisy logit of the other experts: the (k+1)-th if i is in the top-k, else the k-th.
     """
     if routing.noise_std_TE is None or routing.noisy_logits_TE is None or top_k >= num_experts:
-        return expert_counts(routing.topk_idx_TK, num_experts)
+        return expert_counts(routing.topk_idx_TK, num_experts, routing.logits_TE.dtype)
     noisy_TE, clean_TE, std_TE = routing.noisy_logits_TE, routing.logits_TE, routing.noise_std_TE
     top_TK1 = noisy_TE.topk(top_k + 1, dim=-1).values
     kth_in_T1 = top_TK1[:, top_k:top_k + 1]

@@ -10,6 +10,12 @@ import sys
 COMMANDS = [
     "moekit.cli.version",
     "moekit.cli.layer_demo",
+    "moekit.cli.data",
+    "moekit.cli.train",
+    "moekit.cli.eval",
+    "moekit.cli.generate",
+    "moekit.cli.demo",
+    "moekit.cli.convert",
 ]
 
 

@@ -5,8 +5,11 @@ counts_E[1] rows use w[1], and so on. Backends:
   ``grouped_mm``  torch.nn.functional.grouped_mm (one kernel; fast on CPU in float32 and on CUDA).
   ``loop``        one torch.mm per expert over its contiguous block (no masks; reads counts on
                   the host). Used where grouped_mm is slow or missing (CPU bfloat16).
-  ``reference``   the same as loop, kept as the name tests force to compare against.
-``auto`` picks the fastest correct backend for the device and dtype.
+  ``reference``   the same as loop, kept as the name tests force to compare against; it also
+                  turns off the fused experts path (moekit.dispatch.fused), so the layer runs
+                  the plain permute -> experts.forward -> combine composition.
+``auto`` picks the fastest correct backend for the device and dtype. With ``grouped_mm`` or
+``loop``, stacked SwiGLU/MLP experts run through the fused path with the same schedule.
 """
 
 from __future__ import annotations
@@ -30,6 +33,15 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return "grouped_mm" if x.dtype == torch.float32 else "loop"
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a block product runs in: float32 for half-precision inputs on CPU (where this
+    machine class has no fast bf16 matrix unit and float32 products are several times faster),
+    else the input's own dtype."""
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return x.dtype
+
+
 def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor,
                    backend: str = "auto") -> torch.Tensor:
     """y_RO[rows of expert e] = x_RI[rows of expert e] @ w_EIO[e]."""
@@ -46,3 +58,11 @@ def _loop_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor
     if not outs:
         return x_RI.new_zeros(x_RI.shape[0], w_EIO.shape[-1])
     return torch.cat(outs, dim=0)
+
+
+def fused_schedule(backend: str, x: torch.Tensor) -> str | None:
+    """The fused experts schedule a backend maps to (None: use the plain composition)."""
+    resolved = resolve_backend(backend, x)
+    if backend == "reference" or resolved == "reference":
+        return None
+    return "grouped" if resolved == "grouped_mm" else "loop"

@@ -24,7 +24,7 @@ class SwiGLUExperts(nn.Module):
                  backend: str = "auto") -> None:
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
-        self.backend = backend
+        self.backend, self.activation = backend, activation
         self.act = get_activation(activation)
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -53,7 +53,7 @@ class MLPExperts(nn.Module):
                  backend: str = "auto") -> None:
         super().__init__()
         self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
-        self.backend = backend
+        self.backend, self.activation = backend, activation
         self.act = get_activation(activation)
         self.up_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))

@@ -61,6 +61,15 @@ class TopKRouter(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # The selection bias moves by steps of bias_update_rate (~1e-3): in bfloat16 such steps
+        # round away, so it keeps its precision when the module is cast to a 16-bit dtype.
+        bias = self.selection_bias
+        super()._apply(fn, recurse)
+        if bias is not None and self.selection_bias.dtype in (torch.float16, torch.bfloat16):
+            self.selection_bias = bias.to(self.selection_bias.device)
+        return self
+
     def forward(self, x_TD: torch.Tensor, available_E: torch.Tensor | None = None) -> Routing:
         cfg = self.config
         x_TD = x_TD.to(routing_dtype(x_TD.dtype))

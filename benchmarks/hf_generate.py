@@ -1,0 +1,156 @@
+"""Prefill and decode speed of a converted MoE model: transformers' experts implementations vs
+moekit's in-place mode (``moekit.hf.patch_model``) and moekit's own LM (``moekit.hf.from_hf``).
+
+One random Qwen3-MoE model (default 64 experts, top-8) is built with transformers' classes and
+timed in one process, on the same weights:
+  hf_<impl>               transformers' model with experts implementation <impl> (eager,
+                          grouped_mm, batched_mm); the fastest is ``hf_best``.
+  moekit_inplace          the same model after patch_model (moekit dispatch, stats, finite checks).
+  moekit_inplace_nocheck  patch_model(check_finite=False): no host sync on the finite checks.
+  moekit_lm               the checkpoint converted by from_hf, generating with moekit.lm.generate.
+Prefill: tokens/s of one forward over a (B, S) prompt. Decode: new tokens/s of greedy KV-cache
+generation, (B * (N - 1)) / (time(N new tokens) - time(1 new token)), so prefill is excluded.
+Each time is the fastest of ``--repeats`` runs after a warm-up run (the machine may be shared).
+
+Run ``python benchmarks/hf_generate.py`` (``--quick`` for a smaller model); prints a table and
+writes benchmarks/results/hf_generate.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import moekit
+from moekit.hf import from_hf, patch_model, unpatch_model
+from moekit.hf.testing import randomize_
+from moekit.lm import generate as lm_generate
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` calls after a warm-up (the least disturbed by other processes)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def measure(prefill: Callable[[], object], gen: Callable[[int], object], tokens: int, batch: int, new: int,
+            repeats: int) -> dict[str, float]:
+    t_prefill = best_time(prefill, repeats)
+    t_one = best_time(lambda: gen(1), repeats)
+    t_many = best_time(lambda: gen(new), repeats)
+    return {"prefill_tok_s": tokens / t_prefill, "decode_tok_s": batch * (new - 1) / max(t_many - t_one, 1e-9),
+            "prefill_s": t_prefill, "generate_s": t_many}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller model and fewer tokens")
+    parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hf_generate.json"))
+    args = parser.parse_args()
+
+    import transformers
+
+    dim, layers, hidden = (128, 2, 64) if args.quick else (256, 4, 128)
+    prompt_len, new = (32, 24) if args.quick else (args.prompt, args.new)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=2048, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=32, intermediate_size=4 * dim, moe_intermediate_size=hidden, num_experts=args.experts,
+        num_experts_per_tok=args.top_k, norm_topk_prob=True, max_position_embeddings=prompt_len + new + 8)
+    torch.manual_seed(0)
+    model = randomize_(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32), std=0.05).eval()
+    model.to(args.device)
+    ids = torch.randint(0, config.vocab_size, (args.batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
+    mask = torch.ones_like(ids)
+    tokens = ids.numel()
+
+    def hf_gen(n: int) -> torch.Tensor:
+        return model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0)
+
+    def hf_prefill() -> torch.Tensor:
+        return model(ids, attention_mask=mask).logits
+
+    results: dict[str, dict[str, float]] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for impl in ("eager", "grouped_mm", "batched_mm"):
+            try:
+                model.set_experts_implementation(impl)
+            except (ValueError, ImportError) as err:
+                results[f"hf_{impl}"] = {"error": str(err)}
+                continue
+            results[f"hf_{impl}"] = measure(hf_prefill, hf_gen, tokens, args.batch, new, args.repeats)
+            outputs[f"hf_{impl}"] = hf_gen(new)
+        best = max((k for k in results if "error" not in results[k]), key=lambda k: results[k]["decode_tok_s"])
+        model.set_experts_implementation(best[len("hf_"):])
+        for name, overrides in (("moekit_inplace", {}), ("moekit_inplace_nocheck", {"check_finite": False})):
+            patch_model(model, **overrides)
+            results[name] = measure(hf_prefill, hf_gen, tokens, args.batch, new, args.repeats)
+            outputs[name] = hf_gen(new)
+            moekit.reset_routing_stats(model)
+            unpatch_model(model)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            lm = from_hf(folder, check_finite=False).to(args.device)
+        results["moekit_lm"] = measure(lambda: lm(ids), lambda n: lm_generate(lm, ids, n), tokens, args.batch, new,
+                                       args.repeats)
+        outputs["moekit_lm"] = lm_generate(lm, ids, new)
+
+    ref = outputs[best]
+    same = {k: bool(torch.equal(v, ref)) for k, v in outputs.items()}
+    base = results[best]
+    print(f"Qwen3-MoE D={dim} layers={layers} E={args.experts} K={args.top_k} F={hidden}, batch={args.batch}, "
+          f"prompt={prompt_len}, new={new}, torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{args.device}, {torch.get_num_threads()} CPU threads; best HF experts implementation: {best}")
+    print(f"{'impl':24s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'prefill x':>10s} {'decode x':>9s} same_tokens")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:24s} error: {r['error'][:60]}")
+            continue
+        r["prefill_vs_hf_best"] = r["prefill_tok_s"] / base["prefill_tok_s"]
+        r["decode_vs_hf_best"] = r["decode_tok_s"] / base["decode_tok_s"]
+        r["same_tokens_as_hf_best"] = same[name]
+        print(f"{name:24s} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.1f} {r['prefill_vs_hf_best']:10.2f} "
+              f"{r['decode_vs_hf_best']:9.2f} {same[name]}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"config": {"dim": dim, "layers": layers, "experts": args.experts, "top_k": args.top_k,
+                         "expert_hidden": hidden, "batch": args.batch, "prompt": prompt_len, "new": new,
+                         "repeats": args.repeats},
+              "env": {"torch": torch.__version__, "transformers": transformers.__version__,
+                      "threads": torch.get_num_threads(), "device": args.device,
+                      "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "machine": platform.processor() or platform.machine()},
+              "hf_best": best, "results": results}
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

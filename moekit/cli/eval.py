@@ -1,0 +1,35 @@
+"""`moekit eval RUN`: validation loss overall and per label of a trained checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..train.trainer import Trainer, load_trained, prepare_data
+
+    model, cfg, _ = load_trained(args.checkpoint)
+    if args.data_dir:
+        cfg.data_dir = args.data_dir
+    trainer = Trainer(cfg, prepare_data(cfg), model=model)
+    result = trainer.evaluate(max_tokens=args.tokens, routing_by_label=False)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"validation loss {result['loss']:.4f} nats/token over {sum(result['tokens_per_label'].values()):,} tokens")
+    for label, loss in result["per_label"].items():
+        print(f"  {label:<10}{loss:.4f}  ({result['tokens_per_label'][label]:,} tokens)")
+    for layer, r in result["routing"].items():
+        print(f"  {layer}: utilisation " + " ".join(f"{u:.2f}" for u in r["utilization"])
+              + f", dropped {r['dropped_fraction']:.1%}, entropy {r['mean_entropy']:.2f}/{r['max_entropy']:.2f}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="validation loss overall and per label of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint file, or a run folder (uses its latest checkpoint)")
+    p.add_argument("--tokens", type=int, default=None, help="validation tokens to use (default: the config's)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=run)

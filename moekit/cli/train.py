@@ -1,0 +1,80 @@
+"""`moekit train CONFIG`: train a language model from a TrainConfig JSON file (flags override it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` with dotted keys into nested dicts (``model.dim=128``); values parsed as JSON."""
+    from ..config import ConfigError
+
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {pair!r} is not key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section of the config")
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..lm.config import read_json
+    from ..train.checkpoint import latest_checkpoint
+    from ..train.trainer import TrainConfig, Trainer, prepare_data
+
+    data = read_json(args.config)
+    if not isinstance(data, dict):
+        from ..config import ConfigError
+
+        raise ConfigError(f"{args.config}: expected a JSON object")
+    for flag in ("out_dir", "steps", "lr", "data_dir", "corpus", "seed", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None:
+            data[flag] = value
+    cfg = TrainConfig.from_dict(apply_overrides(data, args.set), where=args.config)
+    tokens = prepare_data(cfg)
+    trainer = Trainer(cfg, tokens)
+    if args.resume:
+        found = latest_checkpoint(f"{cfg.out_dir}/checkpoints")
+        if found is None:
+            print(f"no checkpoint in {cfg.out_dir}/checkpoints; starting from step 0")
+        else:
+            trainer.resume(found)
+            print(f"resumed from {found} at step {trainer.step}")
+    s = trainer.model.param_summary()
+    print(f"model: {s['total_params']:,} parameters, {s['active_params']:,} active per token, "
+          f"{s['flops_per_token']['train'] / 1e6:.1f} MFLOPs/token (training); MoE layers {s['moe_layers']}")
+    trainer.fit()
+    if trainer.evals:
+        last = trainer.evals[-1]
+        print(f"step {last['step']}: validation loss {last['loss']:.4f}; per label "
+              + ", ".join(f"{k} {v:.3f}" for k, v in last["per_label"].items()))
+    return 130 if trainer.interrupted else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a language model from a config file")
+    p.add_argument("config", help="TrainConfig JSON (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--out-dir", dest="out_dir")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--corpus")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set model.moe.router.top_k=1")
+    p.set_defaults(func=run)

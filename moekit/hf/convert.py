@@ -1,0 +1,373 @@
+"""Hugging Face checkpoint folders -> moekit language models (``moekit.lm.LM``), and moekit's own
+checkpoint folder format.
+
+Reads a folder of config.json plus safetensors shards (with or without
+model.safetensors.index.json), written by transformers' ``save_pretrained`` or downloaded from
+the hub. Weights stream shard by shard and tensor by tensor into the preallocated moekit model:
+only the model and one checkpoint tensor are in memory at a time. Per-expert checkpoint tensors
+(``experts.N.gate_proj`` / Mixtral's ``w1, w3, w2``, the layout transformers writes) land in
+their slices of moekit's stacked (E, 2F, D) / (E, D, F) expert weights; fused ``gate_up_proj``
+tensors are taken as they are.
+
+Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 (see ``blocks.py``
+for their routers). gpt-oss converts block by block (``moe_from_hf_block``) but not as a
+whole model: its attention sinks, alternating sliding-window layers and YaRN rotary scaling
+have no counterpart in moekit.lm. Sliding-window attention and scaled rotary embeddings are
+refused with an error naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..lm import LM, LMConfig
+from .blocks import UnsupportedArchitectureError, block_key_map, family_of, moe_config_from_hf
+
+INDEX_NAME = "model.safetensors.index.json"
+MOEKIT_CONFIG = "moekit_lm.json"
+CONVERTIBLE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+# Tokenizer and generation files copied beside converted weights when present.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+              "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or tensor does not fit; the message names the file and tensor."""
+
+
+# ---------------------------------------------------------------------------------------- configs
+def _rope_theta(hf_config: Any) -> float:
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise UnsupportedArchitectureError(
+            f"rope_parameters.rope_type={rope_type!r} (model_type={hf_config.model_type!r}) is not supported: "
+            f"moekit.lm implements the default rotary embedding only")
+    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None))
+    if theta is None:
+        raise UnsupportedArchitectureError(f"model_type={hf_config.model_type!r} config has no rope_theta")
+    return float(theta)
+
+
+def _refuse_sliding_window(hf_config: Any) -> None:
+    t = hf_config.model_type
+    layer_types = getattr(hf_config, "layer_types", None) or []
+    window = getattr(hf_config, "sliding_window", None)
+    if "sliding_attention" in layer_types or (t in ("mixtral", "qwen3_moe") and window):
+        raise UnsupportedArchitectureError(
+            f"sliding_window={window!r} (model_type={t!r}): sliding-window attention is not supported by moekit.lm")
+
+
+def lm_config_from_hf(hf_config: Any, **moe_overrides: Any) -> LMConfig:
+    """The moekit LMConfig computing what an HF MoE causal LM config describes."""
+    fam = family_of(hf_config)
+    t = fam.model_type
+    if t not in CONVERTIBLE:
+        raise UnsupportedArchitectureError(
+            f"model_type={t!r} converts block by block only (moe_from_hf_block); whole-model conversion "
+            f"supports {list(CONVERTIBLE)}")
+    _refuse_sliding_window(hf_config)
+    c = hf_config
+    n_layers = c.num_hidden_layers
+    kw: dict[str, Any] = dict(
+        vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=n_layers, n_heads=c.num_attention_heads,
+        rope_theta=_rope_theta(c), norm_eps=float(c.rms_norm_eps), max_seq_len=c.max_position_embeddings,
+        tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)), moe=moe_config_from_hf(c, **moe_overrides),
+        ffn_hidden=getattr(c, "intermediate_size", None) or 1)
+    if t in ("deepseek_v2", "deepseek_v3"):
+        kw.update(attention="mla", head_dim=c.qk_nope_head_dim + c.qk_rope_head_dim,
+                  first_dense_layers=c.first_k_dense_replace,
+                  attention_options=dict(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
+                                         qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
+                                         v_head_dim=c.v_head_dim, attention_bias=bool(c.attention_bias),
+                                         rope_interleave=True if t == "deepseek_v2" else bool(c.rope_interleave)))
+        return LMConfig(**kw)
+    kw.update(n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
+              head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    if getattr(c, "attention_bias", False):
+        raise UnsupportedArchitectureError(f"attention_bias=True (model_type={t!r}): moekit.lm has no o_proj bias")
+    if t == "qwen2_moe":
+        kw["qkv_bias"] = bool(c.qkv_bias)
+    if t in ("qwen2_moe", "qwen3_moe"):
+        step, dense = c.decoder_sparse_step, set(c.mlp_only_layers or [])
+        kw["moe_layers"] = [i for i in range(n_layers) if i not in dense and (i + 1) % step == 0]
+    if t == "qwen3_moe":
+        kw["qk_norm"] = "head"
+    if t == "olmoe":
+        if c.clip_qkv is not None:
+            raise UnsupportedArchitectureError(f"clip_qkv={c.clip_qkv} (olmoe) is not supported by moekit.lm")
+        kw["qk_norm"] = "full"
+    return LMConfig(**kw)
+
+
+def load_hf_config(folder: str | Path) -> Any:
+    """transformers' config object of a checkpoint folder (imports transformers)."""
+    try:
+        from transformers import AutoConfig
+    except ImportError as err:
+        raise ImportError("reading Hugging Face configs needs transformers: pip install 'moekit[hf]'") from err
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no config.json")
+    return AutoConfig.from_pretrained(str(folder))
+
+
+# ---------------------------------------------------------------------------------------- files
+def resolve_folder(path_or_repo_id: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub repo id, downloaded (config, safetensors, tokenizer)."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo_id)
+    looks_local = path.is_absolute() or text.startswith((".", "~")) or text.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"checkpoint folder {text} does not exist")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", *SIDE_FILES]
+    return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=patterns))
+
+
+def shard_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder, from its index when it has one."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise CheckpointError(f"shard(s) {missing} listed in {index} are missing from {folder}")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        extra = " (only PyTorch .bin weights found; convert them to safetensors)" if any(folder.glob("*.bin")) else ""
+        raise CheckpointError(f"no safetensors weights in {folder}{extra}")
+    return files
+
+
+def iter_checkpoint(files: list[Path]) -> Iterator[tuple[Path, Any, str]]:
+    """(file, open safe_open handle, key) for every tensor, one shard open at a time."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                yield file, handle, key
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+
+# ---------------------------------------------------------------------------------------- key mapping
+class KeyMap:
+    """HF checkpoint key <-> (moekit parameter name, index into it) for one model config."""
+
+    _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.(.+)$")
+    _LEGACY = re.compile(r"^experts\.(\d+)\.(\w+)\.weight$")
+
+    def __init__(self, hf_config: Any, lm_config: LMConfig) -> None:
+        self.fam = family_of(hf_config)
+        self.cfg = lm_config
+        self.block = block_key_map(hf_config)
+        self.block_inverse = {v: k for k, v in self.block.items()}
+        assert lm_config.moe is not None
+        self.F = lm_config.moe.expert_hidden
+
+    def to_moekit(self, key: str) -> tuple[str, tuple[Any, ...]] | None:
+        """(parameter name, index) for an HF key; None for keys to skip (e.g. extra MTP layers)."""
+        if key == "lm_head.weight":
+            # Tied checkpoints may still store the head; the embedding already holds it.
+            return None if self.cfg.tie_embeddings else ("lm_head.weight", ())
+        if key in ("model.embed_tokens.weight", "model.norm.weight"):
+            return key[len("model."):], ()
+        m = self._LAYER.match(key)
+        if m is None:
+            raise CheckpointError(f"unexpected tensor {key!r} for model_type={self.fam.model_type!r}")
+        layer, sub = int(m.group(1)), m.group(2)
+        if layer >= self.cfg.n_layers:
+            return None  # multi-token-prediction layers (DeepSeek-V3) are not part of the LM
+        sub = sub.replace("block_sparse_moe.", "mlp.", 1)
+        if sub.endswith("rotary_emb.inv_freq"):
+            return None
+        if not (self.cfg.is_moe_layer(layer) and sub.startswith("mlp.")):
+            return f"layers.{layer}.{sub}", ()
+        inner = sub[len("mlp."):]
+        if inner in self.block_inverse:
+            return f"layers.{layer}.mlp.{self.block_inverse[inner]}", ()
+        legacy = self._LEGACY.match(inner)
+        names = self.fam.legacy_expert_names
+        if legacy and names and legacy.group(2) in names:
+            e, which = int(legacy.group(1)), names.index(legacy.group(2))
+            if which == 2:
+                return f"layers.{layer}.mlp.experts.down_proj", (e,)
+            rows = slice(0, self.F) if which == 0 else slice(self.F, 2 * self.F)
+            return f"layers.{layer}.mlp.experts.gate_up_proj", (e, rows)
+        raise CheckpointError(f"unexpected tensor {key!r} in MoE layer {layer} of model_type={self.fam.model_type!r}")
+
+    def to_hf(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF checkpoint (key, tensor) pairs for a moekit parameter, in transformers' on-disk layout."""
+        if name in ("embed_tokens.weight", "norm.weight"):
+            yield f"model.{name}", tensor
+            return
+        if name == "lm_head.weight":
+            yield name, tensor
+            return
+        m = re.match(r"^layers\.(\d+)\.(.+)$", name)
+        assert m is not None, name
+        layer, sub = int(m.group(1)), m.group(2)
+        prefix = f"model.layers.{layer}."
+        if not (self.cfg.is_moe_layer(layer) and sub.startswith("mlp.")):
+            yield prefix + sub, tensor
+            return
+        mlp = "block_sparse_moe." if self.fam.model_type == "mixtral" else "mlp."
+        inner = sub[len("mlp."):]
+        names = self.fam.legacy_expert_names
+        if names and inner == "experts.gate_up_proj":
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}{mlp}experts.{e}.{names[0]}.weight", tensor[e, : self.F]
+                yield f"{prefix}{mlp}experts.{e}.{names[1]}.weight", tensor[e, self.F:]
+        elif names and inner == "experts.down_proj":
+            for e in range(tensor.shape[0]):
+                yield f"{prefix}{mlp}experts.{e}.{names[2]}.weight", tensor[e]
+        elif inner in self.block:
+            yield f"{prefix}{mlp}{self.block[inner]}", tensor
+        else:
+            raise CheckpointError(f"moekit tensor {name!r} has no Hugging Face counterpart")
+
+
+def lm_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers by name (tied parameters once)."""
+    tensors: dict[str, torch.Tensor] = dict(model.named_parameters())
+    non_persistent = {f"{mod_name}.{b}".lstrip(".") for mod_name, mod in model.named_modules()
+                      for b in mod._non_persistent_buffers_set}
+    for name, buf in model.named_buffers():
+        if buf is not None and name not in non_persistent:
+            tensors[name] = buf
+    return tensors
+
+
+# ---------------------------------------------------------------------------------------- loading
+@torch.no_grad()
+def load_hf_weights(model: LM, files: list[Path], key_map: KeyMap) -> list[str]:
+    """Stream every checkpoint tensor into ``model``; returns skipped keys. Errors name tensor and file."""
+    targets = lm_tensors(model)
+    filled = dict.fromkeys(targets, 0)
+    skipped = []
+    for file, handle, key in iter_checkpoint(files):
+        mapped = key_map.to_moekit(key)
+        if mapped is None:
+            skipped.append(key)
+            continue
+        name, index = mapped
+        if name not in targets:
+            raise CheckpointError(f"tensor {key!r} in {file.name} maps to {name!r}, which this model does not have")
+        view = handle.get_slice(key)
+        dtype = view.get_dtype()
+        if dtype not in _FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {key!r} in {file.name} has dtype {dtype}; expected one of "
+                                  f"{sorted(_FLOAT_DTYPES)} (quantized checkpoints are not supported)")
+        dst = targets[name][index] if index else targets[name]
+        shape = tuple(view.get_shape())
+        if shape != tuple(dst.shape):
+            raise CheckpointError(f"tensor {key!r} in {file.name} has shape {shape}; moekit {name!r}"
+                                  f"{list(index) if index else ''} expects {tuple(dst.shape)}")
+        if filled[name] + dst.numel() > targets[name].numel():
+            raise CheckpointError(f"tensor {key!r} in {file.name} fills {name!r} a second time")
+        dst.copy_(handle.get_tensor(key))
+        filled[name] += dst.numel()
+    missing = [n for n, count in filled.items() if count != targets[n].numel()]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks tensors for moekit parameter(s) {missing[:8]}"
+                              f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
+    return skipped
+
+
+def from_hf(path_or_repo_id: str | Path, dtype: torch.dtype | None = None, revision: str | None = None,
+            **moe_overrides: Any) -> LM:
+    """A moekit LM from a Hugging Face checkpoint folder, or a hub repo id (downloaded first).
+
+    ``dtype`` casts parameters before loading (default float32); ``moe_overrides`` set MoEConfig
+    fields of every MoE layer (e.g. ``backend``, ``check_finite``).
+    """
+    folder = resolve_folder(path_or_repo_id, revision)
+    hf_config = load_hf_config(folder)
+    lm_cfg = lm_config_from_hf(hf_config, **moe_overrides)
+    files = shard_files(folder)
+    model = LM(lm_cfg)
+    if dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    load_hf_weights(model, files, KeyMap(hf_config, lm_cfg))
+    model.hf_config = hf_config.to_dict()
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------- moekit format
+def save_moekit(model: LM, out_dir: str | Path, hf_config: dict[str, Any] | None = None) -> Path:
+    """Write ``moekit_lm.json`` (LMConfig) and ``model.safetensors`` (state dict) to out_dir."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save(out / MOEKIT_CONFIG)
+    tensors = {k: v.contiguous() for k, v in lm_tensors(model).items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = hf_config if hf_config is not None else getattr(model, "hf_config", None)
+    if hf_config is not None:
+        (out / "hf_config.json").write_text(json.dumps(hf_config, indent=2, default=str))
+    return out
+
+
+@torch.no_grad()
+def load_moekit(folder: str | Path) -> LM:
+    """A moekit LM saved by ``save_moekit``; errors name missing or mis-shaped tensors."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    cfg = LMConfig.load(folder / MOEKIT_CONFIG)
+    model = LM(cfg)
+    targets = lm_tensors(model)
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{folder} has no model.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+        missing, unexpected = sorted(set(targets) - keys), sorted(keys - set(targets))
+        if missing or unexpected:
+            raise CheckpointError(f"{path}: missing tensors {missing[:8]}, unexpected tensors {unexpected[:8]}")
+        for name, dst in targets.items():
+            src = handle.get_tensor(name)
+            if src.shape != dst.shape:
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(src.shape)}, "
+                                      f"expected {tuple(dst.shape)}")
+            if dst.dtype != src.dtype and isinstance(dst, nn.Parameter):
+                dst.data = torch.empty_like(dst, dtype=src.dtype)
+            dst.copy_(src)
+    hf_path = folder / "hf_config.json"
+    if hf_path.is_file():
+        model.hf_config = json.loads(hf_path.read_text())
+    return model.eval()
+
+
+def convert_folder(src: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+                   revision: str | None = None) -> Path:
+    """HF checkpoint folder (or repo id) -> moekit folder, copying tokenizer files along."""
+    folder = resolve_folder(src, revision)
+    model = from_hf(folder, dtype=dtype)
+    out = save_moekit(model, out_dir)
+    for name in SIDE_FILES:
+        if (folder / name).is_file():
+            shutil.copy2(folder / name, out / name)
+    return out

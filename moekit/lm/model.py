@@ -1,0 +1,249 @@
+"""A decoder-only transformer language model whose feed-forward blocks are dense or MoE.
+
+Reads top to bottom: RMSNorm -> rotary embedding -> attention -> dense SwiGLU MLP -> block -> model.
+The architecture is Llama's (Touvron et al. 2023: pre-norm RMSNorm, rotary position embedding
+of Su et al. 2021 in the rotate-half layout, SwiGLU of Shazeer 2020); MoE blocks are
+``moekit.MoE`` layers as in Mixtral (Jiang et al. 2024). Submodules carry Hugging Face names
+(embed_tokens, layers.N.self_attn.q_proj, input_layernorm, mlp, norm, lm_head) so checkpoint
+conversion is a rename.
+
+Shape legend: B batch, S new positions, P cached positions, L = P + S key positions,
+D model dim, H query heads, G key/value heads, Hd head dim, V vocabulary, F hidden.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layer import MoE
+from .config import ATTENTION_REGISTRY, LMConfig
+
+
+class RMSNorm(nn.Module):
+    """Zhang & Sennrich 2019; computed in float32 and cast back."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * self.weight.float()).to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for given positions; rotate-half layout (as Llama in transformers)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_SHd2 = positions_S.float()[:, None] * self.inv_freq[None, :]
+        emb_SHd = torch.cat([freqs_SHd2, freqs_SHd2], dim=-1)
+        return emb_SHd.cos(), emb_SHd.sin()
+
+
+def apply_rotary(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x_BHSHd.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x_BHSHd.float() * cos_SHd + rotated.float() * sin_SHd).to(x_BHSHd.dtype)
+
+
+class KVCache:
+    """Per-layer cached tensors, appended along the position axis (dim -2).
+
+    Each attention kind decides what it stores (keys and values for ``mha``; MLA may store its
+    latent); ``update`` returns the full cached tensors including the new positions.
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.layers: list[tuple[torch.Tensor, ...] | None] = [None] * n_layers
+        self.length = 0
+
+    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        old = self.layers[layer]
+        full = new if old is None else tuple(torch.cat([o, n], dim=-2) for o, n in zip(old, new))
+        self.layers[layer] = full
+        return full
+
+
+def causal_mask(S: int, P: int, device: torch.device) -> torch.Tensor:
+    """Bool (S, P+S): query s sees keys 0..P+s."""
+    return torch.ones(S, P + S, dtype=torch.bool, device=device).tril(diagonal=P)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query attention with rotary positions, optional q/k/v bias and q/k norm."""
+
+    def __init__(self, cfg: LMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        H, G, Hd = self.n_heads, self.n_kv, self.head_dim
+        self.q_proj = nn.Linear(cfg.dim, H * Hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, G * Hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, G * Hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(H * Hd, cfg.dim, bias=False)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(Hd, cfg.norm_eps), RMSNorm(Hd, cfg.norm_eps)
+        elif cfg.qk_norm == "full":
+            self.q_norm, self.k_norm = RMSNorm(H * Hd, cfg.norm_eps), RMSNorm(G * Hd, cfg.norm_eps)
+        self.rotary = Rotary(Hd, cfg.rope_theta)
+
+    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        H, G, Hd = self.n_heads, self.n_kv, self.head_dim
+        q_BSX, k_BSX, v_BSX = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
+        if self.qk_norm == "full":
+            q_BSX, k_BSX = self.q_norm(q_BSX), self.k_norm(k_BSX)
+        q_BHSHd = q_BSX.view(B, S, H, Hd).transpose(1, 2)
+        k_BGSHd = k_BSX.view(B, S, G, Hd).transpose(1, 2)
+        v_BGSHd = v_BSX.view(B, S, G, Hd).transpose(1, 2)
+        if self.qk_norm == "head":
+            q_BHSHd, k_BGSHd = self.q_norm(q_BHSHd), self.k_norm(k_BGSHd)
+        cos_SHd, sin_SHd = self.rotary(positions_S)
+        q_BHSHd = apply_rotary(q_BHSHd, cos_SHd, sin_SHd)
+        k_BGSHd = apply_rotary(k_BGSHd, cos_SHd, sin_SHd)
+        P = 0
+        if cache is not None:
+            P = cache.length
+            k_BGSHd, v_BGSHd = cache.update(self.layer_idx, k_BGSHd, v_BGSHd)
+        if P == 0:
+            y_BHSHd = F.scaled_dot_product_attention(q_BHSHd, k_BGSHd, v_BGSHd, is_causal=True, enable_gqa=G != H)
+        else:
+            mask_SL = causal_mask(S, P, x_BSD.device)
+            y_BHSHd = F.scaled_dot_product_attention(q_BHSHd, k_BGSHd, v_BGSHd, attn_mask=mask_SL, enable_gqa=G != H)
+        return self.o_proj(y_BHSHd.transpose(1, 2).reshape(B, S, H * Hd))
+
+
+def build_attention(cfg: LMConfig, layer_idx: int) -> nn.Module:
+    """Attention module of kind ``cfg.attention``: forward(x_BSD, positions_S, cache) -> y_BSD."""
+    module_name, _, class_name = ATTENTION_REGISTRY[cfg.attention].partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"attention={cfg.attention!r} needs {module_name}.{class_name}, which cannot be "
+                          f"loaded: {err}") from err
+    return cls(cfg, layer_idx)
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x_BSD)) * self.up_proj(x_BSD))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); mlp is dense or MoE."""
+
+    def __init__(self, cfg: LMConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = build_attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp: nn.Module = MoE(cfg.moe) if self.is_moe else MLP(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), positions_S, cache)
+        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
+
+
+class LM(nn.Module):
+    """input_ids (B, S) long -> logits (B, S, V) float32."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation for every model (dense and MoE alike, so comparisons are fair):
+        N(0, init_std), residual output projections scaled by 1/sqrt(2 * n_layers), norms 1,
+        biases and the noisy router's noise weights 0 (as Shazeer et al.)."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif (name.endswith(".bias") and p.dim() == 1) or name.endswith("noise_weight"):
+                p.zero_()
+            elif name.endswith("o_proj.weight") or name.endswith("down_proj.weight") or name.endswith("down_proj"):
+                p.normal_(0.0, out_std)
+            else:
+                p.normal_(0.0, std)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be a (B, S) long tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        B, S = input_ids.shape
+        P = 0 if cache is None else cache.length
+        if P + S > self.config.max_seq_len:
+            raise ValueError(f"{P + S} positions exceed max_seq_len={self.config.max_seq_len}")
+        positions_S = torch.arange(P, P + S, device=input_ids.device)
+        x_BSD = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x_BSD = layer(x_BSD, positions_S, cache)
+        if cache is not None:
+            cache.length = P + S
+        return self.lm_head(self.norm(x_BSD)).float()
+
+    # ------------------------------------------------------------------ sizes and cost
+    def num_params(self) -> int:
+        """Total parameters (tied weights counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses: all but the unchosen routed experts (top_k of E per MoE layer)."""
+        inactive = 0
+        for layer in self.layers:
+            if isinstance(layer.mlp, MoE):
+                routed = sum(p.numel() for p in layer.mlp.experts.parameters())
+                inactive += routed - routed * layer.mlp.top_k // layer.mlp.num_experts
+        return self.num_params() - inactive
+
+    def flops_per_token(self, seq_len: int | None = None) -> dict[str, float]:
+        """Forward and training (3x forward) FLOPs per token at context ``seq_len``.
+
+        2 FLOPs per multiply-add of every active weight matrix (the embedding lookup is free)
+        plus attention scores and weighted sum, 2 * 2 * H * Hd per key, averaged over a causal
+        context of seq_len (seq_len / 2 keys on average). Router and norms are ignored.
+        """
+        cfg = self.config
+        S = cfg.max_seq_len if seq_len is None else seq_len
+        matmul_params = self.num_active_params() - self.embed_tokens.weight.numel() - sum(
+            p.numel() for n, p in self.named_parameters() if n.endswith("norm.weight"))
+        if cfg.tie_embeddings:
+            matmul_params += self.lm_head.weight.numel()
+        attention = cfg.n_layers * 4 * cfg.n_heads * cfg.head_size * (S + 1) / 2
+        forward = 2 * matmul_params + attention
+        return {"forward": float(forward), "train": float(3 * forward)}
+
+    def param_summary(self) -> dict[str, Any]:
+        return {"total_params": self.num_params(), "active_params": self.num_active_params(),
+                "flops_per_token": self.flops_per_token(), "moe_layers": self.config.moe_layer_ids}

@@ -1,0 +1,85 @@
+"""In-place mode: transformers models whose sparse blocks are replaced by weight-sharing moekit layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import moekit  # noqa: E402
+from moekit.hf import FAMILIES  # noqa: E402
+from moekit.hf.inplace import PatchedMoE, patch_model, unpatch_model  # noqa: E402
+from moekit.hf.testing import tiny_hf_model  # noqa: E402
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_patched_model_matches_and_generates(family: str) -> None:
+    model = tiny_hf_model(family)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    n_params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        ref = model(ids).logits
+        ref_gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                 do_sample=False, pad_token_id=0)
+    names = patch_model(model)
+    assert names and all(isinstance(model.get_submodule(n), PatchedMoE) for n in names)
+    # Shared storage: the parameter count is unchanged.
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    with torch.no_grad():
+        out = model(ids).logits
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                 do_sample=False, pad_token_id=0)
+    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(gen, ref_gen)
+    reports = moekit.routing_report(model, warn=False)
+    assert sorted(reports) == sorted(names)
+    assert unpatch_model(model) == names
+    with torch.no_grad():
+        assert rel_err(model(ids).logits, ref) < 1e-6
+
+
+def test_masking_an_expert_changes_routing() -> None:
+    model = tiny_hf_model("qwen3_moe")
+    patch_model(model)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits
+    layers = moekit.moe_layers(model)
+    busiest = int(layers[0][1].last_routing.topk_idx_TK.flatten().bincount().argmax())
+    moekit.mask_experts(model, [busiest])
+    with torch.no_grad():
+        out = model(ids).logits
+    for _, layer in layers:
+        assert not bool((layer.last_routing.topk_idx_TK == busiest).any())
+    assert rel_err(out, ref) > 1e-3
+
+
+def test_patched_training_step_updates_hf_weights() -> None:
+    model = tiny_hf_model("mixtral")
+    patch_model(model)
+    model.train()
+    block_weight = model.model.layers[0].mlp.experts.gate_up_proj
+    before = block_weight.detach().clone()
+    ids = torch.randint(0, 128, (2, 6))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    unpatch_model(model)
+    assert model.model.layers[0].mlp.experts.gate_up_proj is block_weight
+    assert not torch.equal(block_weight.detach(), before)
+
+
+def test_patch_errors() -> None:
+    model = tiny_hf_model("olmoe")
+    patch_model(model)
+    with pytest.raises(ValueError, match="no OlmoeSparseMoeBlock"):
+        patch_model(model)
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                                                   num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(moekit.hf.UnsupportedArchitectureError, match="llama"):
+        patch_model(llama)

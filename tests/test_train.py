@@ -1,0 +1,157 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moekit import ConfigError, moe_config
+from moekit.data.corpus import TokenData, TokenSplit
+from moekit.lm import LMConfig
+from moekit.train import TrainConfig, Trainer
+from moekit.train.trainer import eval_batches, load_trained
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fake_data(n=4000, labels=("a", "b")) -> TokenData:
+    """Two 'languages' with different byte statistics, labels per token."""
+    rng = np.random.default_rng(0)
+    half = n // 2
+    toks = np.concatenate([rng.integers(0, 8, half), rng.integers(100, 140, n - half)]).astype(np.uint16)
+    labs = np.concatenate([np.zeros(half), np.ones(n - half)]).astype(np.int16)
+    split = TokenSplit(toks, labs)
+    return TokenData(split, TokenSplit(toks[::-1].copy(), labs[::-1].copy()), list(labels), "byte", None)
+
+
+def cfg(tmp_path, moe=True, **kw) -> TrainConfig:
+    model = LMConfig(vocab_size=257, dim=16, n_layers=2, n_heads=2, ffn_hidden=32, max_seq_len=16,
+                     moe=moe_config(dim=16, num_experts=4, expert_hidden=16, top_k=2, z_loss_coef=1e-3,
+                                    router="noisy_topk") if moe else None)
+    base = dict(model=model, seq_len=16, batch_size=4, steps=6, warmup_steps=2, eval_every=3, ckpt_every=2,
+                eval_tokens=128, out_dir=str(tmp_path / "run"), progress=False, tensorboard=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_is_bit_for_bit(tmp_path):
+    straight = Trainer(cfg(tmp_path / "a"), fake_data())
+    straight.fit()
+    losses = [h["loss"] for h in straight.history]
+
+    first = Trainer(cfg(tmp_path / "b"), fake_data())
+    first.fit(steps=3)
+    torch.manual_seed(1234)  # disturb global RNG: resume must restore it
+    second = Trainer(cfg(tmp_path / "b"), fake_data())
+    second.resume(tmp_path / "b" / "run")
+    assert second.step == 3
+    second.fit()
+    resumed = [h["loss"] for h in first.history] + [h["loss"] for h in second.history]
+    assert resumed == losses
+    assert [h["aux"] for h in second.history] == [h["aux"] for h in straight.history[3:]]
+    for (n, p), (_, q) in zip(straight.model.named_parameters(), second.model.named_parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_training_lowers_loss_and_eval_reports_each_label(tmp_path):
+    t = Trainer(cfg(tmp_path, steps=30, lr=1e-2, eval_every=30, ckpt_every=30), fake_data())
+    t.fit()
+    first, last = t.evals[0], t.evals[-1]
+    assert last["loss"] < first["loss"] - 1.0
+    assert set(last["per_label"]) == {"a", "b"}
+    counts = last["routing_by_label"]["layers.0.mlp"]
+    assert np.asarray(counts).shape == (2, 4)
+    assert sum(map(sum, counts)) == 2 * sum(last["tokens_per_label"].values())
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(x.get("kind") == "eval" for x in lines) and any("grad_norm" in x for x in lines)
+
+
+def test_eval_overall_is_token_weighted_mean_of_labels(tmp_path):
+    t = Trainer(cfg(tmp_path), fake_data())
+    r = t.evaluate()
+    n = r["tokens_per_label"]
+    weighted = sum(r["per_label"][k] * n[k] for k in n) / sum(n.values())
+    assert math.isclose(r["loss"], weighted, rel_tol=1e-9)
+    batches = eval_batches(t.data.val, 4, 16, 128)
+    assert sum(b.targets.numel() for b in batches) == 128
+
+
+def test_lr_schedule_warmup_then_cosine(tmp_path):
+    t = Trainer(cfg(tmp_path, steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1), fake_data())
+    assert t.lr_at(0) == pytest.approx(0.1)
+    assert t.lr_at(9) == pytest.approx(1.0)
+    assert t.lr_at(55) == pytest.approx(0.55)
+    assert t.lr_at(100) == pytest.approx(0.1)
+
+
+def test_extra_loss_and_param_filter(tmp_path):
+    seen = []
+
+    def label_loss(model, batch, logits):
+        seen.append(batch.labels.shape)
+        return logits.float().pow(2).mean() * 0.0 + 0.5
+
+    only_experts = lambda name, p: ".mlp.experts." in name  # noqa: E731
+    t = Trainer(cfg(tmp_path, steps=2, grad_accum=2), fake_data(), param_filter=only_experts)
+    t.add_loss("label", label_loss)
+    before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+    t.fit()
+    assert seen == [(4, 16)] * 4
+    assert t.history[-1]["label"] == pytest.approx(0.5)
+    for n, p in t.model.named_parameters():
+        changed = not torch.equal(before[n], p)
+        assert changed == (".mlp.experts." in n), n
+    with pytest.raises(ValueError, match="already exists"):
+        t.add_loss("aux", label_loss)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path):
+    t = Trainer(cfg(tmp_path, steps=50, eval_every=3, ckpt_every=100), fake_data())
+    t.fit(on_eval=lambda record: t._on_sigint(2, None))
+    assert t.interrupted and t.step == 3
+    again = Trainer(cfg(tmp_path, steps=50), fake_data())
+    again.resume(tmp_path / "run")
+    assert again.step == 3
+
+
+def test_trained_model_loads_for_eval(tmp_path):
+    t = Trainer(cfg(tmp_path, steps=2), fake_data())
+    t.fit()
+    model, config, meta = load_trained(tmp_path / "run")
+    assert config == t.cfg and meta["step"] == 2
+    ids = torch.randint(0, 200, (1, 8))
+    t.model.eval()
+    torch.testing.assert_close(model(ids), t.model(ids))
+
+
+def test_train_config_errors_name_field_and_file(tmp_path):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({"steps": 10, "learning_rate": 0.1}))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['learning_rate'\] in .*train\.json"):
+        TrainConfig.load(path)
+    path.write_text(json.dumps({"model": {"dim": 30, "n_heads": 4}}))
+    with pytest.raises(ConfigError, match=r"train\.json: model: dim=30 is not divisible by n_heads=4"):
+        TrainConfig.load(path)
+    with pytest.raises(ConfigError, match=r"seq_len=512 exceeds model.max_seq_len=256"):
+        TrainConfig(seq_len=512)
+    with pytest.raises(ConfigError, match=r"autocast='fp16'"):
+        TrainConfig(autocast="fp16")
+
+
+def test_config_round_trip(tmp_path):
+    c = cfg(tmp_path)
+    c.save(tmp_path / "c.json")
+    assert TrainConfig.load(tmp_path / "c.json") == c
+
+
+def test_vocab_too_small_for_data_is_an_error(tmp_path):
+    c = cfg(tmp_path)
+    c.model = LMConfig(vocab_size=100, dim=16, n_layers=1, n_heads=2, ffn_hidden=32, max_seq_len=16)
+    with pytest.raises(ConfigError, match=r"model.vocab_size=100 is smaller than the tokenizer's 140 ids"):
+        Trainer(c, fake_data())
