@@ -92,7 +92,8 @@ def test_checkpoint_of_another_model_names_the_mismatch(tmp_path):
     save_checkpoint(tmp_path, 1, model, opt, {})
     tensors, _ = load_checkpoint(tmp_path)
     other = LM(LMConfig(vocab_size=40, dim=16, n_layers=3, n_heads=2, ffn_hidden=24, max_seq_len=8))
-    with pytest.raises(CheckpointError, match=r"does not match the model: missing \['layers.0.mlp.down_proj.*unexpected \['layers.0.mlp.experts"):
+    message = r"does not match the model: missing \['layers.0.mlp.down_proj.*unexpected \['layers.0.mlp.experts"
+    with pytest.raises(CheckpointError, match=message):
         model_state(tensors, other, tmp_path)
     wider = LM(LMConfig(vocab_size=40, dim=16, n_layers=2, n_heads=2, ffn_hidden=24, max_seq_len=8,
                         moe=moe_config(dim=16, num_experts=4, expert_hidden=12, top_k=2)))

@@ -4,8 +4,29 @@ Hugging Face dataset) into the data directory and print its sizes and per-label 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
+
+
+def friendly_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Print bad-input errors (config, data, checkpoint) as one line on stderr and return 2."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        from ..config import ConfigError
+        from ..data.sources import DataError
+        from ..train.checkpoint import CheckpointError
+
+        try:
+            return run(args)
+        except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapper
 
 
 def print_report(report: dict, where: Path) -> None:
@@ -24,6 +45,7 @@ def print_report(report: dict, where: Path) -> None:
         print(f"  note: {note}")
 
 
+@friendly_errors
 def run_build(args: argparse.Namespace) -> int:
     from ..data.corpus import build_from_source, build_polyglot
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .data import friendly_errors
+
 SIZES: dict[str, dict[str, Any]] = {
     # About ten minutes on two CPU cores, corpus build included.
     "small": {"dim": 128, "n_layers": 4, "n_heads": 4, "ffn_hidden": 512, "seq_len": 128, "batch_size": 16,
@@ -249,6 +251,7 @@ def print_summary(runs: list[dict[str, Any]], comparison: dict[str, Any], total:
     print(f"\ndemo finished in {total:.0f} s; wrote {out_dir / 'summary.json'} and {report}")
 
 
+@friendly_errors
 def run(args: argparse.Namespace) -> int:
     run_demo(args.out_dir, args.data_dir, args.size, args.steps, args.num_experts, args.top_k, args.aux_loss_coef,
              args.seed, use_apt=not args.no_apt, progress=not args.no_progress, threads=args.threads)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from .data import friendly_errors
 
+
+@friendly_errors
 def run(args: argparse.Namespace) -> int:
     from ..train.trainer import Trainer, load_trained, prepare_data
 

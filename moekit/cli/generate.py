@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from .data import friendly_errors
 
+
+@friendly_errors
 def run(args: argparse.Namespace) -> int:
     import torch
 

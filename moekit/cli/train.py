@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from .data import friendly_errors
+
 
 def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
     """``key=value`` with dotted keys into nested dicts (``model.dim=128``); values parsed as JSON."""
@@ -22,13 +24,14 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            if not isinstance(node.get(part), dict):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section of the config")
-            node = node[part]
         node[parts[-1]] = value
     return data
 
 
+@friendly_errors
 def run(args: argparse.Namespace) -> int:
     from ..lm.config import read_json
     from ..train.checkpoint import latest_checkpoint

@@ -197,7 +197,8 @@ def build_moe(hf_config: Any, cls: type[MoE] = MoE, **overrides: Any) -> MoE:
     experts = None
     if fam.model_type == "gpt_oss":
         experts = ClampedSwiGLUExperts(cfg.num_experts, cfg.dim, cfg.expert_hidden,
-                                       float(_get(hf_config, "swiglu_alpha")), float(_get(hf_config, "swiglu_limit")),
+                                       float(_get(hf_config, "swiglu_alpha", 1.702)),
+                                       float(_get(hf_config, "swiglu_limit", 7.0)),
                                        cfg.backend)
     return cls(cfg, experts=experts)
 
