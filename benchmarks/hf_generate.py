@@ -11,7 +11,9 @@ timed in one process, on the same weights:
   moekit_lm               the checkpoint converted by from_hf, generating with moekit.lm.generate.
 Prefill: tokens/s of one forward over a (B, S) prompt. Decode: new tokens/s of greedy KV-cache
 generation, (B * (N - 1)) / (time(N new tokens) - time(1 new token)), so prefill is excluded.
-Each time is the fastest of ``--repeats`` runs after a warm-up run (the machine may be shared).
+Variants are timed in interleaved rounds (each round runs every variant once, after one
+warm-up round), and each time is the fastest over the rounds, so a burst of load from other
+processes on a shared machine hits every variant alike instead of one.
 
 Run ``python benchmarks/hf_generate.py`` (``--quick`` for a smaller model); prints a table and
 writes benchmarks/results/hf_generate.json.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -35,17 +38,12 @@ from moekit.hf.testing import randomize_
 from moekit.lm import generate as lm_generate
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Fastest of ``repeats`` calls after a warm-up (the least disturbed by other processes)."""
+def timed(fn: Callable[[], object]) -> float:
+    _sync()
+    start = time.perf_counter()
     fn()
-    times = []
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    _sync()
+    return time.perf_counter() - start
 
 
 def _sync() -> None:
@@ -53,13 +51,36 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def measure(prefill: Callable[[], object], gen: Callable[[int], object], tokens: int, batch: int, new: int,
-            repeats: int) -> dict[str, float]:
-    t_prefill = best_time(prefill, repeats)
-    t_one = best_time(lambda: gen(1), repeats)
-    t_many = best_time(lambda: gen(new), repeats)
-    return {"prefill_tok_s": tokens / t_prefill, "decode_tok_s": batch * (new - 1) / max(t_many - t_one, 1e-9),
-            "prefill_s": t_prefill, "generate_s": t_many}
+class Variant:
+    """One way of running the model: ``enter``/``leave`` switch it on and off around each round."""
+
+    def __init__(self, name: str, prefill: Callable[[], object], gen: Callable[[int], torch.Tensor],
+                 enter: Callable[[], object] = lambda: None, leave: Callable[[], object] = lambda: None) -> None:
+        self.name, self.prefill, self.gen, self.enter, self.leave = name, prefill, gen, enter, leave
+        self.times: dict[str, list[float]] = {"prefill": [], "gen_one": [], "gen_many": []}
+
+    def run_round(self, new: int) -> None:
+        self.enter()
+        try:
+            self.times["prefill"].append(timed(self.prefill))
+            self.times["gen_one"].append(timed(lambda: self.gen(1)))
+            self.times["gen_many"].append(timed(lambda: self.gen(new)))
+        finally:
+            self.leave()
+
+    def tokens(self, new: int) -> torch.Tensor:
+        self.enter()
+        try:
+            return self.gen(new)
+        finally:
+            self.leave()
+
+    def result(self, tokens: int, batch: int, new: int) -> dict[str, float]:
+        t_prefill, t_one, t_many = (min(self.times[k][1:]) for k in ("prefill", "gen_one", "gen_many"))
+        # Under heavy outside load the difference can vanish; NaN then, rather than a huge rate.
+        decode = batch * (new - 1) / (t_many - t_one) if t_many > t_one else float("nan")
+        return {"prefill_tok_s": tokens / t_prefill, "decode_tok_s": decode, "prefill_s": t_prefill,
+                "generate_s": t_many}
 
 
 def main() -> None:
@@ -100,32 +121,34 @@ def main() -> None:
 
     results: dict[str, dict[str, float]] = {}
     outputs: dict[str, torch.Tensor] = {}
+    variants: list[Variant] = []
+    for impl in ("eager", "grouped_mm", "batched_mm"):
+        try:
+            model.set_experts_implementation(impl)
+        except (ValueError, ImportError) as err:
+            results[f"hf_{impl}"] = {"error": str(err)}
+            continue
+        variants.append(Variant(f"hf_{impl}", hf_prefill, hf_gen,
+                                enter=lambda i=impl: model.set_experts_implementation(i)))
+    # A patched model keeps transformers' attention; its own experts code is no longer called.
+    for name, overrides in (("moekit_inplace", {}), ("moekit_inplace_nocheck", {"check_finite": False})):
+        variants.append(Variant(name, hf_prefill, hf_gen, enter=lambda o=overrides: patch_model(model, **o),
+                                leave=lambda: (moekit.reset_routing_stats(model), unpatch_model(model))))
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        lm = from_hf(folder, check_finite=False).to(args.device)
+    variants.append(Variant("moekit_lm", lambda: lm(ids), lambda n: lm_generate(lm, ids, n)))
+    load_before = os.getloadavg()
     with torch.no_grad():
-        for impl in ("eager", "grouped_mm", "batched_mm"):
-            try:
-                model.set_experts_implementation(impl)
-            except (ValueError, ImportError) as err:
-                results[f"hf_{impl}"] = {"error": str(err)}
-                continue
-            results[f"hf_{impl}"] = measure(hf_prefill, hf_gen, tokens, args.batch, new, args.repeats)
-            outputs[f"hf_{impl}"] = hf_gen(new)
-        ok = [k for k in results if "error" not in results[k]]
-        best_prefill = max(ok, key=lambda k: results[k]["prefill_tok_s"])
-        best = max(ok, key=lambda k: results[k]["decode_tok_s"])
-        # The patched model keeps transformers' attention; its own experts code is no longer called.
-        model.set_experts_implementation(best[len("hf_"):])
-        for name, overrides in (("moekit_inplace", {}), ("moekit_inplace_nocheck", {"check_finite": False})):
-            patch_model(model, **overrides)
-            results[name] = measure(hf_prefill, hf_gen, tokens, args.batch, new, args.repeats)
-            outputs[name] = hf_gen(new)
-            moekit.reset_routing_stats(model)
-            unpatch_model(model)
-        with tempfile.TemporaryDirectory() as folder:
-            model.save_pretrained(folder)
-            lm = from_hf(folder, check_finite=False).to(args.device)
-        results["moekit_lm"] = measure(lambda: lm(ids), lambda n: lm_generate(lm, ids, n), tokens, args.batch, new,
-                                       args.repeats)
-        outputs["moekit_lm"] = lm_generate(lm, ids, new)
+        for _ in range(args.repeats + 1):
+            for variant in variants:
+                variant.run_round(new)
+        for variant in variants:
+            results[variant.name] = variant.result(tokens, args.batch, new)
+            outputs[variant.name] = variant.tokens(new)
+    ok = [k for k in results if "error" not in results[k] and k.startswith("hf_")]
+    best_prefill = max(ok, key=lambda k: results[k]["prefill_tok_s"])
+    best = max(ok, key=lambda k: results[k]["decode_tok_s"] if results[k]["decode_tok_s"] > 0 else 0.0)
 
     ref = outputs[best]
     same = {k: bool(torch.equal(v, ref)) for k, v in outputs.items()}
@@ -151,8 +174,11 @@ def main() -> None:
                          "repeats": args.repeats},
               "env": {"torch": torch.__version__, "transformers": transformers.__version__,
                       "threads": torch.get_num_threads(), "device": args.device,
-                      "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None, "machine": platform.processor() or platform.machine()},
-              "hf_best_prefill": best_prefill, "hf_best_decode": best, "results": results}
+                      "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+                      "machine": platform.processor() or platform.machine(),
+                      "cpus": os.cpu_count(), "loadavg_1m_before_after": [load_before[0], os.getloadavg()[0]]},
+              "hf_best_prefill": best_prefill, "hf_best_decode": best, "results": results,
+              "times_s": {v.name: v.times for v in variants}}
     out.write_text(json.dumps(record, indent=2))
     print(f"wrote {out}")
 

@@ -83,7 +83,7 @@ def shapes_for(device: str, quick: bool) -> list[Shape]:
     if device == "cuda":
         big = 16384
     else:
-        big = 512 if quick else 4096
+        big = 256 if quick else 4096
     return [
         Shape("fine_E64_k8", 64, 8, 1024, 512, big),
         Shape("coarse_E8_k2", 8, 2, 1024, 2048, big),
@@ -101,6 +101,9 @@ def machine_info(device: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_config": [line.strip(" -") for line in torch.__config__.show().splitlines()
+                         if re.search(r"Math Kernel|MKL-DNN|OpenMP|CPU capability", line)],
     }
     try:
         import transformers
@@ -138,12 +141,17 @@ def measure_read_bandwidth(device: str) -> float:
 
 
 def measure_dense_peak(device: str, dtype: torch.dtype) -> float:
-    """TFLOP/s of one large dense product (the machine's practical matmul peak)."""
-    n = 8192 if device == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    ms = time_calls(lambda: a @ b, device, repeats=10 if device == "cuda" else 3)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
+    """TFLOP/s of one large square dense product (the machine's practical matmul peak). The size
+    doubles from 256 while one product takes under a quarter second, up to 8192 (CUDA) or 2048
+    (CPU), so a slow dtype (bf16 on a CPU without bf16 units) does not stall the run."""
+    n, top = 256, (8192 if device == "cuda" else 2048)
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        ms = time_calls(lambda: a @ b, device, repeats=10 if device == "cuda" else 3)
+        if n >= top or ms > 250:
+            return 2 * n**3 / (ms * 1e-3) / 1e12
+        n *= 2
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -280,7 +288,7 @@ def run_case(name: str, make: Callable[[int], tuple[Callable[[], object], int]],
            "tokens": shape.tokens}
     try:
         if probe and shape.tokens >= 64:
-            small = max(8, shape.tokens // 16)
+            small = 16
             fn_small, _ = make(small)
             start = time.perf_counter()
             fn_small()
@@ -289,7 +297,7 @@ def run_case(name: str, make: Callable[[int], tuple[Callable[[], object], int]],
             del fn_small
             if est > args.max_call_s:
                 row.update(status="skipped", reason=f"estimated {est:.0f} s per call at {shape.tokens} tokens "
-                           f"(one call at {small} tokens scaled), over the {args.max_call_s:.0f} s budget")
+                           f"(one call at {small} tokens, scaled linearly), over the {args.max_call_s:.0f} s budget")
                 return row
         fn, grad_bytes = make(shape.tokens)
         if mode == "forward_backward":
@@ -304,10 +312,11 @@ def run_case(name: str, make: Callable[[int], tuple[Callable[[], object], int]],
         start = time.perf_counter()
         fn()
         sync(device)
-        once = time.perf_counter() - start
-        repeats = max(1, min(args.repeats, int(args.case_budget_s / max(once, 1e-6))))
-        ms = time_calls(fn, device, repeats=repeats, warmup=0)
-        row.update(status="ok", ms=round(ms, 3), repeats=repeats + 1,
+        first_ms = (time.perf_counter() - start) * 1e3
+        more = max(0, min(args.repeats, int(args.case_budget_s * 1e3 / max(first_ms, 1e-3))) - 1)
+        times = [first_ms] + ([time_calls(fn, device, repeats=1, warmup=0) for _ in range(more)])
+        ms = statistics.median(times)
+        row.update(status="ok", ms=round(ms, 3), repeats=len(times),
                    gflops=round(shape.flops(mode) / (ms * 1e-3) / 1e9, 2))
     except (RuntimeError, MemoryError, NotImplementedError, ValueError, TypeError) as err:
         row.update(status="failed", reason=f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
@@ -379,7 +388,7 @@ def bench_shape(shape: Shape, dtype: torch.dtype, device: str, args) -> list[dic
                                      "reason": f"out of memory: gathers one weight copy per routed row, "
                                                f"{need / 1e9:.0f} GB > {args.max_gather_gb} GB allowed"})
                         continue
-                cases.append((f"hf_{impl}", moe_maker(hf, impl=impl), bf_cpu))
+                cases.append((f"hf_{impl}", moe_maker(hf, impl=impl), device == "cpu"))
         for dense_name, fp32c in (("dense", False), ("dense_fp32", True)):
             if fp32c and not bf_cpu:
                 continue
@@ -387,6 +396,7 @@ def bench_shape(shape: Shape, dtype: torch.dtype, device: str, args) -> list[dic
                 Shape(shape.name, shape.num_experts, shape.top_k, shape.dim, shape.hidden, t), dtype, device, mode,
                 fp32c), bf_cpu and not fp32c))
         mode_rows = []
+        cases = [c for c in cases if c[0] not in args.skip.split(",")]
         for name, make, probe in cases:
             row = run_case(name, make, shape, dtype, mode, device, args, probe)
             mode_rows.append(row)
@@ -464,6 +474,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-call-s", type=float, default=None,
                    help="skip a case whose single call is estimated to take longer (probed at T/16)")
     p.add_argument("--max-gather-gb", type=float, default=8.0, help="memory allowed for batched_mm's weight gathers")
+    p.add_argument("--skip", default="", help="comma list of implementations not to run (e.g. moekit_unfused)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's own choice; 1 is fairer on a loaded machine)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>[_quick].json)")
     args = p.parse_args(argv)
     if args.device == "cpu" and os.environ.get(MMAP_ENV) is None and Path("/proc/self/clear_refs").exists():
@@ -471,9 +484,11 @@ def main(argv: list[str] | None = None) -> None:
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.repeats = args.repeats or (3 if args.quick else 5)
-    args.case_budget_s = args.case_budget_s or (4.0 if args.quick else 30.0)
-    args.max_call_s = args.max_call_s or (4.0 if args.quick else 40.0)
+    args.case_budget_s = args.case_budget_s or (3.0 if args.quick else 20.0)
+    args.max_call_s = args.max_call_s or (3.0 if args.quick else 30.0)
     dtypes = args.dtypes.split(",") if args.dtypes else (["bfloat16"] if args.device == "cuda" else
                                                          ["float32", "bfloat16"])
     shapes = shapes_for(args.device, args.quick)
@@ -495,21 +510,26 @@ def main(argv: list[str] | None = None) -> None:
           f"read {args.read_gbps:.1f} GB/s  dense matmul TFLOP/s {machine['dense_matmul_tflops']}", flush=True)
     args.decode_bytes = {}
     rows: list[dict] = []
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
+        f"{args.device}{'_quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(complete: bool) -> None:
+        machine["loadavg_end"] = os.getloadavg()
+        payload = {"benchmark": "moe_layer", "command": " ".join(["python", *sys.argv]), "quick": args.quick,
+                   "complete": complete, "device": args.device, "wall_s": round(time.time() - started, 1),
+                   "machine": machine, "shapes": [vars(s) for s in shapes], "rows": rows}
+        out.write_text(json.dumps(payload, indent=1))
+
     for dt_name in dtypes:
         dtype = getattr(torch, dt_name)
         for shape in shapes:
             torch.manual_seed(1234)
             rows.extend(bench_shape(shape, dtype, args.device, args))
-    machine["loadavg_end"] = os.getloadavg()
+            write(complete=False)
+    write(complete=True)
     print()
     print_table(rows)
-    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
-        f"{args.device}{'_quick' if args.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"benchmark": "moe_layer", "command": " ".join(["python", *sys.argv]), "quick": args.quick,
-               "device": args.device, "wall_s": round(time.time() - started, 1), "machine": machine,
-               "shapes": [vars(s) for s in shapes], "rows": rows}
-    out.write_text(json.dumps(payload, indent=1))
     print(f"\nwrote {out} ({time.time() - started:.0f} s)")
 
 

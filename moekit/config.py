@@ -37,6 +37,15 @@ def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     _check(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
 
 
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+           f"{name}={value!r} must be an int >= {low}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class RouterConfig:
     """How tokens pick experts.
@@ -77,7 +86,7 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         _one_of("router.kind", self.kind, ROUTERS)
-        _check(isinstance(self.top_k, int) and self.top_k >= 1, f"router.top_k={self.top_k!r} must be an int >= 1")
+        _int_at_least("router.top_k", self.top_k, 1)
         if self.kind == "switch":
             _check(self.top_k == 1, f"router.top_k={self.top_k} but the switch router is top-1")
         if self.kind == "noisy_topk":
@@ -87,13 +96,16 @@ class RouterConfig:
             _one_of("router.score_func", self.score_func, SCORE_FUNCS)
         _one_of("router.group_score", self.group_score, GROUP_SCORES)
         _one_of("router.drop_policy", self.drop_policy, DROP_POLICIES)
-        _check(self.n_group >= 1, f"router.n_group={self.n_group} must be >= 1")
+        _int_at_least("router.n_group", self.n_group, 1)
+        _int_at_least("router.topk_group", self.topk_group, 1)
         _check(1 <= self.topk_group <= self.n_group,
                f"router.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
-        _check(self.routed_scaling_factor > 0, f"router.routed_scaling_factor={self.routed_scaling_factor} must be > 0")
-        _check(self.jitter_eps >= 0, f"router.jitter_eps={self.jitter_eps} must be >= 0")
+        _check(_is_number(self.routed_scaling_factor) and 0 < self.routed_scaling_factor < math.inf,
+               f"router.routed_scaling_factor={self.routed_scaling_factor!r} must be a finite number > 0")
+        _check(_is_number(self.jitter_eps) and 0 <= self.jitter_eps < 1,
+               f"router.jitter_eps={self.jitter_eps!r} must be a number in [0, 1)")
         if self.capacity_factor is not None:
-            _check(isinstance(self.capacity_factor, (int, float)) and not isinstance(self.capacity_factor, bool),
+            _check(_is_number(self.capacity_factor),
                    f"router.capacity_factor={self.capacity_factor!r} must be a number (or None for dropless)")
             _check(math.isfinite(self.capacity_factor) and self.capacity_factor > 0,
                    f"router.capacity_factor={self.capacity_factor} must be a positive number (or None for dropless)")
@@ -101,7 +113,8 @@ class RouterConfig:
             _check(self.capacity_factor is not None,
                    "router.kind='expert_choice' needs router.capacity_factor (tokens per expert = T*cf/E)")
         if self.bias_update_rate is not None:
-            _check(self.bias_update_rate >= 0, f"router.bias_update_rate={self.bias_update_rate} must be >= 0")
+            _check(_is_number(self.bias_update_rate) and 0 <= self.bias_update_rate < math.inf,
+                   f"router.bias_update_rate={self.bias_update_rate!r} must be a finite number >= 0")
             _check(self.kind in ("sigmoid_topk", "softmax_topk"),
                    f"router.bias_update_rate is set but router.kind={self.kind!r} has no selection bias")
 
@@ -118,25 +131,29 @@ class BalanceConfig:
 
     aux_loss_coef * E * sum_i f_i * P_i is the switch/GShard loss. In every convention P_i is the
     mean over tokens of the full (not top-k renormalised) router distribution: softmax
-    probabilities, or sigmoid scores divided by their per-token sum; f_i counts the layer's own
-    top-k picks before capacity drops. aux_loss_convention picks f and the scope:
+    probabilities, or sigmoid scores divided by their per-token sum; counts are taken before
+    capacity drops. aux_loss_convention picks f and the scope:
 
-      ==========  ==============================  ================  ==================
-      convention  f_i                             scope             value at balance
-      ==========  ==============================  ================  ==================
-      moekit      count_i / (k*T), top-k picks    per layer         1 for any k
-      switch      top-1 count_i / T (Fedus 2021)  per layer         1
-      megatron    count_i / (k*T), top-k picks    per layer         1
-      mixtral     count_i / T, top-k picks        layers pooled     k
-      ==========  ==============================  ================  ==================
+      ==========  =========================================  =============  ================
+      convention  f_i                                        scope          value at balance
+      ==========  =========================================  =============  ================
+      moekit      count_i / (k*T), the layer's top-k picks   per layer      1 for any k
+      switch      count_i / T, top-1 of the plain scores     per layer      1
+      megatron    count_i / (k*T), top-k of plain scores     per layer      1
+      mixtral     count_i / T, top-k of plain scores         layers pooled  k
+      ==========  =========================================  =============  ================
 
-    ``megatron`` is Megatron-Core's switch_load_balancing_loss_func,
-    E/(k*T^2) * sum_i (sum_t p_ti) * count_i: the same value as ``moekit``.
+    "Plain scores" are the router distribution without selection bias or group limit (masked
+    experts excluded), as Switch (Fedus et al. 2021, eq. 4-6), Megatron-Core and transformers
+    count; the layer's picks differ from them only under a selection bias (aux-loss-free
+    balancing) or group-limited routing.
+    ``megatron`` is Megatron-Core's switch_load_balancing_loss_func with
+    compute_routing_scores_for_aux_loss: E/(k*T^2) * sum_i (sum_t p_ti) * count_i.
     ``mixtral`` is transformers' load_balancing_loss_func: every layer's tokens (layers with the
     same E and coefficient) are concatenated before f and P are taken, in ``moekit.aux_loss``.
-    Megatron and transformers take the counted top-k from the plain scores; moekit counts the
-    layer's actual picks, which is the same unless selection uses noise, a selection bias, group
-    limits or masking.
+    With masked experts (f_i = P_i = 0 for them) a layer balanced over its E' unmasked experts
+    scores E/E' (k*E/E' for ``mixtral``), and each CV^2 term of cv_loss_coef E/E' - 1 instead of 0:
+    constant offsets, the minimiser is still balance over the unmasked experts.
     z_loss_coef: ST-MoE router z-loss. cv_loss_coef: Shazeer et al. 2017 importance + load CV^2.
     seq_aux_loss_coef: DeepSeek-V3 complementary sequence-wise balance loss.
     """
@@ -151,7 +168,8 @@ class BalanceConfig:
         _one_of("balance.aux_loss_convention", self.aux_loss_convention, AUX_CONVENTIONS)
         for name in ("aux_loss_coef", "z_loss_coef", "cv_loss_coef", "seq_aux_loss_coef"):
             value = getattr(self, name)
-            _check(math.isfinite(value) and value >= 0, f"balance.{name}={value} must be a finite number >= 0")
+            _check(_is_number(value) and math.isfinite(value) and value >= 0,
+                   f"balance.{name}={value!r} must be a finite number >= 0")
 
 
 @dataclass
@@ -165,9 +183,9 @@ class SharedExpertConfig:
     gated: bool = False
 
     def __post_init__(self) -> None:
-        _check(self.num >= 0, f"shared.num={self.num} must be >= 0")
+        _int_at_least("shared.num", self.num, 0)
         if self.hidden is not None:
-            _check(self.hidden >= 1, f"shared.hidden={self.hidden} must be >= 1")
+            _int_at_least("shared.hidden", self.hidden, 1)
             _check(self.num >= 1, f"shared.hidden={self.hidden} is set but shared.num=0")
         if self.gated:
             _check(self.num >= 1, "shared.gated=True but shared.num=0")
@@ -206,7 +224,7 @@ class MoEConfig:
             _check(isinstance(value, cls), f"{name}={value!r} must be a {cls.__name__} or a dict of its fields")
         for name in ("dim", "num_experts", "expert_hidden", "dead_window"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, f"{name}={value!r} must be an int >= 1")
+            _int_at_least(name, value, 1)
         _one_of("expert_kind", self.expert_kind, EXPERT_KINDS)
         _one_of("activation", self.activation, ACTIVATIONS)
         _one_of("backend", self.backend, BACKENDS)

@@ -141,7 +141,9 @@ class MoE(nn.Module):
             self.bias_load_E += plan.routed_E
         if self.training and torch.is_grad_enabled():
             self.aux_loss, self.last_losses = self._losses(routing, batch)
-            self._pooled_routing = routing if cfg.balance.aux_loss_convention == "mixtral" else None
+            pooled = (cfg.balance.aux_loss_convention == "mixtral" and cfg.balance.aux_loss_coef > 0
+                      and routing.is_token_choice)
+            self._pooled_routing = routing if pooled else None
         else:
             self.aux_loss, self.last_losses, self._pooled_routing = routing.logits_TE.new_zeros(()), {}, None
 

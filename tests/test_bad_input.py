@@ -90,9 +90,9 @@ def test_shared_expert_mismatches():
         _layer(shared_expert_hidden=64)
     with pytest.raises(ConfigError, match=r"shared.gated=True but shared.num=0"):
         _layer(shared_expert_gated=True)
-    with pytest.raises(ConfigError, match=r"shared.num=-1 must be >= 0"):
+    with pytest.raises(ConfigError, match=r"shared.num=-1 must be an int >= 0"):
         _layer(shared_experts=-1)
-    with pytest.raises(ConfigError, match=r"shared.hidden=0 must be >= 1"):
+    with pytest.raises(ConfigError, match=r"shared.hidden=0 must be an int >= 1"):
         _layer(shared_experts=1, shared_expert_hidden=0)
 
 
@@ -130,3 +130,20 @@ def test_bad_sizes_and_mixed_construction():
         _layer(z_loss_coef=-0.1)
     with pytest.raises(TypeError, match=r"pass either a MoEConfig or keywords, not both \(got \['top_k'\]\)"):
         MoE(moe_config(dim=D, num_experts=4, expert_hidden=8), top_k=2)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(num_experts=True), r"num_experts=True must be an int >= 1"),
+    (dict(top_k=2.0), r"router.top_k=2.0 must be an int >= 1"),
+    (dict(n_group=2.0), r"router.n_group=2.0 must be an int >= 1"),
+    (dict(shared_experts=1.5), r"shared.num=1.5 must be an int >= 0"),
+    (dict(aux_loss_coef="0.01"), r"balance.aux_loss_coef='0.01' must be a finite number >= 0"),
+    (dict(routed_scaling_factor=0.0), r"router.routed_scaling_factor=0.0 must be a finite number > 0"),
+    (dict(jitter_eps=1.0), r"router.jitter_eps=1.0 must be a number in \[0, 1\)"),
+    (dict(router="sigmoid_topk", bias_update_rate=-1e-3),
+     r"router.bias_update_rate=-0.001 must be a finite number >= 0"),
+])
+def test_wrong_types_and_ranges_are_named(kwargs, message):
+    base = dict(dim=D, num_experts=4, expert_hidden=8, top_k=2)
+    with pytest.raises(ConfigError, match=message):
+        moe_config(**{**base, **kwargs})

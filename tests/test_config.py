@@ -75,3 +75,18 @@ def test_nested_dicts_are_validated():
     assert cfg.router.top_k == 1 and cfg.shared.num == 1
     with pytest.raises(ConfigError, match=r"router.top_k=9 exceeds num_experts=4"):
         MoEConfig(dim=8, num_experts=4, expert_hidden=8, router={"top_k": 9})
+
+
+@pytest.mark.parametrize("keywords", [
+    dict(router="softmax_topk", top_k=2, norm_topk_prob=False, logit_bias=True),
+    dict(router="noisy_topk", top_k=2, cv_loss_coef=0.01),
+    dict(router="switch", capacity_factor=1.25, jitter_eps=0.01, aux_loss_convention="switch"),
+    dict(router="expert_choice", capacity_factor=2.0, expert_kind="mlp", activation="gelu"),
+    dict(router="sigmoid_topk", top_k=2, n_group=2, topk_group=1, bias_update_rate=1e-3, shared_experts=1),
+], ids=lambda kw: kw["router"])
+def test_every_router_kind_round_trips(tmp_path, keywords):
+    cfg = moe_config(dim=8, num_experts=4, expert_hidden=8, **keywords)
+    path = tmp_path / "cfg.json"
+    cfg.save(path)
+    loaded = MoEConfig.load(path)
+    assert loaded == cfg and loaded.to_dict() == json.loads(path.read_text())

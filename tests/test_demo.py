@@ -23,6 +23,7 @@ def test_tiny_demo_writes_summary_and_report(tmp_path, capsys):
     # Equal active parameters per token up to the router (D * E per MoE layer).
     assert moe["active_params"] - dense["active_params"] == 2 * 32 * 8
     assert moe["total_params"] > dense["total_params"]
+    assert set(dense["load_average_1min"]) == {"start", "end"} and on_disk["cpu_count"] >= 1
     assert set(dense["final_val_loss_per_label"]) == {"en", "python"}
     for layer, e in moe["experts"].items():
         assert len(e["utilisation"]) == 8 and sum(e["utilisation"]) == pytest.approx(1.0)

@@ -188,3 +188,11 @@ def test_errors_name_the_problem() -> None:
     small = type(cfg)(hidden_size=D, intermediate_size=40, num_local_experts=8, num_experts_per_tok=2)
     with pytest.raises(ValueError, match="experts.gate_up_proj.*shape"):
         moe_from_hf_block(block, small)
+
+
+def test_import_moekit_does_not_import_transformers() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, moekit; assert callable(moekit.from_hf); sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

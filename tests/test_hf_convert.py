@@ -6,6 +6,7 @@ Every model is a tiny random transformers model saved with ``save_pretrained`` (
 from __future__ import annotations
 
 import json
+import weakref
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def hf_greedy(model: torch.nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """transformers' own greedy KV-cache generation (an explicit mask: id 0 is not padding here)."""
+    """transformers' own greedy KV-cache generation of exactly ``steps`` tokens (no stop at an end
+    token; an explicit mask: id 0 is not padding here)."""
+    model.generation_config.eos_token_id = None
     return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=steps, do_sample=False,
                           pad_token_id=0)
 
@@ -64,6 +67,69 @@ def test_from_hf_logits_and_greedy_generation(family: str, saved) -> None:
         assert rel_err(model(IDS), ref) < 1e-4
         hf_tokens = hf_greedy(hf, IDS, 20)
     assert torch.equal(generate(model, IDS, 20), hf_tokens)
+
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0,
+        "truncate": False, "original_max_position_embeddings": 64}
+
+
+def test_gpt_oss_with_yarn_rope_sinks_and_sliding_window(tmp_path: Path) -> None:
+    """gpt-oss as released: YaRN rotary scaling, attention sinks, every other layer windowed
+    (window 4, shorter than prompt + generation), clamped SwiGLU experts with biases."""
+    hf = tiny_hf_model("gpt_oss", rope_parameters=YARN)
+    assert hf.config.layer_types[0] == "sliding_attention" and hf.config.sliding_window == 4
+    hf.save_pretrained(tmp_path)
+    model = from_hf(tmp_path)
+    assert float(model.layers[0].self_attn.sinks.detach().abs().min()) > 0
+    with torch.no_grad():
+        assert rel_err(model(IDS), hf(IDS).logits) < 1e-4
+        hf_tokens = hf_greedy(hf, IDS, 20)
+    assert torch.equal(generate(model, IDS, 20), hf_tokens)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_deepseek_with_yarn_rope(family: str, tmp_path: Path) -> None:
+    """DeepSeek-V2/V3 as released use YaRN with mscale_all_dim, which also rescales the softmax."""
+    rope = {**YARN, "mscale": 0.707, "mscale_all_dim": 0.707}
+    hf = tiny_hf_model(family, rope_parameters=rope)
+    hf.save_pretrained(tmp_path / "src")
+    model = from_hf(tmp_path / "src")
+    with torch.no_grad():
+        ref = hf(IDS).logits
+        assert rel_err(model(IDS), ref) < 1e-4
+        hf_tokens = hf_greedy(hf, IDS, 20)
+    assert torch.equal(generate(model, IDS, 20), hf_tokens)
+    to_hf(model, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert back.config.rope_parameters["rope_type"] == "yarn"
+    with torch.no_grad():
+        assert rel_err(back(IDS).logits, ref) < 1e-6
+
+
+@pytest.mark.parametrize("rope", [
+    YARN,
+    {**YARN, "truncate": True, "beta_fast": 16.0, "beta_slow": 2.0},
+    # DeepSeek-V3's form: attention factor from mscale / mscale_all_dim.
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 0.8,
+     "original_max_position_embeddings": 4096},
+    {"rope_type": "yarn", "rope_theta": 500000.0, "factor": 8.0, "attention_factor": 1.3,
+     "original_max_position_embeddings": 8192},
+    {"rope_type": "default", "rope_theta": 123.0},
+])
+def test_rotary_tables_match_transformers(rope: dict) -> None:
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from moekit.hf.rope import rotary_inv_freq
+
+    config = transformers.GptOssConfig(hidden_size=64, num_attention_heads=4, head_dim=32,
+                                       max_position_embeddings=4096 * 40, rope_parameters=dict(rope))
+    if rope["rope_type"] == "default":
+        theirs, their_scale = transformers.models.gpt_oss.modeling_gpt_oss.GptOssRotaryEmbedding \
+            .compute_default_rope_parameters(config)
+    else:
+        theirs, their_scale = ROPE_INIT_FUNCTIONS["yarn"](config)
+    ours, scale = rotary_inv_freq(32, rope, config.max_position_embeddings)
+    assert torch.allclose(ours, theirs, rtol=1e-6, atol=0) and scale == pytest.approx(their_scale, rel=1e-12)
 
 
 @pytest.mark.parametrize("family", CONVERTIBLE)
@@ -121,6 +187,8 @@ def test_native_moekit_model_exports(kind: str, tmp_path: Path) -> None:
     with torch.no_grad():
         assert rel_err(model(ids), hf(ids).logits) < 1e-4
         assert torch.equal(generate(model, ids, 10), hf_greedy(hf, ids, 10))
+    # moekit -> HF -> moekit: bit-identical weights (and the router's selection bias).
+    assert_same_tensors(from_hf(tmp_path), model)
 
 
 def test_moekit_folder_and_cli(saved, tmp_path: Path) -> None:
@@ -158,9 +226,10 @@ def test_unsupported_architecture(tmp_path: Path) -> None:
         from_hf(tmp_path)
 
 
-def test_gpt_oss_whole_model_is_refused_with_reason(tmp_path: Path) -> None:
-    tiny_hf_model("gpt_oss").save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedArchitectureError, match="gpt_oss.*block by block"):
+def test_scaled_rope_is_refused_where_unsupported(tmp_path: Path) -> None:
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    tiny_hf_model("mixtral", rope_parameters=yarn, head_dim=8).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitectureError, match="rope_type='yarn'.*mixtral"):
         from_hf(tmp_path)
 
 
@@ -215,3 +284,57 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path: Path) -> None:
         to_hf(model, tmp_path)
     with pytest.raises(UnsupportedArchitectureError, match="olmoe.*qk_norm"):
         to_hf(model, tmp_path, family="olmoe")
+
+
+# ---------------------------------------------------------------------------------------- streaming
+class _TrackedHandle:
+    """A safe_open handle that records every tensor it hands out (by weak reference)."""
+
+    def __init__(self, handle, log: dict) -> None:
+        self._handle, self._log = handle, log
+
+    def __enter__(self):
+        self._log["open"] += 1
+        self._log["max_open"] = max(self._log["max_open"], self._log["open"])
+        self._handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._log["open"] -= 1
+        return self._handle.__exit__(*exc)
+
+    def keys(self):
+        return self._handle.keys()
+
+    def get_slice(self, key):
+        return self._handle.get_slice(key)
+
+    def get_tensor(self, key):
+        alive = [k for k, ref in self._log["refs"] if ref() is not None]
+        self._log["max_alive_before_read"] = max(self._log["max_alive_before_read"], len(alive))
+        tensor = self._handle.get_tensor(key)
+        self._log["refs"].append((key, weakref.ref(tensor)))
+        return tensor
+
+
+def test_loader_streams_one_tensor_at_a_time(saved, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shards open one at a time, each tensor is read once, and every tensor read is freed
+    (copied into the model) before the next one is read: never a second copy of the model."""
+    import safetensors
+
+    hf, _ = saved["deepseek_v3"]
+    hf.save_pretrained(tmp_path, max_shard_size="40KB")
+    n_files = len(list(tmp_path.glob("*.safetensors")))
+    assert n_files > 2
+    log = {"open": 0, "max_open": 0, "max_alive_before_read": 0, "refs": []}
+    real_open = safetensors.safe_open
+    monkeypatch.setattr(safetensors, "safe_open", lambda *a, **kw: _TrackedHandle(real_open(*a, **kw), log))
+    model = from_hf(tmp_path)
+    keys = [k for k, _ in log["refs"]]
+    index = json.loads((tmp_path / INDEX_NAME).read_text())["weight_map"]
+    assert sorted(keys) == sorted(index) and len(set(keys)) == len(keys)
+    assert log["max_open"] == 1
+    assert log["max_alive_before_read"] == 0
+    assert all(ref() is None for _, ref in log["refs"])
+    with torch.no_grad():
+        assert rel_err(model(IDS), hf(IDS).logits) < 1e-4

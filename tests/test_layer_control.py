@@ -260,8 +260,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_bf16_forward_backward_close_to_fp32():
     """bfloat16 keeps 8 significant bits (eps 2^-8 = 3.9e-3); through two expert products and
-    the combine we allow 2% relative error (norm-wise) on outputs and gradients. Weights and
-    inputs are bf16-representable, so the float32 router picks the same experts in both."""
+    the combine we allow 1% relative error (norm-wise) on outputs and gradients (measured: about
+    3e-3 to 4e-3). Weights and inputs are bf16-representable, so the float32 router picks the
+    same experts in both."""
     layer32 = _bf16_representable(_layer(num_experts=6, top_k=2, shared_experts=1))
     layer16 = copy.deepcopy(layer32).to(torch.bfloat16)
     x = torch.randn(64, D).to(torch.bfloat16)
@@ -270,14 +271,14 @@ def test_bf16_forward_backward_close_to_fp32():
     y32, y16 = layer32(x32), layer16(x16)
     assert y16.dtype == torch.bfloat16
     assert torch.equal(layer32.last_routing.topk_idx_TK, layer16.last_routing.topk_idx_TK)
-    assert _rel(y16, y32) < 2e-2
+    assert _rel(y16, y32) < 1e-2
     g = torch.randn(64, D).to(torch.bfloat16)
     (y32 * g.float()).sum().backward()
     (y16 * g).sum().backward()
-    assert _rel(x16.grad, x32.grad) < 2e-2
+    assert _rel(x16.grad, x32.grad) < 1e-2
     for (name, p32), p16 in zip(layer32.named_parameters(), layer16.parameters()):
         assert p16.grad.dtype == torch.bfloat16
-        assert _rel(p16.grad, p32.grad) < 2e-2, name
+        assert _rel(p16.grad, p32.grad) < 1e-2, name
 
 
 def _compile_check(backend: str) -> None:

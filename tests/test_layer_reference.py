@@ -146,3 +146,21 @@ def test_masked_layer_equals_reference(name, kw, shape, masked):
     fast = _run(layer, x, g, reference=False)
     assert all(float(layer.last_plan.counts_E[e]) == 0 for e in masked)
     _compare(fast, _run(ref, x, g, reference=True), atol=1e-10, rtol=1e-9)
+
+
+def test_float32_odd_sizes_match_reference():
+    """dim and expert_hidden not multiples of 4: grouped_mm's 16-byte stride rule must not bite."""
+    layer = MoE(moe_config(dim=6, expert_hidden=5, num_experts=5, top_k=3)).eval()
+    ref = copy.deepcopy(layer).double()
+    x, g = torch.randn(37, 6), torch.randn(37, 6)
+    _compare(_run(layer, x, g, reference=False), _run(ref, x.double(), g.double(), reference=True),
+             atol=2e-4, rtol=1e-4)
+
+
+def test_forced_grouped_mm_names_what_it_cannot_run():
+    layer = _layer(dict(num_experts=4, top_k=2), "grouped_mm").double()
+    with pytest.raises(ValueError, match=r"backend='grouped_mm'.*float64"):
+        layer(torch.randn(10, D, dtype=torch.float64))
+    odd = MoE(moe_config(dim=6, expert_hidden=5, num_experts=4, top_k=2, backend="grouped_mm"))
+    with pytest.raises(ValueError, match=r"backend='grouped_mm'.*16 bytes"):
+        odd(torch.randn(10, 6))

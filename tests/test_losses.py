@@ -53,6 +53,12 @@ def test_switch_aux_is_one_at_perfect_balance():
         assert float(L.switch_aux_loss(r, E, convention)) == pytest.approx(1.0)
     assert float(L.switch_aux_loss(r, E, "mixtral")) == pytest.approx(K)
     assert L.perfect_balance_value("mixtral", K) == K and L.perfect_balance_value("moekit", K) == 1.0
+    # Expert 3 masked: balanced over the other 3, the value is E/E' = 4/3 (documented in docs/layer.md).
+    probs = torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]] * 6, dtype=torch.float64)
+    idx = torch.tensor([[t % 3, (t + 1) % 3] for t in range(6)])
+    r = Routing(logits_TE=probs.log(), scores_TE=probs, topk_idx_TK=idx, topk_weight_TK=probs.gather(1, idx))
+    assert float(L.switch_aux_loss(r, E, "moekit")) == pytest.approx(4 / 3)
+    assert float(L.cv_squared(torch.tensor([2.0, 2.0, 2.0, 0.0], dtype=torch.float64))) == pytest.approx(4 / 3 - 1)
 
 
 def test_aux_loss_gradient_flows_through_probabilities_only():
@@ -125,6 +131,38 @@ def test_smooth_load_top2_uses_kth_excluding():
     torch.testing.assert_close(L.smooth_load(r, 4, 2), torch.tensor(expected, dtype=torch.float64))
 
 
+def test_smooth_load_ignores_masked_experts():
+    """Expert 1 masked (noisy logit -inf): its load is 0 and it sets no threshold."""
+    inf = math.inf
+    clean = torch.zeros(1, 4, dtype=torch.float64, requires_grad=True)
+    noisy = torch.tensor([[0.4, -inf, 0.2, 0.1]], dtype=torch.float64)
+    std = torch.ones(1, 4, dtype=torch.float64, requires_grad=True)
+
+    def routing(k: int) -> Routing:
+        return Routing(logits_TE=clean, scores_TE=torch.softmax(noisy, -1), topk_idx_TK=noisy.topk(k).indices,
+                       topk_weight_TK=torch.ones(1, k, dtype=torch.float64), noise_std_TE=std,
+                       noisy_logits_TE=noisy)
+
+    # k=2 among e0, e2, e3: kept e0, e2 (threshold 0.1, the best other); out e3 (threshold 0.2).
+    expected = [_phi(-0.1), 0.0, _phi(-0.1), _phi(-0.2)]
+    torch.testing.assert_close(L.smooth_load(routing(2), 4, 2), torch.tensor(expected, dtype=torch.float64))
+    # k=3 with 3 experts left: each is certain to be picked; gradients stay finite.
+    load = L.smooth_load(routing(3), 4, 3)
+    torch.testing.assert_close(load, torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64))
+    load.sum().backward()
+    assert bool(torch.isfinite(clean.grad).all()) and bool(torch.isfinite(std.grad).all())
+
+
+def test_noisy_layer_masks_noisy_logits_for_the_load_estimate():
+    layer = moekit.MoE(dim=8, num_experts=5, expert_hidden=8, router="noisy_topk", top_k=2, cv_loss_coef=0.1).train()
+    layer.mask_experts([3])
+    layer(torch.randn(30, 8))
+    r = layer.last_routing
+    assert bool((r.noisy_logits_TE[:, 3] == -math.inf).all())
+    assert float(L.smooth_load(r, 5, 2)[3]) == 0.0
+    assert bool(torch.isfinite(layer.aux_loss))
+
+
 def test_deepseek_sequence_aux_loss_worked_example():
     # 2 sequences of 2 tokens, 3 experts, k=1, sigmoid scores s (normalised per token to s').
     s = torch.tensor([[0.8, 0.4, 0.4],     # s' [0.5, 0.25, 0.25] -> e0
@@ -169,6 +207,58 @@ def test_megatron_convention_matches_megatron_formula(kind):
     assert float(layer.aux_loss.detach()) == pytest.approx(0.02 * float(expected), rel=1e-5)
 
 
+def _biased_layer_output(convention: str, kind: str):
+    """A layer whose selection bias moves its picks away from the plain top-k of the scores."""
+    layer = moekit.MoE(dim=8, num_experts=6, expert_hidden=8, router=kind, top_k=2, aux_loss_coef=0.02,
+                       aux_loss_convention=convention, bias_update_rate=1e-3, seq_aux_loss_coef=0.1).train()
+    with torch.no_grad():
+        layer.router.weight.normal_(0.0, 0.5)
+        layer.router.selection_bias.copy_(torch.tensor([0.3, 0.0, 0.0, 0.0, 0.0, -0.3]))
+    layer(torch.randn(4, 10, 8))
+    r = layer.last_routing
+    probs = torch.softmax(r.logits_TE.double(), -1) if kind == "softmax_topk" else torch.sigmoid(r.logits_TE.double())
+    probs = probs / probs.sum(-1, keepdim=True)
+    plain = probs.topk(2, dim=-1).indices
+    assert not torch.equal(r.topk_idx_TK.sort(-1).values, plain.sort(-1).values), "the bias must change picks"
+    return layer, r, probs, plain
+
+
+# transformers' load_balancing_loss_func takes a softmax of the logits, so mixtral is checked on softmax only.
+@pytest.mark.parametrize("convention,kind", [(c, k) for c in ("moekit", "switch", "megatron")
+                                             for k in ("softmax_topk", "sigmoid_topk")] + [("mixtral", "softmax_topk")])
+def test_conventions_under_a_selection_bias(convention, kind):
+    """moekit counts the layer's own (biased) picks; Switch, Megatron-Core and transformers count the
+    top-k of the plain scores, so each convention follows its project even under aux-loss-free bias."""
+    layer, r, probs, plain = _biased_layer_output(convention, kind)
+    T, E, k = probs.shape[0], 6, 2
+    if convention == "moekit":
+        f = torch.bincount(r.topk_idx_TK.flatten(), minlength=E).double() / (k * T)
+        expected = E * (f * probs.mean(0)).sum()
+    elif convention == "switch":
+        f = torch.bincount(probs.argmax(-1), minlength=E).double() / T
+        expected = E * (f * probs.mean(0)).sum()
+    elif convention == "megatron":
+        routing_map = torch.zeros(T, E, dtype=torch.float64).scatter(1, plain, 1.0)
+        expected = (probs.sum(0) * routing_map.sum(0)).sum() * E / (k * T * T)
+    else:
+        expected = load_balancing_loss_func((r.logits_TE,), num_experts=E, top_k=k)
+    total = float(moekit.aux_loss(layer).detach())
+    seq = float(layer.last_losses["seq_aux"])
+    assert total == pytest.approx(0.02 * float(expected) + 0.1 * seq, rel=1e-5)
+
+
+def test_sequence_aux_loss_counts_the_plain_top_k():
+    """DeepSeek-V3 eq. 18: the indicator is s_it in TopK(s_t), without the selection bias."""
+    layer, r, probs, plain = _biased_layer_output("moekit", "sigmoid_topk")
+    E, k, B, S = 6, 2, 4, 10
+    values = []
+    for b in range(B):
+        rows = slice(b * S, (b + 1) * S)
+        f = torch.bincount(plain[rows].flatten(), minlength=E).double() * E / (k * S)
+        values.append(float((f * probs[rows].mean(0)).sum()))
+    assert float(layer.last_losses["seq_aux"]) == pytest.approx(sum(values) / B, rel=1e-5)
+
+
 def test_switch_convention_counts_top1_choice():
     layer = _layer("switch", top_k=2)
     layer(torch.randn(50, 8))
@@ -206,6 +296,26 @@ def test_mixtral_convention_matches_transformers_pooled_over_layers():
     assert float(total.detach()) == pytest.approx(0.02 * float(expected), rel=1e-5)
     total.backward()
     assert model[0].router.weight.grad is not None and model[1].router.weight.grad is not None
+
+
+def test_aux_loss_sums_per_layer_and_pools_mixtral_groups():
+    """Per-layer conventions add up; mixtral layers pool by (num_experts, coefficient) only."""
+    torch.manual_seed(4)
+    mix_a, mix_b = _layer("mixtral"), _layer("mixtral")
+    mix_c = moekit.MoE(dim=8, num_experts=4, expert_hidden=8, top_k=2, aux_loss_coef=0.05,
+                       aux_loss_convention="mixtral").train()
+    ec = moekit.MoE(dim=8, num_experts=4, expert_hidden=8, router="expert_choice", capacity_factor=1.0,
+                    aux_loss_convention="mixtral", z_loss_coef=0.1).train()
+    model = nn.Sequential(_layer("moekit"), mix_a, _layer("switch"), mix_b, mix_c, ec)
+    model(torch.randn(2, 9, 8))
+    per_layer = sum(float(layer.aux_loss.detach()) for layer in model)
+    gate = [layer.last_routing.logits_TE for layer in (mix_a, mix_b)]
+    pooled_ab = 0.02 * float(load_balancing_loss_func(tuple(gate), num_experts=6, top_k=2))
+    pooled_c = 0.05 * float(load_balancing_loss_func((mix_c.last_routing.logits_TE,), num_experts=4, top_k=2))
+    # Expert choice has no switch loss, so it joins no pool; its z-loss is its own.
+    assert float(ec.aux_loss.detach()) == pytest.approx(0.1 * float(L.z_loss(ec.last_routing.logits_TE)), rel=1e-6)
+    total = float(moekit.aux_loss(model).detach())
+    assert total == pytest.approx(per_layer + pooled_ab + pooled_c, rel=1e-5)
 
 
 def test_layer_sums_weighted_losses():

@@ -204,7 +204,7 @@ def test_selection_bias_changes_choice_not_weights():
     torch.testing.assert_close(routing.topk_weight_TK[:, 0], torch.sigmoid(routing.logits_TE[:, 3]))
 
 
-@pytest.mark.parametrize("kind", ["softmax_topk", "sigmoid_topk", "switch", "expert_choice"])
+@pytest.mark.parametrize("kind", ["softmax_topk", "noisy_topk", "sigmoid_topk", "switch", "expert_choice"])
 def test_router_math_is_float32_for_bf16_input(kind):
     kw = {"top_k": 1} if kind == "switch" else {"top_k": 2}
     if kind == "expert_choice":

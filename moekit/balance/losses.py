@@ -5,15 +5,16 @@ Shape legend: T tokens, E experts, K top-k, B sequences of S tokens (T = B*S).
 * switch_aux_loss: Fedus et al. 2021 (Switch) / Lepikhin et al. 2020 (GShard):
   E * sum_i f_i * P_i, f_i the share of routing decisions that picked expert i (before capacity
   drops), P_i the mean full-distribution router probability of i (normalized_scores). The
-  conventions (f from top-1 or top-k, per layer or pooled, 1 or k at balance) are tabled in
-  moekit.config.BalanceConfig.
+  conventions (f from the layer's picks or from the plain top-1/top-k, per layer or pooled,
+  1 or k at balance) are tabled in moekit.config.BalanceConfig.
 * cv_squared_loss: Shazeer et al. 2017: CV(importance)^2 + CV(load)^2, CV^2 = var / mean^2
   (population variance), importance = sum over tokens of the sparse gates, load = the smooth
   estimator sum_t Phi((clean_ti - kth_excluding(noisy_t, k, i)) / noise_std_ti) when noise is
   on (training), else the counts of top-k picks.
 * z_loss: Zoph et al. 2022 (ST-MoE): mean over tokens of logsumexp(logits)^2.
 * sequence_aux_loss: DeepSeek-V3 (arXiv 2412.19437) complementary sequence-wise loss: per
-  sequence, sum_i f_i * P_i with f_i = E/(K*S) * count_i and P_i the mean of the scores
+  sequence, sum_i f_i * P_i with f_i = E/(K*S) * count_i, count_i over the top-K of the plain
+  scores s (eq. 18: no selection bias, no group limit), and P_i the mean of the scores
   normalised per token to sum to 1; mean over the B sequences.
 """
 
@@ -37,29 +38,37 @@ def expert_counts(idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype = t
     return torch.bincount(idx_TK.reshape(-1), minlength=num_experts).to(dtype)
 
 
+def plain_topk(routing: Routing, k: int) -> torch.Tensor:
+    """(T, k) the top-k experts of the plain scores, without selection bias or group limit (masked
+    experts score 0). Megatron-Core, transformers and the DeepSeek-V3 sequence loss count these."""
+    return routing.scores_TE.detach().topk(k, dim=-1).indices
+
+
 def switch_aux_loss(routing: Routing, num_experts: int, convention: str = "moekit") -> torch.Tensor:
     """Unweighted switch/GShard loss of one layer (1 at perfect balance, k for ``mixtral``)."""
     if not routing.is_token_choice:
         raise ValueError("the switch aux loss needs a token-choice router (expert choice is balanced by design)")
-    idx_TK = routing.topk_idx_TK
-    T, K = idx_TK.shape
+    T, K = routing.topk_idx_TK.shape
     P_E = normalized_scores(routing).mean(dim=0)
+    if convention == "moekit":
+        counts_E = expert_counts(routing.topk_idx_TK, num_experts, P_E.dtype)
+        return num_experts * (counts_E / (K * T) * P_E).sum()
     if convention == "switch":
-        f_E = expert_counts(idx_TK[:, :1], num_experts, P_E.dtype) / T
+        f_E = expert_counts(plain_topk(routing, 1), num_experts, P_E.dtype) / T
         return num_experts * (f_E * P_E).sum()
-    if convention in ("moekit", "megatron"):
+    if convention == "megatron":
         # Megatron-Core writes this as E / (K * T^2) * sum_i (sum_t p_ti) * count_i.
-        counts_E = expert_counts(idx_TK, num_experts, P_E.dtype)
+        counts_E = expert_counts(plain_topk(routing, K), num_experts, P_E.dtype)
         return num_experts / (K * T * T) * ((P_E * T) * counts_E).sum()
     if convention == "mixtral":
-        f_E = expert_counts(idx_TK, num_experts, P_E.dtype) / T
+        f_E = expert_counts(plain_topk(routing, K), num_experts, P_E.dtype) / T
         return num_experts * (f_E * P_E).sum()
     raise ValueError(f"aux_loss_convention={convention!r} is not known")
 
 
 def pooled_mixtral_aux_loss(routings: list[Routing], num_experts: int) -> torch.Tensor:
     """transformers' load_balancing_loss_func: every layer's tokens pooled before f and P."""
-    idx = torch.cat([r.topk_idx_TK for r in routings], dim=0)
+    idx = torch.cat([plain_topk(r, r.topk_idx_TK.shape[1]) for r in routings], dim=0)
     probs = torch.cat([normalized_scores(r) for r in routings], dim=0)
     f_E = expert_counts(idx, num_experts, probs.dtype) / idx.shape[0]
     return num_experts * (f_E * probs.mean(dim=0)).sum()
@@ -87,6 +96,8 @@ def smooth_load(routing: Routing, num_experts: int, top_k: int) -> torch.Tensor:
 
     P(t, i) = Phi((clean_ti - kth_excluding(noisy_t, k, i)) / noise_std_ti), where the threshold is
     the k-th largest noisy logit of the other experts: the (k+1)-th if i is in the top-k, else the k-th.
+    Masked experts (noisy logit -inf) have load 0; when only k experts are left, each of them is
+    certain to be picked (threshold -inf, P = 1).
     """
     if routing.noise_std_TE is None or routing.noisy_logits_TE is None or top_k >= num_experts:
         return expert_counts(routing.topk_idx_TK, num_experts, routing.logits_TE.dtype)
@@ -96,8 +107,13 @@ def smooth_load(routing: Routing, num_experts: int, top_k: int) -> torch.Tensor:
     kth_out_T1 = top_TK1[:, top_k - 1:top_k]
     is_in_TE = noisy_TE > kth_in_T1
     threshold_TE = torch.where(is_in_TE, kth_in_T1, kth_out_T1)
+    # An infinite threshold would give inf/std in the forward and 0*inf = NaN in the backward.
+    finite_TE = torch.isfinite(threshold_TE)
+    z_TE = (clean_TE - threshold_TE.masked_fill(~finite_TE, 0.0)) / std_TE
+    z_TE = z_TE.masked_fill(~finite_TE, float("inf"))
     normal = torch.distributions.Normal(0.0, 1.0)
-    return normal.cdf((clean_TE - threshold_TE) / std_TE).sum(dim=0)
+    prob_TE = normal.cdf(z_TE).masked_fill(noisy_TE == float("-inf"), 0.0)
+    return prob_TE.sum(dim=0)
 
 
 def cv_squared_loss(routing: Routing, num_experts: int, top_k: int) -> torch.Tensor:
@@ -105,8 +121,8 @@ def cv_squared_loss(routing: Routing, num_experts: int, top_k: int) -> torch.Ten
 
 
 def sequence_aux_loss(routing: Routing, num_experts: int, batch: int) -> torch.Tensor:
-    idx_TK = routing.topk_idx_TK
-    T, K = idx_TK.shape
+    T, K = routing.topk_idx_TK.shape
+    idx_TK = plain_topk(routing, K)
     if T % batch != 0:
         raise ValueError(f"{T} tokens do not split into {batch} sequences")
     S = T // batch
@@ -127,6 +143,6 @@ def perfect_balance_value(convention: str, top_k: int) -> float:
     return float(top_k) if convention == "mixtral" else 1.0
 
 
-__all__ = ["switch_aux_loss", "pooled_mixtral_aux_loss", "z_loss", "cv_squared", "cv_squared_loss",
+__all__ = ["switch_aux_loss", "pooled_mixtral_aux_loss", "plain_topk", "z_loss", "cv_squared", "cv_squared_loss",
            "importance", "smooth_load", "sequence_aux_loss", "entropy", "normalized_scores",
            "perfect_balance_value"]

@@ -16,6 +16,10 @@ COMMANDS = [
     "moekit.cli.generate",
     "moekit.cli.demo",
     "moekit.cli.convert",
+    "moekit.cli.recipe",
+    "moekit.cli.explain",
+    "moekit.cli.health",
+    "moekit.cli.serve",
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def train_one(name: str, cfg: Any, data: Any) -> dict[str, Any]:
     from ..train.trainer import Trainer
 
     start = time.perf_counter()
+    load_before = _load_average()
     trainer = Trainer(cfg, data)
     print(f"\n== {name}: {trainer.model.num_params():,} parameters, {trainer.model.num_active_params():,} active "
           f"per token, {cfg.steps} steps x {cfg.tokens_per_step} tokens")
@@ -106,6 +108,8 @@ def train_one(name: str, cfg: Any, data: Any) -> dict[str, Any]:
         "final_val_loss": final["loss"], "final_val_loss_per_label": final["per_label"],
         "sample_prompt": prompt, "sample": tok.decode(out[0].tolist()),
         "evals": trainer.evals,
+        # Other processes on the machine slow both runs; timings are comparable only under similar load.
+        "load_average_1min": {"start": load_before, "end": _load_average()},
     }
     if summary["moe_layers"]:
         result["experts"] = {
@@ -118,6 +122,14 @@ def train_one(name: str, cfg: Any, data: Any) -> dict[str, Any]:
                         for lab, row in zip(data.label_names, final["routing_by_label"][layer]) if sum(row) > 0}}
             for layer, r in final["routing"].items()}
     return result
+
+
+def _load_average() -> float | None:
+    """The machine's 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def make_report(out_dir: Path, runs: list[dict[str, Any]], comparison: dict[str, Any], corpus: dict[str, Any],
@@ -214,8 +226,9 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str = "data_cache", si
     comparison = compare(runs[0], runs[1])
     total = time.perf_counter() - start
     summary = {
-        "demo_wall_clock_s": total, "size": size, "corpus": {k: corpus[k] for k in ("documents", "bytes", "per_label",
-                                                                                       "notes", "fallback")},
+        "demo_wall_clock_s": total, "size": size, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "corpus": {k: corpus[k] for k in ("documents", "bytes", "per_label", "notes", "fallback")},
         "comparison": {k: v for k, v in comparison.items()},
         "models": {r["name"]: {k: v for k, v in r.items() if k != "evals"} for r in runs},
         "curves": {r["name"]: [{k: e[k] for k in ("step", "tokens", "time_s", "loss")} for e in r["evals"]] for r in runs},
@@ -241,6 +254,10 @@ def print_summary(runs: list[dict[str, Any]], comparison: dict[str, Any], total:
     print("per label: " + "  ".join(f"{lab} " + "/".join(f"{r['final_val_loss_per_label'][lab]:.3f}" for r in runs)
                                     for lab in labels) + "   (dense/moe)")
     print(comparison["verdict"])
+    loads = [(r["name"], r.get("load_average_1min") or {}) for r in runs]
+    if all(v.get("start") is not None for _, v in loads):
+        print("machine load (1-min average, start -> end): "
+              + ", ".join(f"{name} {v['start']:.1f} -> {v['end']:.1f}" for name, v in loads))
     for r in runs:
         for layer, e in (r.get("experts") or {}).items():
             print(f"{layer}: utilisation " + " ".join(f"{u:.2f}" for u in e["utilisation"])

@@ -13,6 +13,15 @@ def run(args: argparse.Namespace) -> int:
     from ..train.trainer import Trainer, load_trained, prepare_data
 
     model, cfg, _ = load_trained(args.checkpoint)
+    if args.mask_experts:
+        from ..config import ConfigError
+        from ..health import parse_mask_spec
+        from ..model_ops import mask_experts
+
+        try:
+            mask_experts(model, parse_mask_spec(args.mask_experts))
+        except (ValueError, KeyError, IndexError) as err:
+            raise ConfigError(f"--mask-experts: {err}") from None
     if args.data_dir:
         cfg.data_dir = args.data_dir
     trainer = Trainer(cfg, prepare_data(cfg), model=model)
@@ -35,4 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=int, default=None, help="validation tokens to use (default: the config's)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--mask-experts", action="append", default=[], metavar="[LAYER:]IDS",
+                   help="mask experts before evaluating: '3,5' in every MoE layer, or 'layers.1.mlp:3,5' (repeatable)")
     p.set_defaults(func=run)

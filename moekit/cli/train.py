@@ -34,7 +34,6 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
 @friendly_errors
 def run(args: argparse.Namespace) -> int:
     from ..lm.config import read_json
-    from ..train.checkpoint import latest_checkpoint
     from ..train.trainer import TrainConfig, Trainer, prepare_data
 
     data = read_json(args.config)
@@ -47,22 +46,39 @@ def run(args: argparse.Namespace) -> int:
         if value is not None:
             data[flag] = value
     cfg = TrainConfig.from_dict(apply_overrides(data, args.set), where=args.config)
-    tokens = prepare_data(cfg)
-    trainer = Trainer(cfg, tokens)
+    parallel = None
+    if args.expert_parallel is not None:
+        from ..parallel.training import start_parallel
+
+        parallel = start_parallel(args.expert_parallel, args.dist_timeout)
+        tokens = parallel.main_first(lambda: prepare_data(cfg))
+    else:
+        tokens = prepare_data(cfg)
+    trainer = Trainer(cfg, tokens, parallel=parallel)
+    if parallel is not None:
+        shard = f" on rank 0 (experts sharded over {args.expert_parallel} ranks)"
+        return parallel.run(lambda: _fit(args, cfg, trainer, parallel.is_main, shard))
+    return _fit(args, cfg, trainer, True, "")
+
+
+def _fit(args: argparse.Namespace, cfg: Any, trainer: Any, main: bool, where: str) -> int:
+    from ..train.checkpoint import latest_checkpoint
+
+    say = print if main else (lambda *a, **k: None)
     if args.resume:
         found = latest_checkpoint(f"{cfg.out_dir}/checkpoints")
         if found is None:
-            print(f"no checkpoint in {cfg.out_dir}/checkpoints; starting from step 0")
+            say(f"no checkpoint in {cfg.out_dir}/checkpoints; starting from step 0")
         else:
             trainer.resume(found)
-            print(f"resumed from {found} at step {trainer.step}")
+            say(f"resumed from {found} at step {trainer.step}")
     s = trainer.model.param_summary()
-    print(f"model: {s['total_params']:,} parameters, {s['active_params']:,} active per token, "
-          f"{s['flops_per_token']['train'] / 1e6:.1f} MFLOPs/token (training); MoE layers {s['moe_layers']}")
+    say(f"model: {s['total_params']:,} parameters{where}, {s['active_params']:,} active per token, "
+        f"{s['flops_per_token']['train'] / 1e6:.1f} MFLOPs/token (training); MoE layers {s['moe_layers']}")
     trainer.fit()
     if trainer.evals:
         last = trainer.evals[-1]
-        print(f"step {last['step']}: validation loss {last['loss']:.4f}; per label "
+        say(f"step {last['step']}: validation loss {last['loss']:.4f}; per label "
               + ", ".join(f"{k} {v:.3f}" for k, v in last["per_label"].items()))
     return 130 if trainer.interrupted else 0
 
@@ -80,4 +96,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set model.moe.router.top_k=1")
+    p.add_argument("--expert-parallel", dest="expert_parallel", type=int, metavar="P",
+                   help="shard experts over P ranks (run under torchrun; the world size must be a multiple "
+                        "of P, the rest is data parallelism)")
+    p.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="with --expert-parallel: a rank that fails or hangs makes every rank exit with an "
+                        "error after this many seconds (default 300)")
     p.set_defaults(func=run)

@@ -10,6 +10,9 @@ counts_E[1] rows use w[1], and so on. Backends:
                   the plain permute -> experts.forward -> combine composition.
 ``auto`` picks the fastest correct backend for the device and dtype. With ``grouped_mm`` or
 ``loop``, stacked SwiGLU/MLP experts run through the fused path with the same schedule.
+grouped_mm needs every row stride to be a multiple of 16 bytes; ``auto`` falls back to ``loop``
+for widths that are not (e.g. float32 widths not divisible by 4), an explicit ``grouped_mm``
+raises naming the width.
 """
 
 from __future__ import annotations
@@ -18,14 +21,24 @@ import torch
 import torch.nn.functional as F
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
+def resolve_backend(backend: str, x: torch.Tensor, widths: tuple[int, ...] = ()) -> str:
+    """The backend that runs: ``backend``, or for ``auto`` the best for x's device and dtype.
+    widths are the product widths involved (checked against grouped_mm's 16-byte stride rule)."""
+    misaligned = [w for w in widths if (w * x.element_size()) % 16 != 0]
     if backend != "auto":
         if backend == "grouped_mm" and not _HAS_GROUPED_MM:
             raise RuntimeError("backend='grouped_mm' needs torch.nn.functional.grouped_mm (torch >= 2.8)")
+        if backend == "grouped_mm" and x.dtype not in _GROUPED_MM_DTYPES:
+            raise ValueError(f"backend='grouped_mm' has no {x.dtype} kernel (float32, bfloat16 and float16 "
+                             f"only); use backend='auto' or 'loop'")
+        if backend == "grouped_mm" and misaligned:
+            raise ValueError(f"backend='grouped_mm' needs widths whose rows are multiples of 16 bytes; "
+                             f"width(s) {misaligned} in {x.dtype} are not (use backend='auto' or 'loop')")
         return backend
-    if not _HAS_GROUPED_MM:
+    if not _HAS_GROUPED_MM or misaligned or x.dtype not in _GROUPED_MM_DTYPES:
         return "loop"
     if x.device.type == "cuda":
         return "grouped_mm" if x.dtype == torch.bfloat16 else "loop"
@@ -45,7 +58,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def grouped_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor,
                    backend: str = "auto") -> torch.Tensor:
     """y_RO[rows of expert e] = x_RI[rows of expert e] @ w_EIO[e]."""
-    backend = resolve_backend(backend, x_RI)
+    backend = resolve_backend(backend, x_RI, (x_RI.shape[-1], w_EIO.shape[-1]))
     if backend == "grouped_mm":
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return F.grouped_mm(x_RI, w_EIO, offs=offs_E)
@@ -60,9 +73,9 @@ def _loop_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor
     return torch.cat(outs, dim=0)
 
 
-def fused_schedule(backend: str, x: torch.Tensor) -> str | None:
+def fused_schedule(backend: str, x: torch.Tensor, widths: tuple[int, ...] = ()) -> str | None:
     """The fused experts schedule a backend maps to (None: use the plain composition)."""
-    resolved = resolve_backend(backend, x)
+    resolved = resolve_backend(backend, x, widths)
     if backend == "reference" or resolved == "reference":
         return None
     return "grouped" if resolved == "grouped_mm" else "loop"

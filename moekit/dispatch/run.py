@@ -53,7 +53,7 @@ def _fused_weights(experts: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor
         return None
     if experts.activation not in FUSED_ACTIVATIONS:
         return None
-    schedule = fused_schedule(experts.backend, x_TD)
+    schedule = fused_schedule(experts.backend, x_TD, (x_TD.shape[-1], w1.shape[1], experts.down_proj.shape[-1]))
     if schedule is None:
         return None
     return w1, experts.down_proj, gated, schedule

@@ -4,6 +4,9 @@
   inplace  ``patch_model``: swap a loaded transformers model's MoE blocks for moekit layers.
   convert  ``from_hf``: HF checkpoint folder or hub id -> moekit LM, streamed shard by shard.
   export   ``to_hf``: moekit LM -> HF checkpoint folder that transformers loads.
+  gpt_oss  gpt-oss attention (sinks, sliding window) as a moekit.lm attention kind.
+  rope     rotary frequency tables of HF ``rope_parameters`` (default, YaRN).
+  testing  tiny random transformers models of every family (tests, docs, benchmarks).
 
 Importing this package does not import transformers; the functions that need it import it.
 """

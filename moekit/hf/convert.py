@@ -9,11 +9,11 @@ only the model and one checkpoint tensor are in memory at a time. Per-expert che
 their slices of moekit's stacked (E, 2F, D) / (E, D, F) expert weights; fused ``gate_up_proj``
 tensors are taken as they are.
 
-Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3 (see ``blocks.py``
-for their routers). gpt-oss converts block by block (``moe_from_hf_block``) but not as a
-whole model: its attention sinks, alternating sliding-window layers and YaRN rotary scaling
-have no counterpart in moekit.lm. Sliding-window attention and scaled rotary embeddings are
-refused with an error naming the field.
+Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss (see
+``blocks.py`` for their routers; gpt-oss attention with sinks, sliding-window layers and YaRN
+rotary scaling is ``gpt_oss.py``, its experts ``blocks.ClampedSwiGLUExperts``; DeepSeek's YaRN
+scaling is handled by ``moekit.lm.mla``). Sliding-window attention and scaled rotary embeddings
+elsewhere are refused with an error naming the field.
 """
 
 from __future__ import annotations
@@ -29,11 +29,13 @@ import torch
 from torch import nn
 
 from ..lm import LM, LMConfig
-from .blocks import UnsupportedArchitectureError, block_key_map, family_of, moe_config_from_hf
+from .blocks import ClampedSwiGLUExperts, UnsupportedArchitectureError, block_key_map, family_of, moe_config_from_hf
 
 INDEX_NAME = "model.safetensors.index.json"
+# Families whose YaRN-scaled rotary embeddings moekit.lm computes (others: default rope only).
+_YARN_FAMILIES = ("deepseek_v2", "deepseek_v3", "gpt_oss")
 MOEKIT_CONFIG = "moekit_lm.json"
-CONVERTIBLE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+CONVERTIBLE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 # Tokenizer and generation files copied beside converted weights when present.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
               "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
@@ -44,17 +46,23 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------- configs
-def _rope_theta(hf_config: Any) -> float:
+def _rope_theta(hf_config: Any, allowed: tuple[str, ...] = ("default",)) -> float:
     rope = getattr(hf_config, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
+    if rope_type not in allowed:
         raise UnsupportedArchitectureError(
             f"rope_parameters.rope_type={rope_type!r} (model_type={hf_config.model_type!r}) is not supported: "
-            f"moekit.lm implements the default rotary embedding only")
+            f"moekit.lm implements {list(allowed)} rotary embeddings for this family")
     theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", None))
     if theta is None:
         raise UnsupportedArchitectureError(f"model_type={hf_config.model_type!r} config has no rope_theta")
     return float(theta)
+
+
+def _scaled_rope(hf_config: Any) -> dict[str, Any] | None:
+    """The rope_parameters dict when it scales the rotary embedding, else None."""
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    return dict(rope) if rope.get("rope_type", "default") != "default" else None
 
 
 def _refuse_sliding_window(hf_config: Any) -> None:
@@ -74,12 +82,14 @@ def lm_config_from_hf(hf_config: Any, **moe_overrides: Any) -> LMConfig:
         raise UnsupportedArchitectureError(
             f"model_type={t!r} converts block by block only (moe_from_hf_block); whole-model conversion "
             f"supports {list(CONVERTIBLE)}")
-    _refuse_sliding_window(hf_config)
+    if t != "gpt_oss":
+        _refuse_sliding_window(hf_config)
     c = hf_config
     n_layers = c.num_hidden_layers
     kw: dict[str, Any] = dict(
         vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=n_layers, n_heads=c.num_attention_heads,
-        rope_theta=_rope_theta(c), norm_eps=float(c.rms_norm_eps), max_seq_len=c.max_position_embeddings,
+        rope_theta=_rope_theta(c, ("default", "yarn") if t in _YARN_FAMILIES else ("default",)),
+        norm_eps=float(c.rms_norm_eps), max_seq_len=c.max_position_embeddings,
         tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)), moe=moe_config_from_hf(c, **moe_overrides),
         ffn_hidden=getattr(c, "intermediate_size", None) or 1)
     if t in ("deepseek_v2", "deepseek_v3"):
@@ -88,10 +98,16 @@ def lm_config_from_hf(hf_config: Any, **moe_overrides: Any) -> LMConfig:
                   attention_options=dict(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
                                          qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
                                          v_head_dim=c.v_head_dim, attention_bias=bool(c.attention_bias),
-                                         rope_interleave=True if t == "deepseek_v2" else bool(c.rope_interleave)))
+                                         rope_interleave=True if t == "deepseek_v2" else bool(c.rope_interleave),
+                                         rope=_scaled_rope(c)))
         return LMConfig(**kw)
     kw.update(n_kv_heads=c.num_key_value_heads or c.num_attention_heads,
               head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    if t == "gpt_oss":
+        kw.update(attention="gpt_oss", attention_options=dict(
+            layer_types=list(c.layer_types), sliding_window=c.sliding_window, rope=dict(c.rope_parameters),
+            attention_bias=bool(c.attention_bias)))
+        return LMConfig(**kw)
     if getattr(c, "attention_bias", False):
         raise UnsupportedArchitectureError(f"attention_bias=True (model_type={t!r}): moekit.lm has no o_proj bias")
     if t == "qwen2_moe":
@@ -106,6 +122,20 @@ def lm_config_from_hf(hf_config: Any, **moe_overrides: Any) -> LMConfig:
             raise UnsupportedArchitectureError(f"clip_qkv={c.clip_qkv} (olmoe) is not supported by moekit.lm")
         kw["qk_norm"] = "full"
     return LMConfig(**kw)
+
+
+def build_lm(cfg: LMConfig, hf_config: dict[str, Any] | None = None) -> LM:
+    """A moekit LM for ``cfg``, with the experts of the source family (``hf_config``, a dict)
+    where moekit's stacked SwiGLU experts do not compute them (gpt-oss)."""
+    model = LM(cfg)
+    if hf_config is not None and hf_config.get("model_type") == "gpt_oss":
+        for layer in model.layers:
+            if layer.is_moe:
+                moe = layer.mlp.config
+                layer.mlp.experts = ClampedSwiGLUExperts(
+                    moe.num_experts, moe.dim, moe.expert_hidden, float(hf_config.get("swiglu_alpha", 1.702)),
+                    float(hf_config.get("swiglu_limit", 7.0)), moe.backend)
+    return model
 
 
 def load_hf_config(folder: str | Path) -> Any:
@@ -305,7 +335,7 @@ def from_hf(path_or_repo_id: str | Path, dtype: torch.dtype | None = None, revis
     hf_config = load_hf_config(folder)
     lm_cfg = lm_config_from_hf(hf_config, **moe_overrides)
     files = shard_files(folder)
-    model = LM(lm_cfg)
+    model = build_lm(lm_cfg, hf_config.to_dict())
     if dtype is not None:
         for p in model.parameters():
             p.data = p.data.to(dtype)
@@ -337,7 +367,9 @@ def load_moekit(folder: str | Path) -> LM:
 
     folder = Path(folder)
     cfg = LMConfig.load(folder / MOEKIT_CONFIG)
-    model = LM(cfg)
+    hf_path = folder / "hf_config.json"
+    hf_config = json.loads(hf_path.read_text()) if hf_path.is_file() else None
+    model = build_lm(cfg, hf_config)
     targets = lm_tensors(model)
     path = folder / "model.safetensors"
     if not path.is_file():
@@ -355,9 +387,8 @@ def load_moekit(folder: str | Path) -> LM:
             if dst.dtype != src.dtype and isinstance(dst, nn.Parameter):
                 dst.data = torch.empty_like(dst, dtype=src.dtype)
             dst.copy_(src)
-    hf_path = folder / "hf_config.json"
-    if hf_path.is_file():
-        model.hf_config = json.loads(hf_path.read_text())
+    if hf_config is not None:
+        model.hf_config = hf_config
     return model.eval()
 
 

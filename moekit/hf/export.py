@@ -28,15 +28,19 @@ from .blocks import UnsupportedArchitectureError
 from .convert import CONVERTIBLE, INDEX_NAME, KeyMap, lm_tensors
 
 _CONFIG_CLASSES = {"mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig",
-                   "olmoe": "OlmoeConfig", "deepseek_v2": "DeepseekV2Config", "deepseek_v3": "DeepseekV3Config"}
+                   "olmoe": "OlmoeConfig", "deepseek_v2": "DeepseekV2Config", "deepseek_v3": "DeepseekV3Config",
+                   "gpt_oss": "GptOssConfig"}
 _ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
                   "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
-                  "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+                  "deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+                  "gpt_oss": "GptOssForCausalLM"}
 
 
 def infer_family(cfg: LMConfig) -> str:
     """The HF family whose architecture matches a moekit LMConfig's features."""
     moe = _moe(cfg)
+    if cfg.attention == "gpt_oss":
+        return "gpt_oss"
     if cfg.attention == "mla":
         return "deepseek_v3" if moe.router.kind == "sigmoid_topk" else "deepseek_v2"
     if cfg.qk_norm == "head":
@@ -98,6 +102,8 @@ def hf_config_kwargs(cfg: LMConfig, family: str) -> dict[str, Any]:
                   kv_lora_rank=o["kv_lora_rank"], qk_nope_head_dim=o["qk_nope_head_dim"],
                   qk_rope_head_dim=o["qk_rope_head_dim"], v_head_dim=o["v_head_dim"],
                   attention_bias=o["attention_bias"], n_group=r.n_group, topk_group=r.topk_group)
+        if o["rope"] is not None:
+            kw["rope_parameters"] = dict(o["rope"])
         if family == "deepseek_v2":
             _require(r.kind == "softmax_topk" and not r.norm_topk_prob and r.group_score == "max", family,
                      f"router kind={r.kind!r}, norm_topk_prob={r.norm_topk_prob}, group_score={r.group_score!r} "
@@ -149,6 +155,8 @@ def build_hf_config(model: LM, family: str | None = None) -> Any:
     family = family or source.get("model_type") or infer_family(model.config)
     if family not in _CONFIG_CLASSES:
         raise UnsupportedArchitectureError(f"family={family!r} is not one of {sorted(_CONFIG_CLASSES)}")
+    if family == "gpt_oss":
+        return _gpt_oss_config(model, source)
     kw = hf_config_kwargs(model.config, family)
     # Token ids and other fields of the source config that moekit does not model carry over.
     for name in ("bos_token_id", "eos_token_id", "pad_token_id", "initializer_range"):
@@ -156,6 +164,31 @@ def build_hf_config(model: LM, family: str | None = None) -> Any:
             kw[name] = source[name]
     config = getattr(transformers, _CONFIG_CLASSES[family])(**kw)
     config.architectures = [_ARCHITECTURES[family]]
+    return config
+
+
+def _gpt_oss_config(model: LM, source: dict[str, Any]) -> Any:
+    """gpt-oss exports only as it was converted: its source config, checked against the model."""
+    import transformers
+
+    from .blocks import ClampedSwiGLUExperts
+
+    cfg = model.config
+    _require(source.get("model_type") == "gpt_oss" and cfg.attention == "gpt_oss", "gpt_oss",
+             "the model was not converted from a gpt-oss checkpoint (no gpt-oss source config)")
+    moe = _moe(cfg)
+    fields = {k: v for k, v in source.items() if k not in ("transformers_version", "architectures", "model_type")}
+    config = transformers.GptOssConfig(**fields)
+    expected = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
+                    num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_size,
+                    num_local_experts=moe.num_experts, intermediate_size=moe.expert_hidden,
+                    num_experts_per_tok=moe.router.top_k, tie_word_embeddings=cfg.tie_embeddings)
+    differ = {k: (getattr(config, k), v) for k, v in expected.items() if getattr(config, k) != v}
+    _require(not differ, "gpt_oss", f"the source config differs from the model (config, model): {differ}")
+    _require(cfg.moe_layer_ids == list(range(cfg.n_layers)) and all(
+        type(layer.mlp.experts) is ClampedSwiGLUExperts for layer in model.layers), "gpt_oss",
+        "every layer needs clamped SwiGLU experts")
+    config.architectures = [_ARCHITECTURES["gpt_oss"]]
     return config
 
 

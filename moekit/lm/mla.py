@@ -14,7 +14,10 @@ written de-interleaved; q and k are permuted alike, so their dot products are un
 
 Options (``LMConfig.attention_options``): kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim,
 v_head_dim (required); q_lora_rank (None: a full q_proj), rope_interleave (True),
-attention_bias (False).
+attention_bias (False), rope (None: plain rotary with ``rope_theta``; else a Hugging Face
+``rope_parameters`` dict, e.g. DeepSeek's YaRN scaling (arXiv 2309.00071): YaRN frequencies,
+cos/sin times its attention factor, and the softmax scale times mscale(factor, mscale_all_dim)^2
+as DeepSeek does).
 
 Shape legend: B batch, S new positions, P cached positions, L = P + S key positions, D model dim,
 H heads, N no-position head dim, R rotary head dim, V value head dim, C kv latent rank, Q q rank.
@@ -29,11 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
+from ..hf.rope import rotary_inv_freq, yarn_mscale
 from .config import LMConfig
 from .model import KVCache, RMSNorm, causal_mask
 
 _REQUIRED = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-_OPTIONAL: dict[str, Any] = {"q_lora_rank": None, "rope_interleave": True, "attention_bias": False}
+_OPTIONAL: dict[str, Any] = {"q_lora_rank": None, "rope_interleave": True, "attention_bias": False, "rope": None}
 # transformers builds the latent norms with RMSNorm's default eps, not the config's.
 _LATENT_NORM_EPS = 1e-6
 
@@ -54,6 +58,9 @@ def mla_options(cfg: LMConfig) -> dict[str, Any]:
     q_rank = opts.get("q_lora_rank")
     if q_rank is not None and not (isinstance(q_rank, int) and q_rank >= 1):
         raise ConfigError(f"attention_options.q_lora_rank={q_rank!r} must be None or an int >= 1")
+    rope = opts.get("rope")
+    if rope is not None and not isinstance(rope, dict):
+        raise ConfigError(f"attention_options.rope={rope!r} must be None or an HF rope_parameters dict")
     return {**_OPTIONAL, **opts}
 
 
@@ -80,12 +87,15 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.rank, H * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, cfg.dim, bias=bias)
         self.scale = qk_dim ** -0.5
-        inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, self.rope, 2, dtype=torch.float32) / self.rope)
+        rope = o["rope"] or {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        inv_freq, self.rope_scale = rotary_inv_freq(self.rope, rope, cfg.max_seq_len)
+        if rope.get("rope_type", "default") != "default" and rope.get("mscale_all_dim"):
+            self.scale *= yarn_mscale(float(rope["factor"]), rope["mscale_all_dim"]) ** 2
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def _rotate(self, x_XSR: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
         angle_SR2 = positions_S.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = angle_SR2.cos(), angle_SR2.sin()
+        cos, sin = angle_SR2.cos() * self.rope_scale, angle_SR2.sin() * self.rope_scale
         x32 = x_XSR.float()
         if self.interleave:
             x1, x2 = x32[..., 0::2], x32[..., 1::2]

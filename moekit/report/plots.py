@@ -82,7 +82,8 @@ def routing_heatmap(name: str, counts_NE: list[list[float]], label_names: list[s
 def utilisation_over_training(run: dict[str, Any]) -> bytes:
     """Per MoE layer, each expert's share of routed tokens in the steps before each eval."""
     plt = _plt()
-    evals = [e for e in run["evals"] if e.get("train_routing")]
+    # The step-0 eval has no training steps before it: nothing routed yet.
+    evals = [e for e in run["evals"] if e.get("train_routing") and e["step"] > 0]
     layers = sorted(evals[-1]["train_routing"]) if evals else []
     fig, axes = plt.subplots(1, max(1, len(layers)), figsize=(3.2 * max(1, len(layers)), 3), squeeze=False)
     for ax, layer in zip(axes[0], layers):
@@ -100,7 +101,8 @@ def utilisation_over_training(run: dict[str, Any]) -> bytes:
 def entropy_over_training(run: dict[str, Any]) -> bytes:
     """Mean routing entropy per MoE layer over training (dashed: the uniform maximum ln E)."""
     plt = _plt()
-    evals = [e for e in run["evals"] if e.get("train_routing")]
+    # The step-0 eval has no training steps before it: nothing routed yet.
+    evals = [e for e in run["evals"] if e.get("train_routing") and e["step"] > 0]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if evals:
         for layer in sorted(evals[-1]["train_routing"]):

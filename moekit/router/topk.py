@@ -86,6 +86,9 @@ class TopKRouter(nn.Module):
             select_logits_TE = noisy_TE
         if available_E is not None:
             select_logits_TE = select_logits_TE.masked_fill(~available_E, float("-inf"))
+            if noisy_TE is not None:
+                # Masked experts take no part in the smooth load estimate's thresholds.
+                noisy_TE = select_logits_TE
 
         if self.score_func == "softmax":
             scores_TE = torch.softmax(select_logits_TE, dim=-1)

@@ -173,9 +173,12 @@ class Trainer:
     """Trains ``model`` (built from ``cfg.model`` if not given) on ``data``; writes to ``cfg.out_dir``."""
 
     def __init__(self, cfg: TrainConfig, data: TokenData, model: LM | None = None,
-                 param_filter: Callable[[str, torch.nn.Parameter], bool] | None = None) -> None:
+                 param_filter: Callable[[str, torch.nn.Parameter], bool] | None = None,
+                 parallel: Any = None) -> None:
         self.cfg = cfg
         self.data = data
+        # Expert/data parallelism hook: a moekit.parallel.training.TrainerParallel, or None.
+        self.parallel = parallel
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.model.vocab_size < _vocab_needed(data):
@@ -185,6 +188,8 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         self.model = model if model is not None else LM(cfg.model)
+        if parallel is not None:
+            self.model = parallel.setup_model(self.model)
         self.out_dir = Path(cfg.out_dir)
         self.extra_losses: dict[str, LossFn] = {}
         named = [(n, p) for n, p in self.model.named_parameters() if param_filter is None or param_filter(n, p)]
@@ -199,6 +204,8 @@ class Trainer:
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr,
                                            betas=(cfg.beta1, cfg.beta2), fused=False, foreach=False)
+        if parallel is not None:
+            parallel.attach_optimizer(self.optimizer, self.model)
         self.step = 0
         self.train_time = 0.0
         self.tokens_seen = 0
@@ -224,7 +231,8 @@ class Trainer:
 
     def batch(self, step: int, micro: int) -> Batch:
         seed = (self.cfg.seed * 1_000_003 + step) * 64 + micro
-        return random_batch(self.data.train, self.cfg.batch_size, self.cfg.seq_len, seed)
+        b = random_batch(self.data.train, self.cfg.batch_size, self.cfg.seq_len, seed)
+        return b if self.parallel is None else self.parallel.local_batch(b)
 
     def _autocast(self) -> Any:
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cfg.autocast == "bf16")
@@ -251,7 +259,11 @@ class Trainer:
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if self.parallel is not None:
+            grad_norm = self.parallel.reduce_and_clip(model, params, cfg.grad_clip)
+            sums = self.parallel.mean_metrics(sums)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if not torch.isfinite(grad_norm):
             raise FloatingPointError(f"step {self.step}: gradient norm is {float(grad_norm)}; "
                                      f"lower lr={cfg.lr} or check the data")
@@ -327,6 +339,9 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        if self.parallel is not None:
+            return self.parallel.save(self.out_dir / "checkpoints", self.step, self.model, self.optimizer,
+                                      self.state_meta(), keep=self.cfg.keep_checkpoints)
         return save_checkpoint(self.out_dir / "checkpoints", self.step, self.model, self.optimizer, self.state_meta(),
                                keep=self.cfg.keep_checkpoints)
 
@@ -344,6 +359,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _log(self, record: dict[str, Any]) -> None:
+        if self.parallel is not None and not self.parallel.is_main:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
@@ -377,7 +394,9 @@ class Trainer:
         cfg = self.cfg
         target = cfg.steps if steps is None else steps
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(self.out_dir / "config.json")
+        main = self.parallel is None or self.parallel.is_main
+        if main:
+            cfg.save(self.out_dir / "config.json")
         previous = signal.getsignal(signal.SIGINT)
         installed = False
         try:
@@ -386,7 +405,7 @@ class Trainer:
         except ValueError:
             pass  # not the main thread: Ctrl-C stays a KeyboardInterrupt
         bar = None
-        if cfg.progress:
+        if cfg.progress and main:
             from tqdm import tqdm
 
             bar = tqdm(total=target, initial=self.step, unit="step", dynamic_ncols=True)

@@ -1,0 +1,175 @@
+"""Load test of ``moekit serve`` on loopback: throughput, latency and time to first token at 1, 4 and
+16 concurrent clients, with continuous batching on (``--max-batch 16``) and off (``--max-batch 1``,
+one request at a time).
+
+A random-init MoE LM checkpoint (default: dim 128, 4 layers, 8 experts top-2) is written to a
+temporary folder and served by ``moekit serve`` in a subprocess (so the clients do not share the
+server's interpreter). For each mode and client count, N clients share a fixed number of streamed
+requests (``--requests`` of up to ``--max-tokens`` tokens, seeded temperature-1 sampling; a
+request ends early only if it draws the end-of-document byte), one after another per client.
+Reported per run: completion tokens/s over the run's wall time, p50/p99 request latency and
+p50/p99 time to first token; ratios compare batching on with off at the same client count, in
+the same process. The machine may be shared: compare ratios, not absolute numbers.
+
+Run ``python benchmarks/serve_load.py`` (``--quick`` for fewer requests); prints a table and
+writes benchmarks/results/serve_load.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+import moekit
+from moekit.config import moe_config
+from moekit.lm import LM, LMConfig
+from moekit.serve.server import free_port
+from moekit.train.checkpoint import save_checkpoint
+from moekit.train.trainer import TrainConfig
+
+
+def write_checkpoint(folder: Path, args: argparse.Namespace) -> Path:
+    torch.manual_seed(0)
+    model_cfg = LMConfig(vocab_size=257, dim=args.dim, n_layers=args.layers, n_heads=4, max_seq_len=256,
+                         ffn_hidden=2 * args.dim, moe=moe_config(dim=args.dim, num_experts=args.experts,
+                                                                 expert_hidden=args.dim, top_k=2))
+    cfg = TrainConfig(model=model_cfg, seq_len=128)
+    save_checkpoint(folder, 0, LM(cfg.model), None, {"config": cfg.to_dict()})
+    return folder
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> dict[str, float]:
+    body = {"prompt": f"Request {i}: the quick brown fox", "max_tokens": max_tokens, "temperature": 1.0,
+            "seed": i, "stream": True}
+    t0 = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if first is None and event["choices"][0].get("token_ids"):
+                first = time.perf_counter()
+            if "usage" in event:
+                tokens = event["usage"]["completion_tokens"]
+    return {"latency": time.perf_counter() - t0, "ttft": (first or time.perf_counter()) - t0, "tokens": tokens}
+
+
+async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict[str, float]:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    results: list[dict[str, float]] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            results.append(await one_request(client, queue.get_nowait(), max_tokens))
+
+    limits = httpx.Limits(max_connections=clients + 1)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        await one_request(client, 10**6, 4)  # warm-up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    latencies = [r["latency"] for r in results]
+    ttfts = [r["ttft"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "p50_latency_s": percentile(latencies, 50),
+            "p99_latency_s": percentile(latencies, 99), "mean_latency_s": statistics.fmean(latencies),
+            "p50_ttft_s": percentile(ttfts, 50), "p99_ttft_s": percentile(ttfts, 99)}
+
+
+def serve(checkpoint: Path, max_batch: int, threads: int, queue_size: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "moekit", "serve", str(checkpoint), "--port", str(port), "--max-batch",
+           str(max_batch), "--queue-size", str(queue_size), "--threads", str(threads), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"moekit serve exited: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise TimeoutError(f"moekit serve did not answer on {url} within 120 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
+    parser.add_argument("--requests", type=int, default=32, help="requests per run (shared by the clients)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="server torch threads")
+    parser.add_argument("--quick", action="store_true", help="16 requests of 16 tokens")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.requests, args.max_tokens = 16, 16
+    client_counts = [int(c) for c in args.clients.split(",")]
+    modes = {"batching": max(client_counts), "one_at_a_time": 1}
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = write_checkpoint(Path(tmp) / "ckpt", args)
+        servers = {}
+        try:
+            for mode, max_batch in modes.items():
+                servers[mode] = serve(checkpoint, max_batch, args.threads, queue_size=args.requests + 1)
+            # Both servers stay up (idle costs nothing); the modes alternate at each client count so
+            # that a change in the machine's load hits both alike.
+            for clients in client_counts:
+                for mode, max_batch in modes.items():
+                    run = asyncio.run(load(servers[mode][1], clients, args.requests, args.max_tokens))
+                    runs.append({"mode": mode, "max_batch": max_batch, **run})
+                    print(f"{mode:>14} clients={clients:>2}: {run['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
+    base = {r["clients"]: r["tokens_per_s"] for r in runs if r["mode"] == "one_at_a_time"}
+    for r in runs:
+        r["tokens_per_s_vs_one_at_a_time"] = r["tokens_per_s"] / base[r["clients"]]
+    header = (f"{'mode':<14} {'clients':>7} {'tok/s':>8} {'x off':>6} {'p50 lat s':>9} {'p99 lat s':>9} "
+              f"{'p50 TTFT s':>10} {'p99 TTFT s':>10}")
+    print(header)
+    print("-" * len(header))
+    for r in runs:
+        print(f"{r['mode']:<14} {r['clients']:>7} {r['tokens_per_s']:>8.1f} {r['tokens_per_s_vs_one_at_a_time']:>6.2f} "
+              f"{r['p50_latency_s']:>9.3f} {r['p99_latency_s']:>9.3f} {r['p50_ttft_s']:>10.3f} {r['p99_ttft_s']:>10.3f}")
+    record = {"benchmark": "serve_load", "moekit": moekit.__version__, "torch": torch.__version__,
+              "platform": platform.platform(), "cpu_count": os.cpu_count(),
+              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": runs}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""`moekit recipe ...`: sparse upcycling, Branch-Train-MiX, supervised routing, selective expert
+fine-tuning and expert surgery on checkpoints (see docs/recipes.md)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .data import friendly_errors
+
+
+def recipe_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Like ``friendly_errors``, and also bad recipe arguments (ValueError, KeyError, IndexError)."""
+
+    @functools.wraps(run)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return friendly_errors(run)(args)
+        except (ValueError, KeyError, IndexError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    return wrapper
+
+
+def _load(args: argparse.Namespace, path: str) -> tuple[Any, Any, Any]:
+    """(model, TrainConfig with --data-dir/--lr/--out overrides, TokenData) of a checkpoint."""
+    from ..train.trainer import load_trained, prepare_data
+
+    model, cfg, _ = load_trained(path)
+    changes: dict[str, Any] = {"progress": True, "tensorboard": False}
+    if getattr(args, "data_dir", None):
+        changes["data_dir"] = args.data_dir
+    if getattr(args, "lr", None):
+        changes["lr"] = args.lr
+    if getattr(args, "out", None):
+        changes["out_dir"] = args.out
+    cfg = dataclasses.replace(cfg, **changes)
+    return model, cfg, prepare_data(cfg)
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma-separated list of expert ids") from None
+
+
+def _experts_arg(specs: list[str]) -> list[int] | dict[int, list[int]]:
+    """``["1,2"]`` -> the same ids in every MoE block; ``["0:1,2", "2:3"]`` -> {block: ids}."""
+    per_block: dict[int, list[int]] = {}
+    everywhere: list[int] = []
+    for spec in specs:
+        block, sep, ids = spec.rpartition(":")
+        if sep:
+            per_block.setdefault(int(block), []).extend(_ids(ids))
+        else:
+            everywhere.extend(_ids(ids))
+    if per_block and everywhere:
+        raise ValueError("--experts: give ids for every block or per block (BLOCK:ids), not both")
+    return per_block or everywhere
+
+
+def _print_eval(title: str, ev: dict[str, Any]) -> None:
+    per_label = ", ".join(f"{k} {v:.3f}" for k, v in ev["per_label"].items())
+    print(f"{title}: validation loss {ev['loss']:.4f}; {per_label}")
+
+
+@recipe_errors
+def run_upcycle(args: argparse.Namespace) -> int:
+    from ..recipes import save_model, upcycle
+    from ..train.trainer import Trainer
+
+    dense, cfg, data = _load(args, args.checkpoint)
+    layers = _ids(args.layers) if args.layers else None
+    model = upcycle(dense, args.experts, args.top_k, noise=args.noise, moe_layers=layers, seed=cfg.seed,
+                    aux_loss_coef=args.aux_loss_coef)
+    cfg = dataclasses.replace(cfg, model=model.config, steps=max(args.steps, 1))
+    if args.steps == 0:
+        path = save_model(Path(cfg.out_dir) / "checkpoints", model, cfg, data.label_names, {"recipe": "upcycle"})
+        print(f"upcycled model saved to {path}")
+        return 0
+    trainer = Trainer(cfg, data, model=model)
+    trainer.fit()
+    _print_eval(f"upcycled, after {trainer.step} steps", trainer.evals[-1])
+    return 0
+
+
+@recipe_errors
+def run_btx(args: argparse.Namespace) -> int:
+    from ..recipes import btx, save_model
+
+    seed, cfg, data = _load(args, args.checkpoint)
+    groups = [[label for label in g.split(",") if label] for g in args.group]
+    model, record = btx(seed, cfg, data, groups, args.branch_steps, args.mix_steps, finetune=args.finetune,
+                        top_k=args.top_k)
+    path = save_model(Path(cfg.out_dir) / "checkpoints", model, cfg, data.label_names, {"recipe": "btx"})
+    (Path(cfg.out_dir) / "btx.json").write_text(json.dumps(record, indent=2))
+    _print_eval("BTX mixed model", record["mix"])
+    print(f"saved {path}")
+    return 0
+
+
+@recipe_errors
+def run_supervised(args: argparse.Namespace) -> int:
+    from ..recipes import LabelRoutingLoss, routing_purity
+    from ..train.trainer import Trainer
+
+    model, cfg, data = _load(args, args.checkpoint)
+    cfg = dataclasses.replace(cfg, steps=args.steps)
+    trainer = Trainer(cfg, data, model=model)
+    loss = LabelRoutingLoss(model, args.coef)
+    trainer.add_loss("route", loss)
+    trainer.fit()
+    loss.close()
+    ev = trainer.evals[-1]
+    _print_eval("supervised routing", ev)
+    for layer, counts in ev.get("routing_by_label", {}).items():
+        print(f"  {layer}: routing purity {routing_purity(counts)['purity']:.3f}")
+    return 0
+
+
+@recipe_errors
+def run_finetune(args: argparse.Namespace) -> int:
+    from ..recipes import filter_labels, finetune_experts
+
+    model, cfg, data = _load(args, args.checkpoint)
+    if args.labels:
+        data = filter_labels(data, args.labels.split(","))
+    trainer = finetune_experts(model, cfg, data, _experts_arg(args.experts), train_router=args.router,
+                               steps=args.steps)
+    _print_eval("after selective fine-tuning", trainer.evals[-1])
+    return 0
+
+
+@recipe_errors
+def run_surgery(args: argparse.Namespace) -> int:
+    from ..recipes import add_experts, merge_experts, remove_experts, save_model
+    from ..train.trainer import eval_batches
+
+    model, cfg, data = _load(args, args.checkpoint)
+    if args.action == "add":
+        calib = eval_batches(data.val, 8, cfg.seq_len, 8 * cfg.seq_len)[0].input_ids
+        new = add_experts(model, args.n, noise=args.noise, calibration=calib)
+    elif args.action == "remove":
+        new = remove_experts(model, _experts_arg(args.experts))
+    else:
+        groups = [_ids(g.replace("+", ",")) for g in args.groups]
+        new = merge_experts(model, groups)
+    path = save_model(Path(cfg.out_dir) / "checkpoints", new, cfg, data.label_names,
+                      {"recipe": f"surgery-{args.action}"})
+    print(f"{args.action}: {model.config.moe.num_experts} -> {new.config.moe.num_experts} experts per MoE layer; "
+          f"saved {path}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("recipe", help="upcycle, BTX, supervised routing, selective fine-tuning, surgery")
+    sub = p.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
+
+    def common(q: argparse.ArgumentParser, train: bool = True) -> None:
+        q.add_argument("checkpoint", help="checkpoint file or run folder")
+        q.add_argument("--out", required=True, help="output run folder")
+        q.add_argument("--data-dir", dest="data_dir")
+        if train:
+            q.add_argument("--lr", type=float)
+
+    q = sub.add_parser("upcycle", help="dense checkpoint -> MoE (Komatsuzaki et al. 2022), then continue training")
+    common(q)
+    q.add_argument("--experts", type=int, default=8)
+    q.add_argument("--top-k", type=int, default=2)
+    q.add_argument("--noise", type=float, default=0.0, help="relative noise on each expert copy")
+    q.add_argument("--layers", default="", help="blocks to upcycle, e.g. 1,3 (default all)")
+    q.add_argument("--aux-loss-coef", type=float, default=0.01)
+    q.add_argument("--steps", type=int, default=200, help="training steps after upcycling (0: just save)")
+    q.set_defaults(func=run_upcycle)
+
+    q = sub.add_parser("btx", help="Branch-Train-MiX (Sukhbaatar et al. 2024) from a dense seed checkpoint")
+    common(q)
+    q.add_argument("--group", action="append", required=True, help="labels of one branch, e.g. de,fr (repeat)")
+    q.add_argument("--branch-steps", type=int, default=100)
+    q.add_argument("--mix-steps", type=int, default=50)
+    q.add_argument("--finetune", choices=["router", "all", "none"], default="router")
+    q.add_argument("--top-k", type=int, default=2)
+    q.set_defaults(func=run_btx)
+
+    q = sub.add_parser("supervised", help="continue training with the label-routing auxiliary loss")
+    common(q)
+    q.add_argument("--coef", type=float, default=0.1)
+    q.add_argument("--steps", type=int, default=100)
+    q.set_defaults(func=run_supervised)
+
+    q = sub.add_parser("finetune-experts", help="fine-tune only chosen experts (others stay bit-identical)")
+    common(q)
+    q.add_argument("--experts", action="append", required=True, metavar="[BLOCK:]IDS",
+                   help="experts to train: '1,3' in every MoE block or '2:1,3' for block 2 (repeatable)")
+    q.add_argument("--labels", default="", help="train only on these labels, e.g. fr,it")
+    q.add_argument("--router", action="store_true", help="train the routers too")
+    q.add_argument("--steps", type=int, default=50)
+    q.set_defaults(func=run_finetune)
+
+    q = sub.add_parser("surgery", help="add, remove or merge experts")
+    common(q, train=False)
+    q.add_argument("action", choices=["add", "remove", "merge"])
+    q.add_argument("--n", type=int, default=1, help="add: experts to add per layer")
+    q.add_argument("--noise", type=float, default=0.0, help="add: relative noise on the copies")
+    q.add_argument("--experts", action="append", default=[], metavar="[BLOCK:]IDS", help="remove: expert ids")
+    q.add_argument("--groups", nargs="+", default=[], metavar="A+B", help="merge: groups like 0+3 1+2")
+    q.set_defaults(func=run_surgery)

@@ -1,0 +1,54 @@
+"""`moekit serve CHECKPOINT`: serve a trained checkpoint over an OpenAI-compatible HTTP API with
+continuous batching, Prometheus /metrics, live expert masking and a /dashboard page."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .data import friendly_errors
+
+
+@friendly_errors
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+    except ImportError as err:
+        print(f"error: `moekit serve` needs the serve extra ({err}); install it with "
+              f"pip install 'moekit[serve]'", file=sys.stderr)
+        return 2
+    import torch
+
+    from ..serve.engine import ServeLimits
+    from ..serve.server import load_engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    limits = ServeLimits(max_batch=args.max_batch, queue_size=args.queue_size, max_tokens=args.max_tokens,
+                         max_prompt_tokens=args.max_prompt_tokens, retry_after_s=args.retry_after,
+                         admin_token=args.admin_token)
+    engine = load_engine(args.checkpoint, limits, model_name=args.model_name)
+    app = create_app(engine)
+    print(f"moekit serve: {engine.model_name} on http://{args.host}:{args.port} "
+          f"(dashboard: /dashboard, metrics: /metrics)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI-style /v1/completions)")
+    p.add_argument("checkpoint", help="checkpoint file, or a run folder (uses its latest checkpoint)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8, help="running sequences per decode step (1: no batching)")
+    p.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 429")
+    p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context - 1)")
+    p.add_argument("--retry-after", type=int, default=1, help="seconds sent in Retry-After with a 429")
+    p.add_argument("--admin-token", default=None, help="bearer token the /admin endpoints require")
+    p.add_argument("--model-name", default=None, help="name reported in responses (default: the checkpoint's)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=run)

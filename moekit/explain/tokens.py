@@ -1,0 +1,167 @@
+"""Per-token explanations: which experts each token chose in each MoE layer, with what weights,
+shown in the terminal (ANSI colours, one colour per expert) or as a self-contained HTML page;
+and which document labels each expert mostly serves.
+
+Shape legend: T tokens, K top-k, L MoE layers, N labels, E experts.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..model_ops import moe_layers
+
+# 12 distinguishable xterm-256 colours (expert e uses PALETTE[e % 12]) and their RGB for HTML.
+PALETTE = [196, 33, 40, 214, 129, 45, 202, 93, 118, 220, 27, 161]
+RGB = ["#ff0000", "#0087ff", "#00d700", "#ffaf00", "#af00ff", "#00d7ff", "#ff5f00", "#8700ff", "#87ff00",
+       "#ffd700", "#005fff", "#d7005f"]
+
+
+@dataclass
+class Explanation:
+    """tokens[t]: text of token t ("" for a byte inside a multi-byte character); experts[l][t] and
+    weights[l][t]: token t's top-k expert ids and weights in MoE layer ``layers[l]``."""
+
+    tokens: list[str]
+    token_ids: list[int]
+    layers: list[str]
+    experts: list[list[list[int]]]
+    weights: list[list[list[float]]]
+    affinity: dict[str, list[dict[str, Any]]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Text each token adds to the decoded prefix; a token that ends inside a character adds ""
+    and the character is shown on the token that completes it."""
+    pieces, shown = [], ""
+    for i in range(len(ids)):
+        prefix = tokenizer.decode(ids[:i + 1]).rstrip("\ufffd")
+        if prefix.startswith(shown):
+            pieces.append(prefix[len(shown):])
+            shown = prefix
+        else:
+            pieces.append(tokenizer.decode([ids[i]]))
+            shown = prefix
+    return pieces
+
+
+@torch.no_grad()
+def explain_ids(model: nn.Module, ids_S: list[int], tokenizer: Any | None = None) -> Explanation:
+    """Run ``model`` on one sequence of ids and record every MoE layer's top-k choice per token."""
+    if not ids_S:
+        raise ValueError("nothing to explain: the text encodes to no tokens")
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("the model has no MoE layers")
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.tensor([ids_S], dtype=torch.long))
+    finally:
+        model.train(was_training)
+    experts, weights = [], []
+    for name, layer in layers:
+        routing = layer.last_routing
+        if routing is None or routing.topk_idx_TK is None:
+            raise ValueError(f"{name}: explain needs a token-choice router")
+        order_TK = routing.topk_weight_TK.argsort(dim=-1, descending=True)
+        experts.append(routing.topk_idx_TK.gather(1, order_TK).tolist())
+        weights.append(routing.topk_weight_TK.gather(1, order_TK).tolist())
+    pieces = token_pieces(tokenizer, ids_S) if tokenizer is not None else [str(i) for i in ids_S]
+    return Explanation(pieces, list(ids_S), [n for n, _ in layers], experts, weights)
+
+
+def explain_text(model: nn.Module, tokenizer: Any, text: str) -> Explanation:
+    return explain_ids(model, tokenizer.encode(text), tokenizer)
+
+
+def label_affinity(counts_NE: dict[str, list[list[float]]], label_names: list[str], top: int = 3
+                   ) -> dict[str, list[dict[str, Any]]]:
+    """{layer: [{expert, tokens, labels: [(label, share of the expert's picks), ...top]}]} from
+    (labels, experts) pick counts such as ``Trainer.evaluate(routing_by_label=True)`` returns."""
+    out = {}
+    for layer, rows in counts_NE.items():
+        c_NE = torch.tensor(rows, dtype=torch.float64)
+        per_expert = []
+        for e in range(c_NE.shape[1]):
+            col = c_NE[:, e]
+            total = float(col.sum())
+            order = col.argsort(descending=True)[:top].tolist()
+            labels = [(label_names[i], float(col[i]) / total) for i in order if total > 0 and col[i] > 0]
+            per_expert.append({"expert": e, "tokens": total, "labels": labels})
+        out[layer] = per_expert
+    return out
+
+
+def _visible(piece: str) -> str:
+    return piece.replace("\n", "\u21b5").replace("\t", "\u21e5").replace(" ", "\u2423") if piece else "\u00b7"
+
+
+def render_terminal(expl: Explanation, color: bool = True) -> str:
+    """One line per token: the token, then per MoE layer its experts and weights (top-1 first);
+    with ``color`` each expert id is drawn in its own colour. Then each expert's main labels."""
+    def paint(e: int, text: str) -> str:
+        return f"\x1b[38;5;{PALETTE[e % len(PALETTE)]}m{text}\x1b[0m" if color else text
+
+    width = max(8, *(len(_visible(p)) for p in expl.tokens))
+    header = f"{'token':<{width}}  " + "  ".join(f"{name:<{8 * len(expl.experts[l][0])}}"
+                                               for l, name in enumerate(expl.layers))
+    lines = [header]
+    for t, piece in enumerate(expl.tokens):
+        cells = []
+        for l in range(len(expl.layers)):
+            cells.append(" ".join(paint(e, f"e{e}:{w:.2f}") for e, w in zip(expl.experts[l][t], expl.weights[l][t])))
+        lines.append(f"{_visible(piece):<{width}}  " + "  ".join(cells))
+    if expl.affinity:
+        lines.append("")
+        lines.append("labels each expert mostly serves (share of its top-k picks on validation data):")
+        for layer, rows in expl.affinity.items():
+            parts = [paint(r["expert"], f"e{r['expert']}") + " " + ", ".join(f"{lab} {s:.0%}" for lab, s in r["labels"])
+                     for r in rows]
+            lines.append(f"  {layer}: " + " | ".join(parts))
+    return "\n".join(lines)
+
+
+def render_html(expl: Explanation, title: str = "moekit explain") -> str:
+    """A self-contained page: per MoE layer the text with each token coloured by its top-1 expert
+    (hover for all experts and weights), a per-token table, and the experts' label affinity."""
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
+             "body{font-family:sans-serif;margin:2em} .tok{font-family:monospace;padding:1px 0;white-space:pre}"
+             "table{border-collapse:collapse;font-family:monospace} td,th{border:1px solid #ccc;padding:2px 6px}"
+             "</style></head><body>", f"<h1>{esc(title)}</h1>"]
+    for l, name in enumerate(expl.layers):
+        parts.append(f"<h2>{esc(name)}: tokens coloured by top-1 expert</h2><p>")
+        for t, piece in enumerate(expl.tokens):
+            e0 = expl.experts[l][t][0]
+            tip = ", ".join(f"expert {e}: {w:.3f}" for e, w in zip(expl.experts[l][t], expl.weights[l][t]))
+            parts.append(f"<span class='tok' title='{esc(tip)}' style='background:{RGB[e0 % len(RGB)]}55;"
+                         f"border-bottom:3px solid {RGB[e0 % len(RGB)]}'>{esc(piece or chr(183))}</span>")
+        parts.append("</p>")
+    parts.append("<h2>per token</h2><table><tr><th>#</th><th>token</th>"
+                 + "".join(f"<th>{esc(n)}</th>" for n in expl.layers) + "</tr>")
+    for t, piece in enumerate(expl.tokens):
+        cells = "".join("<td>" + " ".join(f"<span style='color:{RGB[e % len(RGB)]}'>e{e}</span>:{w:.2f}"
+                                          for e, w in zip(expl.experts[l][t], expl.weights[l][t])) + "</td>"
+                        for l in range(len(expl.layers)))
+        parts.append(f"<tr><td>{t}</td><td>{esc(repr(piece))}</td>{cells}</tr>")
+    parts.append("</table>")
+    if expl.affinity:
+        parts.append("<h2>labels each expert mostly serves</h2>")
+        for layer, rows in expl.affinity.items():
+            parts.append(f"<h3>{esc(layer)}</h3><table><tr><th>expert</th><th>tokens</th><th>labels</th></tr>")
+            for r in rows:
+                labels = ", ".join(f"{esc(lab)} {s:.0%}" for lab, s in r["labels"])
+                parts.append(f"<tr><td style='color:{RGB[r['expert'] % len(RGB)]}'>e{r['expert']}</td>"
+                             f"<td>{r['tokens']:.0f}</td><td>{labels}</td></tr>")
+            parts.append("</table>")
+    parts.append("</body></html>")
+    return "".join(parts)

@@ -1,0 +1,110 @@
+"""gpt-oss attention for ``moekit.lm`` (attention kind ``"gpt_oss"``), following OpenAI's gpt-oss
+model card (arXiv 2508.10925) as implemented by transformers' GptOssAttention.
+
+Grouped-query attention with q/k/v/o biases and rotary positions (rotate-half layout; default
+or YaRN frequencies, see ``rope.py``), plus two differences from Llama:
+  attention sinks  one learned logit per head joins each query's softmax and is then dropped:
+                   p_j = exp(s_j) / (exp(sink_h) + sum_j' exp(s_j')), so rows may sum to < 1.
+  sliding window   layers whose ``layer_types`` entry is "sliding_attention" let query i see
+                   keys j with i - window < j <= i; "full_attention" layers see every j <= i.
+The MoE feed-forward is moekit's MoE with ``blocks.ClampedSwiGLUExperts`` and a router bias.
+
+Options (``LMConfig.attention_options``): layer_types (list, one entry per layer),
+sliding_window (int), rope (an HF ``rope_parameters`` dict), attention_bias (True).
+
+Shape legend: B batch, S new positions, P cached positions, L = P + S key positions, D model dim,
+H query heads, G key/value heads, Hd head dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ..lm.config import LMConfig
+from ..lm.model import KVCache, apply_rotary
+from .rope import rotary_inv_freq
+
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def gpt_oss_options(cfg: LMConfig) -> dict[str, Any]:
+    """Validated gpt-oss attention options; errors name the option."""
+    opts = {"attention_bias": True, **cfg.attention_options}
+    known = {"layer_types", "sliding_window", "rope", "attention_bias"}
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise ConfigError(f"unknown attention_options {unknown} for attention='gpt_oss'; known: {sorted(known)}")
+    types = opts.get("layer_types")
+    if not (isinstance(types, list) and len(types) == cfg.n_layers and all(t in LAYER_TYPES for t in types)):
+        raise ConfigError(f"attention_options.layer_types={types!r} must list one of {list(LAYER_TYPES)} for each "
+                          f"of the n_layers={cfg.n_layers} layers")
+    window = opts.get("sliding_window")
+    if "sliding_attention" in types and not (isinstance(window, int) and window >= 1):
+        raise ConfigError(f"attention_options.sliding_window={window!r} must be an int >= 1 with sliding layers")
+    if not isinstance(opts.get("rope"), dict):
+        raise ConfigError(f"attention_options.rope={opts.get('rope')!r} must be an HF rope_parameters dict")
+    return opts
+
+
+class GptOssAttention(nn.Module):
+    """forward(x_BSD, positions_S, cache) -> y_BSD; caches keys and values (all positions)."""
+
+    def __init__(self, cfg: LMConfig, layer_idx: int) -> None:
+        super().__init__()
+        o = gpt_oss_options(cfg)
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        if self.n_heads % self.n_kv:
+            raise ConfigError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv}")
+        H, G, Hd = self.n_heads, self.n_kv, self.head_dim
+        bias = bool(o["attention_bias"])
+        self.q_proj = nn.Linear(cfg.dim, H * Hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.dim, G * Hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.dim, G * Hd, bias=bias)
+        self.o_proj = nn.Linear(H * Hd, cfg.dim, bias=bias)
+        self.sinks = nn.Parameter(torch.zeros(H))
+        self.window = o["sliding_window"] if o["layer_types"][layer_idx] == "sliding_attention" else None
+        inv_freq, self.rope_scale = rotary_inv_freq(Hd, o["rope"], cfg.max_seq_len)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scale = Hd ** -0.5
+
+    def _cos_sin(self, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_SHd2 = positions_S.float()[:, None] * self.inv_freq[None, :]
+        emb_SHd = torch.cat([freqs_SHd2, freqs_SHd2], dim=-1)
+        return emb_SHd.cos() * self.rope_scale, emb_SHd.sin() * self.rope_scale
+
+    def _mask(self, S: int, P: int, device: torch.device) -> torch.Tensor:
+        """Bool (S, L): query P + s sees key j."""
+        query_S1 = torch.arange(P, P + S, device=device)[:, None]
+        key_1L = torch.arange(P + S, device=device)[None, :]
+        seen_SL = key_1L <= query_S1
+        if self.window is not None:
+            seen_SL &= key_1L > query_S1 - self.window
+        return seen_SL
+
+    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        H, G, Hd = self.n_heads, self.n_kv, self.head_dim
+        q_BHSHd = self.q_proj(x_BSD).view(B, S, H, Hd).transpose(1, 2)
+        k_BGSHd = self.k_proj(x_BSD).view(B, S, G, Hd).transpose(1, 2)
+        v_BGSHd = self.v_proj(x_BSD).view(B, S, G, Hd).transpose(1, 2)
+        cos_SHd, sin_SHd = self._cos_sin(positions_S)
+        q_BHSHd = apply_rotary(q_BHSHd, cos_SHd, sin_SHd)
+        k_BGSHd = apply_rotary(k_BGSHd, cos_SHd, sin_SHd)
+        P = 0
+        if cache is not None:
+            P = cache.length
+            k_BGSHd, v_BGSHd = cache.update(self.layer_idx, k_BGSHd, v_BGSHd)
+        k_BHLHd = k_BGSHd.repeat_interleave(H // G, dim=1)
+        v_BHLHd = v_BGSHd.repeat_interleave(H // G, dim=1)
+        # Softmax in float32 over the keys and the head's sink logit, which is then dropped.
+        scores_BHSL = (q_BHSHd.float() @ k_BHLHd.float().transpose(-1, -2)) * self.scale
+        scores_BHSL = scores_BHSL.masked_fill(~self._mask(S, P, x_BSD.device), float("-inf"))
+        sinks_BHS1 = self.sinks.float().view(1, H, 1, 1).expand(B, H, S, 1)
+        probs_BHSL = torch.softmax(torch.cat([scores_BHSL, sinks_BHS1], dim=-1), dim=-1)[..., :-1]
+        y_BHSHd = probs_BHSL.to(v_BHLHd.dtype) @ v_BHLHd
+        return self.o_proj(y_BHSHd.transpose(1, 2).reshape(B, S, H * Hd))

@@ -1,0 +1,118 @@
+"""Process groups for expert parallelism (EP) combined with data parallelism (DP).
+
+World size N, EP size P (P divides N and the number of experts E). Ranks are split into N/P EP
+groups of P contiguous ranks, ``[0..P-1], [P..2P-1], ...``; within an EP group, rank ``j`` holds
+experts ``[j*E/P, (j+1)*E/P)``. Ranks holding the same experts (same EP index in different EP
+groups) form an expert-DP group: they average their expert gradients. Non-expert parameters are
+replicated on all N ranks and averaged over the world.
+
+The backend follows the device: gloo on CPU, NCCL on CUDA. Every collective runs under the
+process group's ``timeout``; a dead or hung peer raises ``MoekitDistributedError`` on the others.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+
+
+@dataclass
+class ParallelGroups:
+    """This rank's place in the world, EP group and expert-DP group."""
+
+    world_size: int
+    rank: int
+    ep_size: int
+    ep_group: dist.ProcessGroup | None
+    dp_group: dist.ProcessGroup | None
+    ep_ranks: list[int]
+    dp_ranks: list[int]
+    backend: str
+    device: torch.device
+    timeout_s: float
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // self.ep_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def experts_of(self, num_experts: int, ep_rank: int | None = None) -> range:
+        """The global ids of the experts held by ``ep_rank`` (default: this rank)."""
+        per = num_experts // self.ep_size
+        j = self.ep_rank if ep_rank is None else ep_rank
+        return range(j * per, (j + 1) * per)
+
+
+def default_backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def build_groups(ep_size: int, timeout_s: float | None = None) -> ParallelGroups:
+    """Build the EP and expert-DP groups on an initialised default process group.
+
+    Every rank must call this (``new_group`` is collective), in the same order.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("build_groups needs torch.distributed initialised first (see init_parallel)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if not isinstance(ep_size, int) or ep_size < 1 or world % ep_size != 0:
+        raise ConfigError(f"expert_parallel={ep_size!r} must be an int >= 1 dividing the world size {world}")
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
+    ep_group = dp_group = None
+    ep_ranks: list[int] = []
+    dp_ranks: list[int] = []
+    for start in range(0, world, ep_size):
+        ranks = list(range(start, start + ep_size))
+        group = dist.new_group(ranks, timeout=timeout) if ep_size < world else dist.group.WORLD
+        if rank in ranks:
+            ep_group, ep_ranks = group, ranks
+    dp = world // ep_size
+    for j in range(ep_size):
+        ranks = [j + i * ep_size for i in range(dp)]
+        group = dist.new_group(ranks, timeout=timeout) if dp < world else dist.group.WORLD
+        if rank in ranks:
+            dp_group, dp_ranks = group, ranks
+    return ParallelGroups(world_size=world, rank=rank, ep_size=ep_size, ep_group=ep_group, dp_group=dp_group,
+                          ep_ranks=ep_ranks, dp_ranks=dp_ranks, backend=backend, device=device,
+                          timeout_s=timeout_s if timeout_s is not None else 1800.0)
+
+
+def init_parallel(ep_size: int, timeout_s: float = 300.0, backend: str | None = None,
+                  init_method: str | None = None, rank: int | None = None,
+                  world_size: int | None = None) -> ParallelGroups:
+    """Initialise torch.distributed (if needed) and build the groups.
+
+    Under ``torchrun`` the rank, world size and rendezvous come from the environment
+    (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT). ``backend`` defaults to NCCL when CUDA is
+    available (one GPU per local rank) and gloo otherwise. ``timeout_s`` bounds every collective.
+    """
+    if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
+        raise ConfigError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            # Make a hung NCCL collective raise (on the watchdog) instead of blocking forever.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        if init_method is None and "MASTER_ADDR" not in os.environ:
+            raise ConfigError("no rendezvous for expert parallelism: launch with torchrun (it sets RANK, WORLD_SIZE, MASTER_ADDR, "
+                               "MASTER_PORT) or pass init_method='tcp://host:port', rank and world_size")
+        kwargs = {} if init_method is None else {"init_method": init_method, "rank": rank, "world_size": world_size}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return build_groups(ep_size, timeout_s)

@@ -1,0 +1,176 @@
+"""Multi-process checks of the expert-parallel layer against the single-process layer, run by
+tests/test_expert_parallel.py in processes it spawns on loopback (gloo).
+
+Each worker builds the same reference layer (same seed), runs it on the concatenation of every
+rank's tokens, runs its expert-parallel shard on its own tokens, and writes the largest
+differences per quantity to ``out_dir/rank<r>.json``; the test asserts on them.
+
+Objective compared: J = sum_r <out_r, g_r> + N * aux, with gradients averaged over the N ranks
+(so parameter gradients are compared with dJ/dtheta / N, input gradients with dJ/dx).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..layer import MoE
+from .expert_parallel import shard_moe
+from .groups import build_groups
+from .training import reduce_gradients
+
+# Cases: (name, MoE keywords, experts to mask, input batch shape per rank (B, S)).
+CASES: list[tuple[str, dict[str, Any], list[int], tuple[int, int]]] = [
+    ("dropless", dict(top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3, seq_aux_loss_coef=0.1, shared_experts=1),
+     [], (2, 5)),
+    ("dropless_idle_rank", dict(top_k=2, aux_loss_coef=0.01), "last_rank+1", (2, 4)),
+    ("capacity_probability", dict(top_k=2, capacity_factor=1.0, drop_policy="probability", aux_loss_coef=0.01,
+                                  cv_loss_coef=0.01), "last_rank+1", (2, 6)),
+    ("capacity_position_switch", dict(router="switch", capacity_factor=0.8, drop_policy="position",
+                                      aux_loss_convention="switch", aux_loss_coef=0.01), [], (3, 4)),
+    ("sigmoid_bias", dict(router="sigmoid_topk", top_k=2, bias_update_rate=0.01, aux_loss_coef=0.0,
+                          seq_aux_loss_coef=0.05), [], (2, 5)),
+]
+DIM, EXPERTS, HIDDEN = 8, 8, 12
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_loopback(rank: int, world: int, port: int, timeout_s: float = 60.0) -> None:
+    """Initialise a gloo process group on 127.0.0.1 with one thread per process."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    return float((a.detach().double() - b.detach().double()).abs().max()) if a.numel() else 0.0
+
+
+def _masked(spec: Any, ep_size: int) -> list[int]:
+    if spec == "last_rank+1":
+        per = EXPERTS // ep_size
+        # Every expert of the last EP rank (that rank receives no rows) and expert 1 (zero tokens).
+        return sorted(set(range(EXPERTS - per, EXPERTS)) | {1})
+    return list(spec)
+
+
+def run_case(name: str, kwargs: dict[str, Any], mask_spec: Any, bs: tuple[int, int], ep_size: int,
+             ) -> dict[str, float]:
+    groups = build_groups(ep_size, timeout_s=60.0)
+    N, rank = groups.world_size, groups.rank
+    torch.manual_seed(1234)
+    ref = MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, **kwargs)
+    masked = _masked(mask_spec, ep_size)
+    if masked:
+        if len(masked) > EXPERTS - ref.top_k:
+            masked = masked[:EXPERTS - ref.top_k]
+        ref.mask_experts(masked)
+    ep = shard_moe(copy.deepcopy(ref), groups)
+    B, S = bs
+    x_all = torch.randn(N * B, S, DIM, requires_grad=True)
+    g_all = torch.randn(N * B, S, DIM)
+    out_ref = ref(x_all)
+    J = (out_ref * g_all).sum() + N * ref.aux_loss
+    J.backward()
+
+    x = x_all.detach()[rank * B:(rank + 1) * B].clone().requires_grad_(True)
+    out = ep(x)
+    ((out * g_all[rank * B:(rank + 1) * B]).sum() + ep.aux_loss).backward()
+    reduce_gradients(ep, groups)
+
+    rows = slice(rank * B, (rank + 1) * B)
+    ids = groups.experts_of(EXPERTS)
+    err = {
+        "output": _max_err(out, out_ref[rows]),
+        "input_grad": _max_err(x.grad, x_all.grad[rows]),
+        "aux_loss": _max_err(ep.aux_loss, ref.aux_loss),
+    }
+    for key, value in ref.last_losses.items():
+        err[f"loss_{key}"] = _max_err(ep.last_losses[key], value)
+    ep_params = dict(ep.named_parameters())
+    for pname, p in ref.named_parameters():
+        expected = p.grad / N
+        if pname.startswith("experts."):
+            expected = expected[ids.start:ids.stop]
+        got = ep_params[pname].grad
+        err[f"grad:{pname}"] = _max_err(got, expected) if got is not None else float("inf")
+    rep_ref, rep_ep = ref.report(), ep.report()
+    for field in ("tokens_per_expert", "coactivation"):
+        err[f"stats:{field}"] = _max_err(torch.tensor(getattr(rep_ep, field)), torch.tensor(getattr(rep_ref, field)))
+    for field in ("assignments", "dropped", "mean_entropy", "mean_router_z"):
+        err[f"stats:{field}"] = abs(getattr(rep_ep, field) - getattr(rep_ref, field))
+    if ref.router.selection_bias is not None:
+        ref.update_selection_bias()
+        ep.update_selection_bias()
+        err["selection_bias"] = _max_err(ep.router.selection_bias, ref.router.selection_bias)
+        err["selection_bias_moved"] = 0.0 if bool(ref.router.selection_bias.abs().sum() > 0) else float("inf")
+    full = ep.state_dict()
+    err["state_dict_full"] = max(_max_err(full[k], v) for k, v in ref.state_dict().items())
+    fresh = shard_moe(copy.deepcopy(MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, **kwargs)), groups)
+    fresh.load_state_dict(ref.state_dict())
+    err["state_dict_load_slice"] = max(_max_err(p, ep_params[k]) for k, p in fresh.named_parameters())
+    err["rows_received"] = float(sum(ep.stats.tokens_E[ids.start:ids.stop]))
+    err["any_dropped"] = float(ref.report().dropped)
+    return err
+
+
+def layer_worker(rank: int, world: int, port: int, out_dir: str, plan: list[tuple[int, list[str] | None]]) -> None:
+    """Entry point for torch.multiprocessing.spawn: for each (EP size, case names or None for
+    all cases) of ``plan``, run those cases."""
+    init_loopback(rank, world, port)
+    results: dict[str, dict[str, float]] = {}
+    start = time.perf_counter()
+    for ep_size, names in plan:
+        for name, kwargs, mask_spec, bs in CASES:
+            if names is None or name in names:
+                results[f"ep{ep_size}/{name}"] = run_case(name, kwargs, mask_spec, bs, ep_size)
+    results["_time_s"] = {"total": time.perf_counter() - start}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def fault_main(argv: list[str] | None = None) -> int:
+    """One rank of a fault drill: ``RANK WORLD PORT MODE TIMEOUT_S``. Every rank trains an
+    expert-parallel layer; at step 2 rank 1 kills itself (MODE=kill) or stops answering
+    (MODE=hang). The other ranks must exit with a MoekitDistributedError within the timeout."""
+    import signal
+    import sys
+
+    from .errors import MoekitDistributedError
+
+    rank, world, port, mode, timeout_s = sys.argv[1:6] if argv is None else argv
+    rank, world, port, timeout_s = int(rank), int(world), int(port), float(timeout_s)
+    init_loopback(rank, world, port, timeout_s)
+    groups = build_groups(world, timeout_s=timeout_s)
+    torch.manual_seed(0)
+    layer = shard_moe(MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, top_k=2), groups)
+    try:
+        for step in range(1000):
+            if rank == 1 and step == 2:
+                if mode == "kill":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(3600)
+            out = layer(torch.randn(4, DIM))
+            (out.square().sum() + layer.aux_loss).backward()
+            reduce_gradients(layer, groups)
+    except MoekitDistributedError as err:
+        print(f"MoekitDistributedError: {err}", file=sys.stderr, flush=True)
+        os._exit(3)
+    return 0

@@ -1,0 +1,237 @@
+"""Training under expert + data parallelism: batch sharding, gradient reduction, clipping by the
+global norm, optimizer-state resharding and checkpoint saving.
+
+Convention: every rank's loss is its local objective (mean over its own tokens, plus the
+global balancing losses), and gradients are *averaged* over the world, as DistributedDataParallel
+does. Non-expert parameters are all-reduced over the world; an expert shard is summed over its
+expert-DP replicas only, since its gradient already holds the contributions of every rank of its
+EP group (the all-to-all backward brought them); both are divided by the world size. With equal
+per-rank batches this equals the single-process gradient of the mean loss over the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import MoekitDistributedError, guarded
+from .expert_parallel import ExpertParallelMoE, expert_parameters, gather_experts, shard_model
+from .groups import ParallelGroups, init_parallel
+
+T = TypeVar("T")
+
+
+def shard_batch(tensor_B: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
+    """This rank's rows of a global batch: rows [r*B/N, (r+1)*B/N) along dim 0."""
+    B, N = tensor_B.shape[0], groups.world_size
+    if B % N != 0:
+        raise ValueError(f"batch_size={B} is not divisible by the world size {N}; use a multiple of {N}")
+    per = B // N
+    return tensor_B[groups.rank * per:(groups.rank + 1) * per]
+
+
+def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup | None, scale: float, op: str,
+                     timeout_s: float) -> None:
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    guarded(op, lambda: dist.all_reduce(flat, group=group), timeout_s)
+    flat.mul_(scale)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def reduce_gradients(model: nn.Module, groups: ParallelGroups, average: bool = True) -> None:
+    """All-reduce gradients: non-expert over the world, expert shards over their replicas.
+
+    A parameter without a gradient on this rank contributes zeros (its gradient is created), so
+    every rank makes the same calls. ``average`` divides by the world size (the mean-loss
+    convention above); without it gradients are summed (a sum-over-ranks objective).
+    """
+    if groups.world_size == 1:
+        return
+    experts = expert_parameters(model)
+    dense, sharded = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        (sharded if id(p) in experts else dense).append(p.grad)
+    scale = 1.0 / groups.world_size if average else 1.0
+    by_dtype: dict[tuple[torch.dtype, bool], list[torch.Tensor]] = {}
+    for is_expert, grads in ((False, dense), (True, sharded)):
+        for g in grads:
+            by_dtype.setdefault((g.dtype, is_expert), []).append(g)
+    for (_, is_expert), grads in by_dtype.items():
+        if is_expert:
+            _all_reduce_flat(grads, groups.dp_group, scale, "all_reduce(expert gradients)", groups.timeout_s)
+        else:
+            _all_reduce_flat(grads, None, scale, "all_reduce(gradients)", groups.timeout_s)
+
+
+def clip_grad_norm(model: nn.Module, params: list[torch.Tensor], max_norm: float,
+                   groups: ParallelGroups) -> torch.Tensor:
+    """Clip by the global gradient norm (call after ``reduce_gradients``).
+
+    Replicated gradients count once; expert shards' squared norms are summed over the EP group.
+    Returns the total norm before clipping, as ``torch.nn.utils.clip_grad_norm_`` does.
+    """
+    experts = expert_parameters(model)
+    with_grad = [p for p in params if p.grad is not None]
+    zero = torch.zeros((), dtype=torch.float64, device=groups.device)
+    dense_sq = sum((p.grad.double().square().sum() for p in with_grad if id(p) not in experts), zero)
+    expert_sq = sum((p.grad.double().square().sum() for p in with_grad if id(p) in experts), zero.clone())
+    if groups.ep_size > 1:
+        guarded("all_reduce(gradient norm)", lambda: dist.all_reduce(expert_sq, group=groups.ep_group),
+                groups.timeout_s)
+    total = (dense_sq + expert_sq).sqrt()
+    if max_norm > 0 and torch.isfinite(total) and float(total) > max_norm:
+        coef = max_norm / (float(total) + 1e-6)
+        for p in with_grad:
+            p.grad.mul_(coef)
+    return total.float()
+
+
+def attach_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, groups: ParallelGroups) -> None:
+    """Make ``optimizer.state_dict()`` hold full (E, ...) expert states (gathered over the EP
+    group) and ``load_state_dict`` accept them (keeping this rank's slice); both are collective."""
+    shard_of: dict[int, int] = {}
+    for module in model.modules():
+        if isinstance(module, ExpertParallelMoE):
+            for p in module.experts.parameters():
+                shard_of[id(p)] = module.num_experts
+
+    def indexed() -> list[tuple[int, torch.Tensor]]:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return list(enumerate(params))
+
+    def gather(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state = {}
+        for idx, p in indexed():
+            entry = state_dict["state"].get(idx)
+            if entry is None:
+                continue
+            if id(p) in shard_of:
+                # Sorted keys: every rank must gather the same tensors in the same order (the key
+                # order of a state loaded from safetensors differs from process to process).
+                entry = {k: (gather_experts(entry[k], groups) if isinstance(entry[k], torch.Tensor)
+                             and entry[k].dim() >= 1 and entry[k].shape == p.shape else entry[k])
+                         for k in sorted(entry)}
+            state[idx] = entry
+        return {"state": state, "param_groups": state_dict["param_groups"]}
+
+    def slice_(opt: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+        state = dict(state_dict["state"])
+        for idx, p in indexed():
+            E = shard_of.get(id(p))
+            if E is None or idx not in state or p.shape[0] == E:
+                continue
+            ids = groups.experts_of(E)
+            state[idx] = {k: (v[ids.start:ids.stop] if isinstance(v, torch.Tensor) and v.dim() >= 1
+                              and v.shape[0] == E and v.shape[1:] == p.shape[1:] else v)
+                          for k, v in state[idx].items()}
+        return {**state_dict, "state": state}
+
+    optimizer.register_state_dict_post_hook(gather)
+    optimizer.register_load_state_dict_pre_hook(slice_)
+
+
+class _Snapshot:
+    """A precomputed ``state_dict()`` for writers that ask a module or optimizer for one."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+
+def save_checkpoint_parallel(folder: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                             meta: dict[str, Any], keep: int, groups: ParallelGroups) -> Path:
+    """Gather full expert tensors on every rank (collective), write on rank 0 in the single-process
+    layout (``moekit.train.checkpoint.save_checkpoint``), then wait for the write on all ranks."""
+    from ..train.checkpoint import save_checkpoint
+
+    model_sd = model.state_dict()
+    optim = None if optimizer is None else _Snapshot(optimizer.state_dict())
+    path = Path(folder) / f"step_{step:08d}.safetensors"
+    if groups.is_main:
+        path = save_checkpoint(folder, step, _Snapshot(model_sd), optim, meta, keep=keep)  # type: ignore[arg-type]
+    guarded("barrier(checkpoint)", lambda: dist.barrier(), groups.timeout_s)
+    return path
+
+
+class TrainerParallel:
+    """What ``moekit.train.Trainer`` calls under ``--expert-parallel``: one object, so the trainer's
+    hooks stay one line each. Every rank runs the same global batch schedule and keeps its rows."""
+
+    def __init__(self, groups: ParallelGroups) -> None:
+        self.groups = groups
+
+    @property
+    def is_main(self) -> bool:
+        return self.groups.is_main
+
+    def setup_model(self, model: nn.Module) -> nn.Module:
+        return shard_model(model, self.groups)
+
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        attach_optimizer(optimizer, model, self.groups)
+
+    def local_batch(self, batch: Any) -> Any:
+        """This rank's rows of every tensor field of a batch dataclass."""
+        import dataclasses
+
+        return dataclasses.replace(batch, **{f.name: shard_batch(getattr(batch, f.name), self.groups)
+                                             for f in dataclasses.fields(batch)})
+
+    def reduce_and_clip(self, model: nn.Module, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        reduce_gradients(model, self.groups)
+        return clip_grad_norm(model, params, max_norm, self.groups)
+
+    def mean_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.groups.device)
+        guarded("all_reduce(metrics)", lambda: dist.all_reduce(t), self.groups.timeout_s)
+        return {k: float(v) / self.groups.world_size for k, v in zip(keys, t.tolist())}
+
+    def save(self, folder: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             meta: dict[str, Any], keep: int) -> Path:
+        meta = {**meta, "expert_parallel": self.groups.ep_size, "world_size": self.groups.world_size}
+        return save_checkpoint_parallel(folder, step, model, optimizer, meta, keep, self.groups)
+
+
+    def main_first(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on rank 0, then on the others (e.g. building a shared data cache once)."""
+        if self.is_main:
+            result = fn()
+        guarded("barrier(main first)", lambda: dist.barrier(), self.groups.timeout_s)
+        if not self.is_main:
+            result = fn()
+        return result
+
+    def run(self, fn: Callable[[], int]) -> int:
+        """Run the training entry point; a failed collective prints one line and returns 3."""
+        try:
+            code = fn()
+        except MoekitDistributedError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            return 3
+        dist.destroy_process_group()
+        return code
+
+
+def start_parallel(ep_size: int, timeout_s: float = 300.0) -> TrainerParallel:
+    """Initialise torch.distributed from torchrun's environment and build the EP/DP groups."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return TrainerParallel(init_parallel(ep_size, timeout_s))

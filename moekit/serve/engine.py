@@ -1,0 +1,479 @@
+"""The serving engine: a bounded request queue and a background thread running continuous batching.
+
+Continuous batching follows Orca (Yu et al., OSDI 2022): the batch is re-formed at every decode
+step, so a request joins as soon as a slot frees and leaves as soon as it finishes. Each step
+(1) admits waiting requests up to ``max_batch`` running sequences and prefills their prompts
+into each sequence's own KV cache (one ``LM.forward`` for a lone prompt, else all new prompts
+packed into one pass, ``moekit.serve.batched.prefill_step``), then (2) feeds every running sequence's last
+token through one batched forward (``moekit.serve.batched.decode_step``).
+
+Determinism: each request owns a ``torch.Generator`` seeded like offline ``moekit generate``
+(``moekit.lm.generate``) and draws its tokens with the same ``sample_next`` on its own (1, V)
+logits row, so a seeded request gives the offline tokens whether it runs alone (the same
+``LM.forward`` calls) or batched (logits equal up to float rounding; dropless token-choice
+routing is batch-independent, capacity-limited or expert-choice routing is not).
+
+Fault tolerance: experts can be masked and unmasked between steps (``mask``/``unmask``). With
+``check_finite`` on in the MoE config, an expert that produces NaN/Inf raises
+``ExpertNonFiniteError``; the engine quarantines it (masks it and records it), undoes the step's
+partial cache writes and runs the step again, so requests keep flowing.
+
+Shape legend: B running sequences, S prompt length, V vocabulary, K top-k.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import ConfigError
+from ..layer import ExpertNonFiniteError, MoE
+from ..lm.generate import sample_next
+from ..lm.model import LM, KVCache
+from ..model_ops import moe_layers
+from .batched import KVPool, SlotCache, can_batch, decode_step, prefill_step, truncate_cache
+
+log = logging.getLogger("moekit.serve")
+
+Event = dict[str, Any]
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass
+class ServeLimits:
+    """Limits of one server; every request is checked against them (errors name the field)."""
+
+    # Running sequences per decode step; 1 serves one request at a time (no batching).
+    max_batch: int = 8
+    # Requests waiting for a slot; one more is answered 429 with Retry-After.
+    queue_size: int = 64
+    # Largest max_tokens a request may ask for.
+    max_tokens: int = 256
+    # Longest prompt in tokens (None: the model's max_seq_len - 1).
+    max_prompt_tokens: int | None = None
+    # Most stop strings per request, and their longest length in characters.
+    max_stop: int = 4
+    max_stop_chars: int = 64
+    # Seconds a client is told to wait after a 429.
+    retry_after_s: int = 1
+    # Bearer token the /admin endpoints require (None: no token needed).
+    admin_token: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "queue_size", "max_tokens", "max_stop", "max_stop_chars", "retry_after_s"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                   f"ServeLimits.{name}={value!r} must be an int >= 1")
+        _check(self.max_prompt_tokens is None or (isinstance(self.max_prompt_tokens, int)
+                                                  and self.max_prompt_tokens >= 1),
+               f"ServeLimits.max_prompt_tokens={self.max_prompt_tokens!r} must be None or an int >= 1")
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds ``queue_size`` requests already."""
+
+
+@dataclass(eq=False)
+class GenRequest:
+    """One completion request; ``on_event`` is called from the engine thread with each event:
+    {"type": "token", "token_id", "text" (new text, may be ""), "experts" (trace or None)},
+    then one {"type": "done", "finish_reason", "text" (text not yet sent), "usage"} or
+    {"type": "error", "message"}."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    trace: bool = False
+    on_event: Callable[[Event], None] | None = None
+    request_id: str = ""
+    # Set by the engine.
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    finish_reason: str | None = None
+    cancelled: bool = False
+    t_submit: float = 0.0
+    t_first: float | None = None
+    cache: KVCache | None = None
+    generator: torch.Generator | None = None
+
+
+class Engine:
+    """Runs ``model`` for many requests at once in a background thread; start with ``start()``."""
+
+    def __init__(self, model: LM, tokenizer: Any, limits: ServeLimits | None = None, model_name: str = "moekit",
+                 metrics: Any | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.limits = limits or ServeLimits()
+        self.model_name = model_name
+        self.metrics = metrics
+        self.device = next(model.parameters()).device
+        self.layers: dict[str, MoE] = dict(moe_layers(model))
+        self.quarantined: dict[str, set[int]] = {name: set() for name in self.layers}
+        self.batchable = can_batch(model)
+        self.counts = {"requests": 0, "rejected": 0, "cancelled": 0, "errors": 0, "tokens_generated": 0,
+                       "prompt_tokens": 0, "quarantine_events": 0, "steps": 0, "batched_steps": 0,
+                       "packed_prefills": 0}
+        self.started_at = time.time()
+        self._waiting: collections.deque[GenRequest] = collections.deque()
+        self._active: list[GenRequest] = []
+        self._cv = threading.Condition()
+        # Held for each step and for every read or change of the model from other threads.
+        self.model_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        # Static KV caches for the running sequences (batchable models), allocated when the thread starts.
+        self._pool: KVPool | None = None
+        self._stopping = False
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stopping = False
+            if self.batchable:
+                self._pool = KVPool(self.model.config.n_layers, self.limits.max_batch, self.model.config.max_seq_len)
+            self._thread = threading.Thread(target=self._loop, name="moekit-serve-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, req: GenRequest) -> GenRequest:
+        """Queue a request; raises QueueFullError when ``queue_size`` requests are waiting already,
+        ValueError naming the field when the request cannot run on this model."""
+        self._validate(req)
+        with self._cv:
+            if len(self._waiting) >= self.limits.queue_size:
+                self.counts["rejected"] += 1
+                if self.metrics is not None:
+                    self.metrics.request_finished("rejected", None)
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting (queue_size="
+                                     f"{self.limits.queue_size}); retry in {self.limits.retry_after_s} s")
+            req.request_id = req.request_id or f"cmpl-{next(self._ids)}"
+            req.t_submit = time.perf_counter()
+            seed = req.seed if req.seed is not None else random.SystemRandom().getrandbits(63)
+            req.generator = torch.Generator(device=self.device).manual_seed(seed)
+            self._waiting.append(req)
+            self._cv.notify_all()
+        return req
+
+    def _validate(self, req: GenRequest) -> None:
+        context = self.model.config.max_seq_len
+        if not req.prompt_ids:
+            raise ValueError("prompt_ids: empty; a request needs at least one prompt token")
+        if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
+            raise ValueError(f"max_tokens={req.max_tokens!r} must be an int >= 1")
+        if len(req.prompt_ids) + req.max_tokens > context:
+            raise ValueError(f"max_tokens={req.max_tokens}: prompt ({len(req.prompt_ids)} tokens) + max_tokens "
+                             f"exceeds the model's context of {context} tokens")
+        if not req.temperature >= 0:
+            raise ValueError(f"temperature={req.temperature} must be >= 0")
+        if not 0 < req.top_p <= 1:
+            raise ValueError(f"top_p={req.top_p} must be in (0, 1]")
+
+    def cancel(self, req: GenRequest) -> None:
+        """Free the request's slot (a client that went away); a waiting request leaves the queue now."""
+        with self._cv:
+            if req.finish_reason is not None or req.cancelled:
+                return
+            req.cancelled = True
+            if req in self._waiting:
+                self._waiting.remove(req)
+                self._finish(req, "cancelled")
+            self._cv.notify_all()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # ------------------------------------------------------------------ expert control
+    def layer(self, name: str | int) -> tuple[str, MoE]:
+        """An MoE layer by qualified name ("layers.1.mlp") or by block index (1); KeyError names the choices."""
+        if isinstance(name, int) and not isinstance(name, bool):
+            name = f"layers.{name}.mlp"
+        if name not in self.layers:
+            raise KeyError(f"layer {name!r} is not an MoE layer; MoE layers are {sorted(self.layers)}")
+        return name, self.layers[name]
+
+    def mask(self, name: str | int, experts: list[int]) -> list[int]:
+        """Take experts out of service between two steps; returns the layer's masked experts."""
+        name, layer = self.layer(name)
+        with self.model_lock:
+            layer.mask_experts(experts)
+            return layer.masked_experts
+
+    def unmask(self, name: str | int, experts: list[int] | None) -> list[int]:
+        """Put experts back in service (None: all of the layer's); clears their quarantine."""
+        name, layer = self.layer(name)
+        with self.model_lock:
+            layer.unmask_experts(experts)
+            cleared = set(range(layer.num_experts)) if experts is None else set(experts)
+            self.quarantined[name] -= cleared
+            layer.stats.nonfinite_E[sorted(cleared)] = False
+            return layer.masked_experts
+
+    def expert_snapshot(self) -> list[dict[str, Any]]:
+        """Per MoE layer: name, tokens per expert and utilisation since start, masked and quarantined experts."""
+        out = []
+        with self.model_lock:
+            for name, layer in self.layers.items():
+                tokens = layer.stats.tokens_E.cpu().tolist()
+                total = sum(tokens)
+                out.append({"name": name, "num_experts": layer.num_experts, "top_k": layer.top_k,
+                            "tokens_per_expert": tokens,
+                            "utilization": [t / total if total else 0.0 for t in tokens],
+                            "masked": layer.masked_experts, "quarantined": sorted(self.quarantined[name])})
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything the dashboard shows, as JSON-able values."""
+        return {"model": self.model_name, "uptime_s": time.time() - self.started_at, "active": self.active,
+                "queue_depth": self.queue_depth, "max_batch": self.limits.max_batch,
+                "batched_decode": self.batchable, **{f"{k}_total": v for k, v in self.counts.items()},
+                "layers": self.expert_snapshot()}
+
+    # ------------------------------------------------------------------ the loop
+    def _loop(self) -> None:
+        with torch.no_grad():
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._waiting and not self._active:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    admit = []
+                    while self._waiting and len(self._active) + len(admit) < self.limits.max_batch:
+                        admit.append(self._waiting.popleft())
+                with self.model_lock:
+                    try:
+                        self._step(admit)
+                    except Exception as err:  # the engine thread must outlive a failing step
+                        log.exception("engine step failed")
+                        for req in admit + self._active:
+                            self._finish(req, "error", f"{type(err).__name__}: {err}")
+                        self._active = []
+                if self.metrics is not None:
+                    self.metrics.set_load(self.queue_depth, self.active)
+        with self._cv:
+            for req in list(self._waiting) + self._active:
+                self._finish(req, "error", "server is shutting down")
+            self._waiting.clear()
+            self._active = []
+
+    def _step(self, admit: list[GenRequest]) -> None:
+        self.counts["steps"] += 1
+        fresh = []
+        for req in admit:
+            if req.cancelled:
+                self._finish(req, "cancelled")
+            else:
+                fresh.append(req)
+                self.counts["prompt_tokens"] += len(req.prompt_ids)
+        if self.batchable and len(fresh) > 1:
+            self.counts["packed_prefills"] += 1
+            self._prefill(fresh)
+        else:
+            for req in fresh:
+                self._prefill([req])
+        self._active = [r for r in self._active if self._keep(r)]
+        rows = [r for r in self._active if r.finish_reason is None]
+        if not rows:
+            return
+        tokens_B = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long, device=self.device)
+        if self.batchable and len(rows) > 1:
+            self.counts["batched_steps"] += 1
+            logits_BV = self._guarded(rows, lambda: decode_step(self.model, tokens_B, [r.cache for r in rows]))
+            if logits_BV is not None:
+                for b, r in enumerate(rows):
+                    self._accept(r, logits_BV[b:b + 1], self._trace(b) if r.trace else None)
+        else:
+            for b, r in enumerate(rows):
+                logits_1V = self._guarded([r], lambda r=r, b=b: self.model(tokens_B[b:b + 1, None], cache=r.cache)[:, -1])
+                if logits_1V is not None:
+                    self._accept(r, logits_1V, self._trace(-1) if r.trace else None)
+        self._active = [r for r in self._active if self._keep(r)]
+
+    def _prefill(self, reqs: list[GenRequest]) -> None:
+        """Run the prompts (one LM.forward, or several packed into one pass) and sample first tokens."""
+        prompts = [torch.tensor(r.prompt_ids, dtype=torch.long, device=self.device) for r in reqs]
+
+        def forward() -> tuple[torch.Tensor, list[int]]:
+            for r in reqs:
+                self._new_cache(r)
+            if len(reqs) == 1:
+                return self.model(prompts[0][None, :], cache=reqs[0].cache)[:, -1], [-1]
+            return prefill_step(self.model, prompts, [r.cache for r in reqs])
+
+        result = self._guarded(reqs, forward)
+        if result is None:
+            return
+        logits_BV, rows = result
+        for b, (req, row) in enumerate(zip(reqs, rows)):
+            self._active.append(req)
+            self._accept(req, logits_BV[b:b + 1], self._trace(row) if req.trace else None)
+
+    def _new_cache(self, req: GenRequest) -> None:
+        """An empty cache for the request: a slot of the pool (reused on a retry), or a KVCache."""
+        if self._pool is None:
+            req.cache = KVCache(self.model.config.n_layers)
+        elif isinstance(req.cache, SlotCache):
+            req.cache = SlotCache(self._pool, req.cache.slot)
+        else:
+            req.cache = self._pool.acquire()
+
+    def _keep(self, req: GenRequest) -> bool:
+        if req.cancelled and req.finish_reason is None:
+            self._finish(req, "cancelled")
+        return req.finish_reason is None
+
+    def _guarded(self, reqs: list[GenRequest], forward: Callable[[], Any]) -> Any | None:
+        """Run a forward pass; quarantine experts that produce NaN/Inf and retry; on any other error
+        fail ``reqs`` (the other requests keep running). None when the requests failed."""
+        for _ in range(1 + sum(layer.num_experts for layer in self.layers.values())):
+            try:
+                return forward()
+            except ExpertNonFiniteError as err:
+                for r in reqs:
+                    if r.cache is not None:
+                        truncate_cache(r.cache)
+                if not self._quarantine(err, reqs):
+                    return None
+            except Exception as err:  # a failing step must not stop the server: fail its requests
+                log.exception("forward pass failed for %d request(s)", len(reqs))
+                for r in reqs:
+                    self._finish(r, "error", f"{type(err).__name__}: {err}")
+                return None
+        for r in reqs:
+            self._finish(r, "error", "experts kept producing NaN/Inf after quarantine")
+        return None
+
+    def _quarantine(self, err: ExpertNonFiniteError, reqs: list[GenRequest]) -> bool:
+        name = err.layer
+        layer = self.layers.get(name)
+        try:
+            if layer is None:
+                raise ValueError(f"unknown layer {name!r}")
+            layer.mask_experts(err.experts)
+        except (ValueError, IndexError) as mask_err:
+            for r in reqs:
+                self._finish(r, "error", f"{err}; quarantine failed: {mask_err}")
+            return False
+        self.quarantined[name].update(err.experts)
+        self.counts["quarantine_events"] += 1
+        log.warning("quarantined experts %s of %s after NaN/Inf outputs", err.experts, name)
+        if self.metrics is not None:
+            self.metrics.quarantine_event()
+        return True
+
+    def _trace(self, row: int) -> dict[str, list[int]]:
+        """Top-k expert ids per MoE layer for token row ``row`` of the last forward pass."""
+        trace = {}
+        for name, layer in self.layers.items():
+            routing = layer.last_routing
+            if routing is not None and routing.topk_idx_TK is not None:
+                trace[name] = routing.topk_idx_TK[row].tolist()
+        return trace
+
+    def _accept(self, req: GenRequest, logits_1V: torch.Tensor, trace: dict[str, list[int]] | None) -> None:
+        """Sample the request's next token, update its text, emit the new text, and finish it when done."""
+        token = int(sample_next(logits_1V, req.temperature, req.top_p, req.generator)[0])
+        now = time.perf_counter()
+        if req.t_first is None:
+            req.t_first = now
+            if self.metrics is not None:
+                self.metrics.first_token(now - req.t_submit)
+        req.generated.append(token)
+        self.counts["tokens_generated"] += 1
+        if self.metrics is not None:
+            self.metrics.tokens(1)
+        eos = token == self.tokenizer.eos_id
+        ids = req.generated[:-1] if eos else req.generated
+        text = self.tokenizer.decode(ids)
+        reason = "stop" if eos else None
+        cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        elif reason is None and len(req.generated) >= req.max_tokens:
+            reason = "length"
+        req.text = text
+        if reason is None:
+            # Hold back what could still turn into a stop string or an unfinished multi-byte character.
+            hold = max((len(s) - 1 for s in req.stop), default=0)
+            safe = len(text) - hold
+            while safe > req.sent and text[safe - 1] == "\ufffd":
+                safe -= 1
+        else:
+            safe = len(text)
+        delta = text[req.sent:safe] if safe > req.sent else ""
+        req.sent = max(req.sent, safe)
+        self._emit(req, {"type": "token", "token_id": token, "text": delta, "experts": trace})
+        if reason is not None:
+            self._finish(req, reason)
+
+    def _emit(self, req: GenRequest, event: Event) -> None:
+        if req.on_event is not None:
+            req.on_event(event)
+
+    def _finish(self, req: GenRequest, reason: str, message: str = "") -> None:
+        with self._cv:  # also called from cancel() on the server's thread
+            if req.finish_reason is not None:
+                return
+            req.finish_reason = reason
+            self._report_finish(req, reason, message)
+
+    def _report_finish(self, req: GenRequest, reason: str, message: str) -> None:
+        if isinstance(req.cache, SlotCache):
+            req.cache.pool.release(req.cache)
+        req.cache = None
+        latency = time.perf_counter() - req.t_submit if req.t_submit else None
+        if reason == "cancelled":
+            self.counts["cancelled"] += 1
+            status = "cancelled"
+        elif reason == "error":
+            self.counts["errors"] += 1
+            status = "error"
+            self._emit(req, {"type": "error", "message": message})
+        else:
+            self.counts["requests"] += 1
+            status = "ok"
+            rest = req.text[req.sent:]
+            req.sent = len(req.text)
+            usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.generated),
+                     "total_tokens": len(req.prompt_ids) + len(req.generated)}
+            self._emit(req, {"type": "done", "finish_reason": reason, "text": rest, "usage": usage})
+        if self.metrics is not None:
+            self.metrics.request_finished(status, latency if status == "ok" else None)
+
+
+def prompt_room(model: LM, limits: ServeLimits) -> int:
+    """Longest prompt a request may send, in tokens."""
+    room = model.config.max_seq_len - 1
+    return room if limits.max_prompt_tokens is None else min(room, limits.max_prompt_tokens)

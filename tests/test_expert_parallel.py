@@ -1,0 +1,173 @@
+"""Expert parallelism on torch.distributed (gloo, processes spawned on loopback).
+
+The workers (moekit.parallel.testing) run the single-process layer on the concatenation of every
+rank's tokens and the expert-parallel shard on each rank's own tokens, and record the largest
+absolute difference of every compared quantity; fp32, tolerance 1e-5.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+from moekit.parallel.testing import CASES, free_port, layer_worker
+
+TOL = 1e-5
+CASE_NAMES = [c[0] for c in CASES]
+EP2_DP2_CASES = ["dropless", "capacity_probability", "sigmoid_bias"]
+
+
+def _spawn(tmp_path_factory, world: int, plan: list) -> list[dict]:
+    out = tmp_path_factory.mktemp(f"ep_world{world}")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(layer_worker, args=(world, free_port(), str(out), plan), nprocs=world, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    return _spawn(tmp_path_factory, 2, [(2, None)])
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory):
+    # EP=4 (every rank owns 2 experts), and EP=2 x DP=2 (expert gradients averaged over replicas).
+    return _spawn(tmp_path_factory, 4, [(4, None), (2, EP2_DP2_CASES)])
+
+
+def _check(results: list[dict], key: str) -> None:
+    for rank, res in enumerate(results):
+        errs = res[key]
+        compared = {k: v for k, v in errs.items() if k not in ("rows_received", "any_dropped")}
+        assert any(k.startswith("grad:experts.") for k in compared)
+        bad = {k: v for k, v in compared.items() if not v <= TOL}
+        assert not bad, f"rank {rank} {key}: differs from the single-process layer: {bad}"
+
+
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_ep2_matches_single_process(world2, case):
+    _check(world2, f"ep2/{case}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASE_NAMES)
+def test_ep4_matches_single_process(world4, case):
+    _check(world4, f"ep4/{case}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", EP2_DP2_CASES)
+def test_ep2_dp2_matches_single_process(world4, case):
+    _check(world4, f"ep2/{case}")
+
+
+def test_cases_cover_idle_rank_and_drops(world2):
+    """The awkward cases really happen: a rank receives no rows, and capacity drops slots."""
+    last = world2[-1]
+    assert last["ep2/dropless_idle_rank"]["rows_received"] == 0
+    assert last["ep2/capacity_probability"]["rows_received"] == 0
+    assert world2[0]["ep2/dropless_idle_rank"]["rows_received"] > 0
+    assert world2[0]["ep2/capacity_probability"]["any_dropped"] > 0
+    assert world2[0]["ep2/capacity_position_switch"]["any_dropped"] > 0
+    assert "selection_bias" in world2[0]["ep2/sigmoid_bias"]
+
+
+FAULT_TIMEOUT_S = 5
+
+
+@pytest.fixture(scope="module")
+def fault_drills():
+    """Two 2-rank runs at once: in one rank 1 dies (SIGKILL) mid-training, in the other it stops
+    answering. Returns {mode: (rank 0's exit code, seconds to exit, its stderr)}."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    code = "from moekit.parallel.testing import fault_main; fault_main()"
+    runs = {}
+    for mode in ("kill", "hang"):
+        port = free_port()
+        runs[mode] = [subprocess.Popen([sys.executable, "-c", code, str(r), "2", str(port), mode, str(FAULT_TIMEOUT_S)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                      for r in range(2)]
+    start = time.monotonic()
+    results = {}
+    try:
+        for mode, procs in runs.items():
+            rc = procs[0].wait(timeout=120)
+            results[mode] = (rc, time.monotonic() - start, procs[0].stderr.read())
+    finally:
+        for procs in runs.values():
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+                p.stderr.close()
+    return results
+
+
+@pytest.mark.parametrize("mode", ["kill", "hang"])
+def test_failed_rank_raises_on_others(fault_drills, mode):
+    """Rank 0 exits with an error naming the rank, the collective and the cause, within the
+    configured timeout plus process start-up (never a silent hang)."""
+    rc, elapsed, err = fault_drills[mode]
+    assert rc == 3, err
+    assert "MoekitDistributedError: rank 0/2: collective" in err
+    expected = (f"no answer from a peer rank within the {FAULT_TIMEOUT_S} s timeout" if mode == "hang"
+                else "a peer rank died")
+    assert expected in err, err
+    assert elapsed < 90, f"rank 0 took {elapsed:.0f} s to fail"
+
+
+def _groups(ep_size: int, world: int = 1, rank: int = 0):
+    import torch
+
+    from moekit.parallel import ParallelGroups
+
+    return ParallelGroups(world_size=world, rank=rank, ep_size=ep_size, ep_group=None, dp_group=None,
+                          ep_ranks=list(range(ep_size)), dp_ranks=[rank], backend="gloo",
+                          device=torch.device("cpu"), timeout_s=10.0)
+
+
+def test_bad_setups_name_the_problem():
+    import torch
+
+    from moekit import ConfigError, MoE
+    from moekit.parallel import shard_batch, shard_moe
+
+    with pytest.raises(ConfigError, match=r"num_experts=8 is not divisible by expert_parallel=3"):
+        shard_moe(MoE(dim=8, num_experts=8, expert_hidden=8), _groups(3, world=3))
+    with pytest.raises(ConfigError, match=r"token-choice router; router.kind='expert_choice'"):
+        shard_moe(MoE(dim=8, num_experts=8, expert_hidden=8, router="expert_choice", capacity_factor=1.0), _groups(2))
+    with pytest.raises(ConfigError, match=r"aux_loss_convention='mixtral'"):
+        shard_moe(MoE(dim=8, num_experts=8, expert_hidden=8, aux_loss_convention="mixtral"), _groups(2))
+    with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by the world size 4"):
+        shard_batch(torch.zeros(6, 3), _groups(2, world=4))
+
+
+def test_shard_keeps_this_ranks_contiguous_experts():
+    from moekit import MoE
+    from moekit.parallel import shard_moe
+
+    layer = MoE(dim=8, num_experts=8, expert_hidden=4)
+    shard = shard_moe(layer, _groups(4, world=4, rank=2))
+    assert shard.local_experts == range(4, 6)
+    assert shard.experts.gate_up_proj.shape == (2, 8, 8)
+    assert shard.experts.gate_up_proj.data_ptr() != layer.experts.gate_up_proj.data_ptr()
+    assert (shard.experts.gate_up_proj == layer.experts.gate_up_proj[4:6]).all()
+    assert (shard.experts.down_proj == layer.experts.down_proj[4:6]).all()
+    assert shard.router is layer.router
+
+
+def test_without_torchrun_the_error_says_how_to_launch(monkeypatch):
+    from moekit import ConfigError
+    from moekit.parallel import init_parallel
+
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ConfigError, match="launch with torchrun"):
+        init_parallel(2)
+    with pytest.raises(ConfigError, match=r"timeout_s=0 must be a positive number"):
+        init_parallel(2, timeout_s=0)

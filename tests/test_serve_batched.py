@@ -1,0 +1,278 @@
+"""The serving engine's batched decode step against LM.forward, and the engine without HTTP."""
+
+import re
+import threading
+
+import pytest
+import torch
+
+from moekit.config import ConfigError, moe_config
+from moekit.lm import LM, KVCache, LMConfig
+from moekit.lm.generate import generate
+from moekit.serve.batched import KVPool, can_batch, decode_step, prefill_step, truncate_cache
+from moekit.serve.engine import Engine, GenRequest, QueueFullError, ServeLimits
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the engine
+    thread's OpenMP workers competing with the test's threads slow these tests tens of times."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_lm(**overrides) -> LM:
+    kw = dict(vocab_size=257, dim=32, n_layers=2, n_heads=4, max_seq_len=64, ffn_hidden=48, init_std=0.2,
+              moe=moe_config(dim=32, num_experts=4, expert_hidden=24, top_k=2))
+    kw.update(overrides)
+    return LM(LMConfig(**kw)).eval()
+
+
+def new_caches(model: LM, n: int, kind: str = "list") -> list[KVCache]:
+    """``list``: the LM's own growing KVCache; ``pool``: slots of one KVPool (slot order scrambled)."""
+    if kind == "list":
+        return [KVCache(model.config.n_layers) for _ in range(n)]
+    pool = KVPool(model.config.n_layers, n + 2, model.config.max_seq_len)
+    pool.acquire()  # leave slot 0 unused, so rows and slots differ
+    return [pool.acquire() for _ in range(n)][::-1]
+
+
+def prefilled(model: LM, prompts: list[torch.Tensor], kind: str = "list") -> list[KVCache]:
+    caches = new_caches(model, len(prompts), kind)
+    with torch.no_grad():
+        for p, c in zip(prompts, caches):
+            model(p, cache=c)
+    return caches
+
+
+@pytest.mark.parametrize("kind", ["list", "pool"])
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 2}, {"qk_norm": "head"}, {"qk_norm": "full", "n_kv_heads": 1},
+                                       {"moe_layers": [1]}])
+def test_decode_step_matches_lm_forward_per_row(overrides, kind):
+    model = tiny_lm(**overrides)
+    assert can_batch(model)
+    prompts = [torch.randint(0, 257, (1, n)) for n in (3, 9, 1, 6)]
+    caches = prefilled(model, prompts, kind)
+    tokens_B = torch.tensor([5, 17, 200, 3])
+    logits_BV = decode_step(model, tokens_B, caches)
+    assert [c.length for c in caches] == [4, 10, 2, 7]
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            full = torch.cat([prompt, tokens_B[b:b + 1, None]], dim=1)
+            ref_V = model(full)[0, -1]
+            torch.testing.assert_close(logits_BV[b], ref_V, rtol=1e-4, atol=1e-5)
+    # A second step continues every row's own cache.
+    logits2_BV = decode_step(model, torch.tensor([1, 2, 3, 4]), caches)
+    with torch.no_grad():
+        full = torch.cat([prompts[1], torch.tensor([[17, 2]])], dim=1)
+        torch.testing.assert_close(logits2_BV[1], model(full)[0, -1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["list", "pool"])
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 1, "qk_norm": "head"}])
+def test_prefill_step_packs_prompts_like_separate_lm_forwards(overrides, kind):
+    model = tiny_lm(**overrides)
+    layer = model.layers[0].mlp
+    # Row 2 continues a cache that holds 4 positions already (P > 0 takes the offset causal mask).
+    history = torch.randint(0, 257, (1, 4))
+    caches = new_caches(model, 3, kind)
+    with torch.no_grad():
+        model(history, cache=caches[2])
+    prompts = [torch.randint(0, 257, (n,)) for n in (5, 1, 3)]
+    tokens_before = float(layer.stats.num_tokens)
+    logits_BV, rows = prefill_step(model, prompts, caches)
+    assert rows == [4, 5, 8] and [c.length for c in caches] == [5, 1, 7]
+    assert float(layer.stats.num_tokens) - tokens_before == 9  # real tokens only, no padding
+    with torch.no_grad():
+        for b, prompt in enumerate(prompts):
+            full = torch.cat([history[0], prompt]) if b == 2 else prompt
+            torch.testing.assert_close(logits_BV[b], model(full[None])[0, -1], rtol=1e-4, atol=1e-5)
+    # The caches continue like LM.forward's: a batched decode step after the packed prefill.
+    out_BV = decode_step(model, torch.tensor([7, 8, 9]), caches)
+    with torch.no_grad():
+        ref = model(torch.cat([prompts[0], torch.tensor([7])])[None])[0, -1]
+    torch.testing.assert_close(out_BV[0], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_decode_step_rejects_bad_shapes_and_overflow():
+    model = tiny_lm(max_seq_len=4)
+    caches = prefilled(model, [torch.randint(0, 257, (1, 4))])
+    with pytest.raises(ValueError, match="B = 1 caches"):
+        decode_step(model, torch.tensor([1, 2]), caches)
+    with pytest.raises(ValueError, match="exceed max_seq_len=4"):
+        decode_step(model, torch.tensor([1]), caches)
+    with pytest.raises(ValueError, match="exceed max_seq_len=4"):
+        prefill_step(model, [torch.tensor([1])], caches)
+    with pytest.raises(ValueError, match="got 2 prompts for 1 caches"):
+        prefill_step(model, [torch.tensor([1]), torch.tensor([2])], caches)
+
+
+def test_pool_slots_are_reused_and_bounded():
+    model = tiny_lm(max_seq_len=8)
+    pool = KVPool(2, 2, 8)
+    a, b = pool.acquire(), pool.acquire()
+    with pytest.raises(RuntimeError, match="all 2 KV cache slots are in use"):
+        pool.acquire()
+    with torch.no_grad():
+        model(torch.randint(0, 257, (1, 8)), cache=a)
+    with pytest.raises(ValueError, match="9 positions exceed"):
+        decode_step(model, torch.tensor([1]), [a])
+    # A released slot serves a new sequence from position 0; stale keys past its length are masked.
+    pool.release(a)
+    c = pool.acquire()
+    assert c.slot == a.slot and c.length == 0
+    prompt = torch.randint(0, 257, (1, 3))
+    with torch.no_grad():
+        model(prompt, cache=c)
+        model(torch.randint(0, 257, (1, 5)), cache=b)
+    out_BV = decode_step(model, torch.tensor([4, 4]), [c, b])
+    with torch.no_grad():
+        ref_V = model(torch.cat([prompt, torch.tensor([[4]])], dim=1))[0, -1]
+    torch.testing.assert_close(out_BV[0], ref_V, rtol=1e-4, atol=1e-5)
+
+
+def test_truncate_cache_undoes_a_failed_step():
+    model = tiny_lm()
+    caches = prefilled(model, [torch.randint(0, 257, (1, 5))])
+    before = [t.clone() for t in caches[0].layers[0]]
+    caches[0].update(0, torch.ones(1, 4, 1, 8), torch.ones(1, 4, 1, 8))  # a partial append, length unchanged
+    assert caches[0].layers[0][0].shape[-2] == 6
+    truncate_cache(caches[0])
+    for t, ref in zip(caches[0].layers[0], before):
+        assert torch.equal(t, ref)
+
+
+def test_serve_limits_validate():
+    with pytest.raises(ConfigError, match="max_batch=0"):
+        ServeLimits(max_batch=0)
+    with pytest.raises(ConfigError, match="max_prompt_tokens='x'"):
+        ServeLimits(max_prompt_tokens="x")
+
+
+class ByteTok:
+    eos_id = 256
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i != 256).decode("utf-8", errors="replace")
+
+
+def run_requests(engine: Engine, reqs: list[GenRequest]) -> list[list[dict]]:
+    """Submit every request, then start the engine: its first step admits them all together."""
+    events = [[] for _ in reqs]
+    done = [threading.Event() for _ in reqs]
+    for i, r in enumerate(reqs):
+        def on_event(ev, i=i):
+            events[i].append(ev)
+            if ev["type"] != "token":
+                done[i].set()
+        r.on_event = on_event
+        engine.submit(r)
+    engine.start()
+    for d in done:
+        assert d.wait(60)
+    return events
+
+
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_engine_equals_offline_generate(max_batch):
+    model = tiny_lm()
+    engine = Engine(model, ByteTok(), ServeLimits(max_batch=max_batch))
+    try:
+        prompts = [[72, 101, 108], [10, 20, 30, 40, 50, 60], [7], [99, 98]]
+        settings = [(0.0, 1.0, None), (0.8, 0.95, 3), (1.0, 1.0, 11), (1.3, 0.5, 5)]
+        reqs = [GenRequest(prompt_ids=p, max_tokens=12, temperature=t, top_p=tp, seed=s)
+                for p, (t, tp, s) in zip(prompts, settings)]
+        events = run_requests(engine, reqs)
+        for p, (t, tp, s), r, ev in zip(prompts, settings, reqs, events):
+            ref = generate(model, torch.tensor([p]), 12, temperature=t, top_p=tp, seed=s, stop_token=256)
+            assert r.generated == ref[0, len(p):].tolist()
+            assert ev[-1]["type"] == "done"
+            assert "".join(e["text"] for e in ev) == ByteTok().decode(r.generated)
+        assert (engine.counts["batched_steps"] > 0) == (max_batch > 1)
+        assert engine.counts["packed_prefills"] == (1 if max_batch > 1 else 0)
+    finally:
+        engine.stop()
+
+
+def test_engine_queue_is_bounded():
+    engine = Engine(tiny_lm(), ByteTok(), ServeLimits(max_batch=1, queue_size=2))  # not started: nothing drains
+    engine.submit(GenRequest(prompt_ids=[1], max_tokens=1))
+    engine.submit(GenRequest(prompt_ids=[1], max_tokens=1))
+    with pytest.raises(QueueFullError, match="queue_size=2"):
+        engine.submit(GenRequest(prompt_ids=[1], max_tokens=1))
+    assert engine.counts["rejected"] == 1
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"prompt_ids": []}, "prompt_ids: empty"),
+    ({"max_tokens": 0}, "max_tokens=0 must be"),
+    ({"prompt_ids": [1] * 60, "max_tokens": 5}, "exceeds the model's context of 64"),
+    ({"temperature": float("nan")}, "temperature=nan"),
+    ({"top_p": 0.0}, "top_p=0.0"),
+])
+def test_engine_rejects_requests_it_cannot_run(fields, message):
+    engine = Engine(tiny_lm(), ByteTok())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        engine.submit(GenRequest(**{"prompt_ids": [1], "max_tokens": 2, **fields}))
+    assert engine.queue_depth == 0
+
+
+def test_engine_quarantines_an_expert_that_produces_nan():
+    model = tiny_lm()
+    layer = model.layers[0].mlp
+    with torch.no_grad():
+        layer.experts.down_proj[2].fill_(float("nan"))
+    engine = Engine(model, ByteTok(), ServeLimits(max_batch=4))
+    try:
+        reqs = [GenRequest(prompt_ids=list(range(30, 40 + 3 * i)), max_tokens=6, temperature=0.0, trace=True)
+                for i in range(3)]
+        events = run_requests(engine, reqs)
+        assert all(ev[-1]["type"] == "done" for ev in events)
+        assert engine.quarantined["layers.0.mlp"] == {2}
+        assert layer.masked_experts == [2]
+        assert engine.counts["quarantine_events"] >= 1 and engine.counts["packed_prefills"] == 1
+        for ev in events:
+            assert all(2 not in e["experts"]["layers.0.mlp"] for e in ev if e["type"] == "token")
+        # Once quarantined, the model is the clean model with expert 2 masked: compare with offline.
+        clean = tiny_lm()
+        clean.load_state_dict(model.state_dict())
+        clean.layers[0].mlp.mask_experts([2])
+        for r in reqs:
+            ref = generate(clean, torch.tensor([r.prompt_ids]), 6, temperature=0.0, stop_token=256)
+            assert r.generated == ref[0, len(r.prompt_ids):].tolist()
+    finally:
+        engine.stop()
+
+
+def test_engine_serves_mla_models_row_by_row():
+    options = {"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
+    model = tiny_lm(attention="mla", attention_options=options)
+    assert not can_batch(model)
+    engine = Engine(model, ByteTok(), ServeLimits(max_batch=4))
+    try:
+        reqs = [GenRequest(prompt_ids=[5 + i, 6, 7], max_tokens=5, temperature=0.9, seed=i) for i in range(3)]
+        run_requests(engine, reqs)
+        for i, r in enumerate(reqs):
+            ref = generate(model, torch.tensor([r.prompt_ids]), 5, temperature=0.9, seed=i, stop_token=256)
+            assert r.generated == ref[0, 3:].tolist()
+        assert engine.counts["batched_steps"] == engine.counts["packed_prefills"] == 0
+    finally:
+        engine.stop()
+
+
+def test_engine_survives_a_failing_step():
+    class BrokenTok(ByteTok):
+        def decode(self, ids):
+            raise RuntimeError("tokenizer exploded")
+
+    engine = Engine(tiny_lm(), BrokenTok(), ServeLimits(max_batch=2))
+    try:
+        events = run_requests(engine, [GenRequest(prompt_ids=[1, 2], max_tokens=3)])
+        assert events[0][-1] == {"type": "error", "message": "RuntimeError: tokenizer exploded"}
+        engine.tokenizer = ByteTok()
+        events = run_requests(engine, [GenRequest(prompt_ids=[1, 2], max_tokens=3)])
+        assert events[0][-1]["type"] == "done"
+    finally:
+        engine.stop()
