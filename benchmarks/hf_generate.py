@@ -93,11 +93,16 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 keeps timings steady on a machine "
+                             "shared with other jobs, where idle OpenMP threads spin while a partner is descheduled")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hf_generate.json"))
     args = parser.parse_args()
 
     import transformers
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     dim, layers, hidden = (128, 2, 64) if args.quick else (256, 4, 128)
     prompt_len, new = (32, 24) if args.quick else (args.prompt, args.new)
     config = transformers.Qwen3MoeConfig(

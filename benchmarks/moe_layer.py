@@ -6,8 +6,9 @@ For each shape x dtype x mode it times, in one process and on the same weights:
   moekit            moekit's MoE layer (backend "auto": the fused experts path).
   moekit_unfused    the same layer with backend "reference" (permute -> experts -> combine).
   hf_<impl>         transformers' Qwen3MoeSparseMoeBlock with experts implementation <impl>
-                    (eager, grouped_mm, batched_mm); a failure (error, or a size that cannot fit
-                    in memory, or a call estimated to take longer than the budget) is recorded.
+                    (eager, grouped_mm, batched_mm); a failure (an error, or batched_mm's per-row
+                    weight gathers exceeding --max-gather-gb) is recorded as failed, a call
+                    estimated (from calls at 16/32 tokens) to exceed --max-call-s as skipped.
   dense             the dense limit: the same active FLOPs as plain dense products, R rows
                     through one expert's weights (gate_up, activation, down), in the dtype.
   dense_fp32        (half precision on CPU only) the same dense products computed in float32
@@ -26,8 +27,10 @@ MoE, one expert's for the dense limit), which every MoE training step needs what
 Decode shapes (1 and 8 tokens) also report the bytes of the distinct experts' weights the step
 must read, their effective GB/s, and the floor bytes / measured read bandwidth.
 
-Run ``python benchmarks/moe_layer.py`` (full) or ``--quick`` (small token counts, < 3 minutes
-on 2 CPU cores); ``--device cuda`` runs bf16 at GPU sizes. Prints a table, writes JSON.
+Run ``python benchmarks/moe_layer.py`` (full) or ``--quick`` (256 tokens, short budgets);
+``--device cuda`` runs bf16 at GPU sizes. ``--threads 1`` is the fair setting on a loaded machine
+(2-thread OpenMP regions stall on descheduled threads, which hurts many small products most).
+Prints a table, writes JSON (rewritten after every shape, ``complete`` false until the end).
 """
 
 from __future__ import annotations
@@ -281,6 +284,26 @@ def dense_fn(shape: Shape, dtype: torch.dtype, device: str, mode: str, fp32_comp
 
 
 # ---------------------------------------------------------------------------------------------- one case
+def _estimate_call_s(make: Callable[[int], tuple[Callable[[], object], int]], tokens: int, device: str,
+                    budget_s: float) -> tuple[float, str]:
+    """Seconds one call at ``tokens`` would take: from one call at 16 tokens scaled linearly, or,
+    when that exceeds the budget, from calls at 16 and 32 tokens (fixed cost + per-token slope),
+    but never below a quarter of the 32-token call scaled linearly."""
+    def once(n: int) -> float:
+        fn, _ = make(n)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+    t16 = once(16)
+    if t16 * tokens / 16 <= budget_s or t16 > budget_s:
+        return t16 * tokens / 16, "one call at 16 tokens, scaled linearly"
+    t32 = once(32)
+    est = max(t32 + (tokens - 32) * max(t32 - t16, 0.0) / 16, 0.25 * t32 * tokens / 32)
+    return est, f"calls at 16 and 32 tokens took {t16:.2f} s and {t32:.2f} s"
+
+
 def run_case(name: str, make: Callable[[int], tuple[Callable[[], object], int]], shape: Shape, dtype: torch.dtype,
              mode: str, device: str, args, probe: bool) -> dict:
     """Time one implementation. make(tokens) returns (step, parameter-gradient bytes)."""
@@ -288,16 +311,10 @@ def run_case(name: str, make: Callable[[int], tuple[Callable[[], object], int]],
            "tokens": shape.tokens}
     try:
         if probe and shape.tokens >= 64:
-            small = 16
-            fn_small, _ = make(small)
-            start = time.perf_counter()
-            fn_small()
-            sync(device)
-            est = (time.perf_counter() - start) * shape.tokens / small
-            del fn_small
+            est, how = _estimate_call_s(make, shape.tokens, device, args.max_call_s)
             if est > args.max_call_s:
                 row.update(status="skipped", reason=f"estimated {est:.0f} s per call at {shape.tokens} tokens "
-                           f"(one call at {small} tokens, scaled linearly), over the {args.max_call_s:.0f} s budget")
+                           f"({how}), over the {args.max_call_s:.0f} s budget")
                 return row
         fn, grad_bytes = make(shape.tokens)
         if mode == "forward_backward":
@@ -374,7 +391,7 @@ def bench_shape(shape: Shape, dtype: torch.dtype, device: str, args) -> list[dic
                 return step_fn(module, x, dy, mode), grad_bytes
             return make
 
-        cases: list[tuple[str, Callable, bool]] = [("moekit", moe_maker(layer), bf_cpu)]
+        cases: list[tuple[str, Callable, bool]] = [("moekit", moe_maker(layer), False)]
         if not args.quick and not shape.decode:
             unfused = copy.deepcopy(layer)
             cases.append(("moekit_unfused", moe_maker(unfused, backend="reference"), bf_cpu))

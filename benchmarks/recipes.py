@@ -240,7 +240,7 @@ def main() -> None:
     # ------------------------------------------------------------ surgery
     surg: dict[str, Any] = {"before": ev0["loss"]}
     calib = torch.cat([b.input_ids for b in eval_batches(data.val, 16, 64, args.eval_tokens)])
-    bigger = add_experts(moe, 2, calibration=calib)
+    bigger = add_experts(moe, 2, calibration=calib, bias_update_rate=0.005)
     b_tr = Trainer(run_cfg(cont, out / "surgery_add", bigger, S["surgery"], cont_seed), data, model=bigger)
     surg["add2_at_init"] = b_tr.evaluate()["loss"]
     b_tr.fit()

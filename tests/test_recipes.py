@@ -117,7 +117,8 @@ def test_added_experts_get_tokens_with_aux_loss_free_balancing():
             bigger(x)
         update_router_biases(bigger)
         new_share.append(float(bigger.layers[0].mlp.last_routing.topk_idx_TK.ge(4).float().mean()))
-    assert new_share[0] == 0 and new_share[-1] > 0.1
+    # the sign rule oscillates on a fixed batch once the new experts are reached
+    assert new_share[0] == 0 and np.mean(new_share[-10:]) > 0.1
 
 
 def test_remove_and_merge_keep_working_and_round_trip(tmp_path):

@@ -80,8 +80,10 @@ def test_surgery_finetune_supervised_btx_commands(dense_run, tmp_path, capsys):
     moe_dir = tmp_path / "moe"
     assert main(["recipe", "upcycle", str(dense_run / "dense"), "--out", str(moe_dir), "--experts", "4",
                  "--steps", "0"]) == 0
-    assert main(["recipe", "surgery", str(moe_dir), "add", "--n", "2", "--out", str(tmp_path / "add")]) == 0
-    assert load_trained(tmp_path / "add")[0].config.moe.num_experts == 6
+    assert main(["recipe", "surgery", str(moe_dir), "add", "--n", "2", "--bias-update-rate", "0.001",
+                 "--out", str(tmp_path / "add")]) == 0
+    added = load_trained(tmp_path / "add")[0].config.moe
+    assert added.num_experts == 6 and added.router.bias_update_rate == 0.001 and added.router.logit_bias
     assert main(["recipe", "surgery", str(moe_dir), "remove", "--experts", "3", "--out", str(tmp_path / "rm")]) == 0
     assert load_trained(tmp_path / "rm")[0].config.moe.num_experts == 3
     assert main(["recipe", "surgery", str(moe_dir), "merge", "--groups", "0+1", "2+3", "--out",

@@ -76,8 +76,9 @@ def complete(client, **body):
 
 def offline(engine, prompt: str, n: int, temperature: float, top_p: float, seed: int | None) -> list[int]:
     ids = list(prompt.encode())
-    out = generate(engine.model, torch.tensor([ids]), n, temperature=temperature, top_p=top_p, seed=seed,
-                   stop_token=EOS)
+    with engine.model_lock:  # the engine thread may be running a step on the same model
+        out = generate(engine.model, torch.tensor([ids]), n, temperature=temperature, top_p=top_p, seed=seed,
+                       stop_token=EOS)
     return out[0, len(ids):].tolist()
 
 
@@ -383,6 +384,17 @@ def test_client_disconnect_mid_stream_frees_its_slot(checkpoint):
         assert engine.counts["tokens_generated"] < 64
         # The freed slot serves the next request (max_batch=1: it would wait forever otherwise).
         assert complete(client, prompt="next", max_tokens=3)["usage"]["completion_tokens"] >= 1
+        # A client waiting for a non-streamed answer that gives up frees its slot too (the engine is
+        # held still meanwhile, so the request cannot finish first).
+        with engine.model_lock, pytest.raises(httpx.TimeoutException):
+            client.post("/v1/completions", json={**body, "stream": False}, timeout=0.5)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stats = client.get("/v1/stats").json()
+            if stats["cancelled_total"] == 2 and stats["active"] == 0:
+                break
+            time.sleep(0.05)
+        assert stats["cancelled_total"] == 2 and stats["active"] == 0, stats
 
 
 def test_corrupt_expert_weights_are_quarantined_at_load(tmp_path):

@@ -147,7 +147,8 @@ def run_surgery(args: argparse.Namespace) -> int:
     model, cfg, data = _load(args, args.checkpoint)
     if args.action == "add":
         calib = eval_batches(data.val, 8, cfg.seq_len, 8 * cfg.seq_len)[0].input_ids
-        new = add_experts(model, args.n, noise=args.noise, calibration=calib)
+        new = add_experts(model, args.n, noise=args.noise, calibration=calib,
+                          bias_update_rate=args.bias_update_rate)
     elif args.action == "remove":
         new = remove_experts(model, _experts_arg(args.experts))
     else:
@@ -210,6 +211,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("action", choices=["add", "remove", "merge"])
     q.add_argument("--n", type=int, default=1, help="add: experts to add per layer")
     q.add_argument("--noise", type=float, default=0.0, help="add: relative noise on the copies")
+    q.add_argument("--bias-update-rate", type=float, default=None,
+                   help="add: aux-loss-free balancing rate that lets later training reach the new experts")
     q.add_argument("--experts", action="append", default=[], metavar="[BLOCK:]IDS", help="remove: expert ids")
     q.add_argument("--groups", nargs="+", default=[], metavar="A+B", help="merge: groups like 0+3 1+2")
     q.set_defaults(func=run_surgery)

@@ -16,7 +16,8 @@ def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 def combine(y_RD: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs: (R, D) -> (T, D), accumulated in the routing dtype (float32, or float64)."""
+    """Weighted sum of each token's expert outputs: (R, D) -> (T, D), accumulated in the routing
+    dtype (float32, or float64)."""
     T, D = plan.num_tokens, y_RD.shape[-1]
     weighted_RD = y_RD.to(plan.weight_R.dtype) * plan.weight_R.unsqueeze(-1)
     if plan.dropless:

@@ -242,10 +242,14 @@ class ExpertParallelMoE(MoE):
     def _record_global(self, routing: Routing, plan: DispatchPlan, batch: int) -> None:
         cfg, g, E = self.config, self.groups, self.num_experts
         idx_TK = routing.topk_idx_TK
-        top1_E = torch.bincount(idx_TK[:, 0], minlength=E)
-        counts = torch.cat([plan.routed_E, top1_E, torch.tensor([routing.num_tokens, batch], device=top1_E.device)])
+        # The reference conventions count the picks of the plain scores (no selection bias, no group limit).
+        plain_top1_E = torch.bincount(L.plain_topk(routing, 1).reshape(-1), minlength=E)
+        plain_topk_E = torch.bincount(L.plain_topk(routing, idx_TK.shape[1]).reshape(-1), minlength=E)
+        counts = torch.cat([plan.routed_E, plain_top1_E, plain_topk_E,
+                            torch.tensor([routing.num_tokens, batch], device=idx_TK.device)])
         guarded("all_reduce(expert counts)", lambda: dist.all_reduce(counts), g.timeout_s)
-        routed_E, top1_E, T, B = counts[:E], counts[E:2 * E], int(counts[2 * E]), int(counts[2 * E + 1])
+        routed_E, top1_E, plain_E = counts[:E], counts[E:2 * E], counts[2 * E:3 * E]
+        T, B = int(counts[3 * E]), int(counts[3 * E + 1])
         self.last_routing = Routing(**{k: (v.detach() if isinstance(v, torch.Tensor) else v)
                                        for k, v in vars(routing).items()})
         self.last_plan = plan
@@ -255,13 +259,15 @@ class ExpertParallelMoE(MoE):
             self.bias_load_E += routed_E
         self._pooled_routing = None
         if self.training and torch.is_grad_enabled():
-            self.aux_loss, self.last_losses = self._global_losses(routing, routed_E, top1_E, T, batch, B)
+            self.aux_loss, self.last_losses = self._global_losses(routing, routed_E, top1_E, plain_E, T, batch, B)
         else:
             self.aux_loss, self.last_losses = routing.logits_TE.new_zeros(()), {}
 
-    def _global_losses(self, routing: Routing, routed_E: torch.Tensor, top1_E: torch.Tensor, T: int, batch: int,
-                       B: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The single-process losses of the world's batch, from all-reduced counts and sums."""
+    def _global_losses(self, routing: Routing, routed_E: torch.Tensor, top1_E: torch.Tensor, plain_E: torch.Tensor,
+                       T: int, batch: int, B: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The single-process losses of the world's batch, from all-reduced counts and sums.
+
+        ``routed_E`` counts the layer's own picks, ``top1_E``/``plain_E`` the plain-score top-1/top-k."""
         b, E, K, g = self.config.balance, self.num_experts, self.top_k, self.groups
         total = routing.logits_TE.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
@@ -270,7 +276,8 @@ class ExpertParallelMoE(MoE):
             if b.aux_loss_convention == "switch":
                 value = E * ((top1_E.to(psum_E.dtype) / T) * (psum_E / T)).sum()
             else:
-                value = E / (K * T * T) * (psum_E * routed_E.to(psum_E.dtype)).sum()
+                counts_E = plain_E if b.aux_loss_convention == "megatron" else routed_E
+                value = E / (K * T * T) * (psum_E * counts_E.to(psum_E.dtype)).sum()
             terms["aux"] = value
             total = total + b.aux_loss_coef * value
         if b.z_loss_coef > 0:

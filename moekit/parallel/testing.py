@@ -37,7 +37,8 @@ CASES: list[tuple[str, dict[str, Any], list[int], tuple[int, int]]] = [
                                   cv_loss_coef=0.01), "last_rank+1", (2, 6)),
     ("capacity_position_switch", dict(router="switch", capacity_factor=0.8, drop_policy="position",
                                       aux_loss_convention="switch", aux_loss_coef=0.01), [], (3, 4)),
-    ("sigmoid_bias", dict(router="sigmoid_topk", top_k=2, bias_update_rate=0.01, aux_loss_coef=0.0,
+    ("sigmoid_bias", dict(router="sigmoid_topk", top_k=2, bias_update_rate=0.01, aux_loss_coef=0.01,
+                          aux_loss_convention="megatron",
                           seq_aux_loss_coef=0.05), [], (2, 5)),
 ]
 DIM, EXPERTS, HIDDEN = 8, 8, 12

@@ -60,24 +60,19 @@ def reduce_gradients(model: nn.Module, groups: ParallelGroups, average: bool = T
     if groups.world_size == 1:
         return
     experts = expert_parameters(model)
-    dense, sharded = [], []
+    buckets: dict[tuple[bool, torch.dtype], list[torch.Tensor]] = {}
     for p in model.parameters():
         if not p.requires_grad:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        (sharded if id(p) in experts else dense).append(p.grad)
+        buckets.setdefault((id(p) in experts, p.grad.dtype), []).append(p.grad)
     scale = 1.0 / groups.world_size if average else 1.0
-    by_dtype: dict[tuple[torch.dtype, bool], list[torch.Tensor]] = {}
-    for is_expert, grads in ((False, dense), (True, sharded)):
-        for g in grads:
-            by_dtype.setdefault((g.dtype, is_expert), []).append(g)
-    for (_, is_expert), grads in by_dtype.items():
+    for (is_expert, _), grads in buckets.items():
         if is_expert:
             _all_reduce_flat(grads, groups.dp_group, scale, "all_reduce(expert gradients)", groups.timeout_s)
         else:
             _all_reduce_flat(grads, None, scale, "all_reduce(gradients)", groups.timeout_s)
-
 
 def clip_grad_norm(model: nn.Module, params: list[torch.Tensor], max_norm: float,
                    groups: ParallelGroups) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Continuous batching follows Orca (Yu et al., OSDI 2022): the batch is re-formed at every decode
 step, so a request joins as soon as a slot frees and leaves as soon as it finishes. Each step
 (1) admits waiting requests up to ``max_batch`` running sequences and prefills their prompts
-into each sequence's own KV cache (one ``LM.forward`` for a lone prompt, else all new prompts
+into each sequence's own KV cache (a slot of a preallocated ``KVPool``) (one ``LM.forward`` for a lone prompt, else all new prompts
 packed into one pass, ``moekit.serve.batched.prefill_step``), then (2) feeds every running sequence's last
 token through one batched forward (``moekit.serve.batched.decode_step``).
 
@@ -138,6 +138,8 @@ class Engine:
         # Held for each step and for every read or change of the model from other threads.
         self.model_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        # Changes to the model (masking) queued for the engine thread to run between two steps.
+        self._commands: list[Callable[[], None]] = []
         # Static KV caches for the running sequences (batchable models), allocated when the thread starts.
         self._pool: KVPool | None = None
         self._stopping = False
@@ -224,21 +226,54 @@ class Engine:
         return name, self.layers[name]
 
     def mask(self, name: str | int, experts: list[int]) -> list[int]:
-        """Take experts out of service between two steps; returns the layer's masked experts."""
+        """Take experts out of service before the next step; returns the layer's masked experts."""
         name, layer = self.layer(name)
-        with self.model_lock:
+
+        def apply() -> list[int]:
             layer.mask_experts(experts)
             return layer.masked_experts
 
+        return self.between_steps(apply)
+
     def unmask(self, name: str | int, experts: list[int] | None) -> list[int]:
-        """Put experts back in service (None: all of the layer's); clears their quarantine."""
+        """Put experts back in service (None: all of the layer's) before the next step; clears
+        their quarantine."""
         name, layer = self.layer(name)
-        with self.model_lock:
+
+        def apply() -> list[int]:
             layer.unmask_experts(experts)
             cleared = set(range(layer.num_experts)) if experts is None else set(experts)
             self.quarantined[name] -= cleared
             layer.stats.nonfinite_E[sorted(cleared)] = False
             return layer.masked_experts
+
+        return self.between_steps(apply)
+
+    def between_steps(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the engine thread before its next step and return its result (re-raising
+        its exception); runs at once when the thread is not running. Unlike waiting for the model
+        lock, a queued change cannot be starved by back-to-back steps."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            with self.model_lock:
+                return fn()
+        done = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def job() -> None:
+            try:
+                outcome["value"] = fn()
+            except BaseException as err:  # handed to the caller, which re-raises it
+                outcome["error"] = err
+            finally:
+                done.set()
+
+        with self._cv:
+            self._commands.append(job)
+            self._cv.notify_all()
+        done.wait()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     def expert_snapshot(self) -> list[dict[str, Any]]:
         """Per MoE layer: name, tokens per expert and utilisation since start, masked and quarantined experts."""
@@ -265,24 +300,33 @@ class Engine:
         with torch.no_grad():
             while True:
                 with self._cv:
-                    while not self._stopping and not self._waiting and not self._active:
+                    while not (self._stopping or self._waiting or self._active or self._commands):
                         self._cv.wait()
                     if self._stopping:
                         break
+                    commands, self._commands = self._commands, []
                     admit = []
                     while self._waiting and len(self._active) + len(admit) < self.limits.max_batch:
                         admit.append(self._waiting.popleft())
                 with self.model_lock:
-                    try:
-                        self._step(admit)
-                    except Exception as err:  # the engine thread must outlive a failing step
-                        log.exception("engine step failed")
-                        for req in admit + self._active:
-                            self._finish(req, "error", f"{type(err).__name__}: {err}")
-                        self._active = []
+                    for command in commands:
+                        command()
+                    if admit or self._active:
+                        try:
+                            self._step(admit)
+                        except Exception as err:  # the engine thread must outlive a failing step
+                            log.exception("engine step failed")
+                            for req in admit + self._active:
+                                self._finish(req, "error", f"{type(err).__name__}: {err}")
+                            self._active = []
                 if self.metrics is not None:
                     self.metrics.set_load(self.queue_depth, self.active)
+                # Let threads waiting for the model lock (metrics, stats) in between two steps.
+                time.sleep(0)
         with self._cv:
+            for command in self._commands:
+                command()
+            self._commands = []
             for req in list(self._waiting) + self._active:
                 self._finish(req, "error", "server is shutting down")
             self._waiting.clear()
