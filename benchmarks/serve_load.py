@@ -135,6 +135,7 @@ def main() -> None:
     client_counts = [int(c) for c in args.clients.split(",")]
     modes = {"batching": max(client_counts), "one_at_a_time": 1}
     runs = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = write_checkpoint(Path(tmp) / "ckpt", args)
         servers = {}
@@ -160,14 +161,17 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in runs:
-        print(f"{r['mode']:<14} {r['clients']:>7} {r['tokens_per_s']:>8.1f} {r['tokens_per_s_vs_one_at_a_time']:>6.2f} "
-              f"{r['p50_latency_s']:>9.3f} {r['p99_latency_s']:>9.3f} {r['p50_ttft_s']:>10.3f} {r['p99_ttft_s']:>10.3f}")
+        print(f"{r['mode']:<14} {r['clients']:>7} {r['tokens_per_s']:>8.1f} "
+              f"{r['tokens_per_s_vs_one_at_a_time']:>6.2f} {r['p50_latency_s']:>9.3f} {r['p99_latency_s']:>9.3f} "
+              f"{r['p50_ttft_s']:>10.3f} {r['p99_ttft_s']:>10.3f}")
     record = {"benchmark": "serve_load", "moekit": moekit.__version__, "torch": torch.__version__,
               "platform": platform.platform(), "cpu_count": os.cpu_count(),
+              "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": runs}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
+    print(f"1-minute load average: {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after (shared machine)")
     print(f"wrote {out}")
 
 

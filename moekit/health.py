@@ -53,14 +53,15 @@ def scan_weights(model: nn.Module) -> list[CorruptExpert]:
     for name, layer in moe_layers(model):
         E = layer.num_experts
         bad: dict[int, list[str]] = {}
-        tensors = [(f"experts.{n}", p) for n, p in layer.experts.named_parameters() if p.dim() >= 1
-                   and p.shape[0] == E]
         if hasattr(layer.experts, "experts"):  # a list of arbitrary expert modules
             tensors = []
             for e, module in enumerate(layer.experts.experts):
                 for n, p in module.named_parameters():
                     if not bool(torch.isfinite(p).all()):
                         bad.setdefault(e, []).append(f"experts.{e}.{n}")
+        else:  # stacked (E, ...) tensors
+            tensors = [(f"experts.{n}", p) for n, p in layer.experts.named_parameters()
+                       if p.dim() >= 1 and p.shape[0] == E]
         for pname in ("weight", "bias", "noise_weight"):
             p = getattr(layer.router, pname, None)
             if isinstance(p, torch.Tensor) and p.dim() >= 1 and p.shape[0] == E:

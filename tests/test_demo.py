@@ -21,12 +21,12 @@ def test_tiny_demo_writes_summary_and_report(tmp_path, capsys):
     assert on_disk["comparison"]["equal_tokens"]["tokens"] == 4 * 4 * 32
     dense, moe = on_disk["models"]["dense"], on_disk["models"]["moe"]
     # Equal active parameters per token up to the router (D * E per MoE layer).
-    assert moe["active_params"] - dense["active_params"] == 2 * 32 * 8
+    assert moe["active_params"] - dense["active_params"] == 2 * 32 * 16
     assert moe["total_params"] > dense["total_params"]
     assert set(dense["load_average_1min"]) == {"start", "end"} and on_disk["cpu_count"] >= 1
     assert set(dense["final_val_loss_per_label"]) == {"en", "python"}
     for layer, e in moe["experts"].items():
-        assert len(e["utilisation"]) == 8 and sum(e["utilisation"]) == pytest.approx(1.0)
+        assert len(e["utilisation"]) == 16 and sum(e["utilisation"]) == pytest.approx(1.0)
         assert e["dropped_fraction"] == 0.0
     html = (tmp_path / "demo" / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 and "src=\"http" not in html

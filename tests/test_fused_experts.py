@@ -92,6 +92,7 @@ CASES = [
     # (T, capacity_factor, kind)
     (100, None, "swiglu"),
     (600, None, "swiglu"),
+    (3, None, "swiglu"),  # decode-sized: blocks of <= NATIVE_DTYPE_MAX_ROWS rows
     (100, 0.75, "swiglu"),
     (100, None, "gelu"),
     (100, 0.75, "relu"),

@@ -144,3 +144,19 @@ def test_mask_sweep_starts_unmasked_and_restores(tmp_path):
     assert all(layer.masked_experts == [] for _, layer in moe_layers(model))
     assert rows[2]["draws"][0]["experts"]["layers.0.mlp"] != []
     assert plot_mask_sweep({"most used": rows})[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scan_names_corrupt_module_experts():
+    from torch import nn
+
+    from moekit import MoE
+    from moekit.experts.dense import GatedMLP
+
+    layer = MoE(moe_config(dim=8, num_experts=3, expert_hidden=4, top_k=2),
+                experts=[GatedMLP(8, 4) for _ in range(3)])
+    model = nn.Sequential(layer)
+    assert scan_weights(model) == []
+    with torch.no_grad():
+        layer.experts.experts[1].up_proj.weight[0, 0] = float("nan")
+    found = scan_weights(model)
+    assert [(f.layer, f.expert, f.tensors) for f in found] == [("0", 1, ["experts.1.up_proj.weight"])]

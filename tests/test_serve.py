@@ -270,7 +270,7 @@ def test_masking_an_expert_mid_run_changes_routing_and_nothing_fails(served):
     results, errors = {}, []
 
     def stream(i):
-        body = {"prompt": f"mid-run {i}", "max_tokens": 40, "temperature": 0.7, "seed": i, "stream": True,
+        body = {"prompt": f"mid-run {i}", "max_tokens": 60, "temperature": 0.7, "seed": i, "stream": True,
                 "routing_trace": True}
         try:
             with client.stream("POST", "/v1/completions", json=body) as r:
@@ -366,35 +366,51 @@ def test_flood_gets_429_with_retry_after_and_the_rest_are_answered(checkpoint):
         assert 'moekit_requests_total{status="rejected"} ' + f"{float(len(rejected))}" in client.get("/metrics").text
 
 
-def test_client_disconnect_mid_stream_frees_its_slot(checkpoint):
+def wait_for_stats(client, **expected):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stats = client.get("/v1/stats").json()
+        if all(stats[k] == v for k, v in expected.items()):
+            break
+        time.sleep(0.05)
+    assert all(stats[k] == v for k, v in expected.items()), stats
+
+
+def test_client_disconnect_frees_its_slot(checkpoint):
     engine, server = start(checkpoint, max_batch=1)
+    # The engine is held still (model lock) from the client's departure until the server has noticed
+    # it, so on a fast machine the request cannot finish first.
+    noticed = threading.Event()
+    cancel = engine.cancel
+
+    def cancel_and_tell(req):
+        cancel(req)
+        noticed.set()
+
+    engine.cancel = cancel_and_tell
     with server, httpx.Client(base_url=server.url, timeout=60) as client:
         body = {"prompt": "long story", "max_tokens": 64, "temperature": 0.9, "seed": 1, "stream": True}
         with client.stream("POST", "/v1/completions", json=body) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     break
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            stats = client.get("/v1/stats").json()
-            if stats["cancelled_total"] == 1 and stats["active"] == 0:
-                break
-            time.sleep(0.05)
-        assert stats["cancelled_total"] == 1 and stats["active"] == 0, stats
+            engine.model_lock.acquire()
+        try:
+            assert noticed.wait(30), "the server did not notice the streaming client going away"
+        finally:
+            engine.model_lock.release()
+        wait_for_stats(client, cancelled_total=1, active=0)
         assert engine.counts["tokens_generated"] < 64
         # The freed slot serves the next request (max_batch=1: it would wait forever otherwise).
         assert complete(client, prompt="next", max_tokens=3)["usage"]["completion_tokens"] >= 1
-        # A client waiting for a non-streamed answer that gives up frees its slot too (the engine is
-        # held still meanwhile, so the request cannot finish first).
-        with engine.model_lock, pytest.raises(httpx.TimeoutException):
-            client.post("/v1/completions", json={**body, "stream": False}, timeout=0.5)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            stats = client.get("/v1/stats").json()
-            if stats["cancelled_total"] == 2 and stats["active"] == 0:
-                break
-            time.sleep(0.05)
-        assert stats["cancelled_total"] == 2 and stats["active"] == 0, stats
+        # A client waiting for a non-streamed answer that gives up frees its slot too.
+        noticed.clear()
+        with engine.model_lock:
+            with pytest.raises(httpx.TimeoutException):
+                client.post("/v1/completions", json={**body, "stream": False}, timeout=0.5)
+            assert noticed.wait(30), "the server did not notice the waiting client going away"
+        wait_for_stats(client, cancelled_total=2, active=0)
+        assert complete(client, prompt="next", max_tokens=3)["usage"]["completion_tokens"] >= 1
 
 
 def test_corrupt_expert_weights_are_quarantined_at_load(tmp_path):

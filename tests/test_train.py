@@ -155,3 +155,18 @@ def test_vocab_too_small_for_data_is_an_error(tmp_path):
     c.model = LMConfig(vocab_size=100, dim=16, n_layers=1, n_heads=2, ffn_hidden=32, max_seq_len=16)
     with pytest.raises(ConfigError, match=r"model.vocab_size=100 is smaller than the tokenizer's 140 ids"):
         Trainer(c, fake_data())
+
+
+def test_example_configs_load_and_match_the_demo(tmp_path):
+    from pathlib import Path
+
+    from moekit.cli.demo import demo_configs
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    loaded = {p.stem: TrainConfig.load(p) for p in sorted(root.glob("*.json"))}
+    assert {"polyglot_dense", "polyglot_moe", "polyglot_moe_fine", "tiny_moe"} <= set(loaded)
+    demo = demo_configs("small", tmp_path, "data_cache", 16, 4, None, 0.01, 0)
+    assert loaded["polyglot_moe_fine"].model == demo["moe"].model
+    assert loaded["polyglot_dense"].model == demo["dense"].model
+    for key in ("seq_len", "batch_size", "steps", "lr", "warmup_steps", "eval_every", "eval_tokens", "seed"):
+        assert getattr(loaded["polyglot_moe_fine"], key) == getattr(demo["moe"], key), key

@@ -6,17 +6,19 @@ Shape legend: T tokens, D model dim, E experts, F expert hidden, H first-product
 
 The expert computation is Shazeer 2020's gated FFN y = down(act(gate x) * up x) (or
 y = down(act(up x)) ungated), and the layer output is out_t = sum_r w_r y_r over the rows r of
-token t. The backward saves only the pre-activation h (R, H) and the expert outputs y (R, D);
-the gathered input and the activation are recomputed, and weight gradients are grouped
-products dW_e = dY_e^T X_e, so nothing of size (E, ...) is ever materialised per token.
-The router-weight gradient is dw_r = <dout_t, y_r>.
+token t. The backward saves only the pre-activation h (R, H); the gathered input and the activation are
+recomputed, and weight gradients are grouped products dW_e = dY_e^T X_e, so nothing of size
+(E, ...) is ever materialised per token. The router-weight gradient dw_r = <dout_t, y_r> is
+computed as <g_r, a_r> with g_r = dout_t W2_e (the product backward needs anyway for dL/da_r =
+w_r g_r), so the expert outputs y are not kept.
 
 Two schedules share the math:
   ``grouped``  whole-batch passes with torch.nn.functional.grouped_mm (CPU float32, CUDA bf16).
   ``loop``     one expert block at a time with torch.mm; the gather of each block's tokens feeds
                its first product directly, and on CPU half-precision blocks are computed in
                float32 (this CPU's bf16 matmul is many times slower than its float32 matmul)
-               and stored back in the input dtype.
+               and stored back in the input dtype, except blocks of at most
+               NATIVE_DTYPE_MAX_ROWS rows in forward (decode), which run in the input dtype.
 The plain composition (permute -> experts.forward -> combine) stays the reference.
 """
 
@@ -44,10 +46,11 @@ def _act_backward(h_RH: torch.Tensor, da_RF: torch.Tensor, act_name: str, gated:
     dgate_RF, dup_RF = dh_RH.chunk(2, dim=-1)
     if act_name == "silu":
         sig_RF = torch.sigmoid(gate_RF)
-        silu_RF = gate_RF * sig_RF
-        torch.mul(da_RF, silu_RF, out=dup_RF)
-        # d silu(g)/dg = s * (1 + g * (1 - s))
-        torch.mul(da_RF * up_RF, sig_RF * (1 + gate_RF * (1 - sig_RF)), out=dgate_RF)
+        torch.mul(gate_RF, sig_RF, out=dup_RF).mul_(da_RF)
+        # d silu(g)/dg = s * (1 + g * (1 - s)), built in place to keep two (R, F) temporaries.
+        dsilu_RF = torch.sub(1, sig_RF).mul_(gate_RF).add_(1).mul_(sig_RF)
+        del sig_RF
+        torch.mul(da_RF, up_RF, out=dgate_RF).mul_(dsilu_RF)
     else:
         dup_RF.copy_(da_RF * _ACT[act_name](gate_RF))
         dgate_RF.copy_(_act_grad(gate_RF, da_RF * up_RF, act_name))
@@ -68,6 +71,10 @@ _ACT = {
     "relu": F.relu,
 }
 FUSED_ACTIVATIONS = tuple(_ACT)
+# Loop schedule, forward: expert blocks of at most this many rows run in the input dtype even
+# where compute_dtype says float32 (CPU bf16: 8 experts x 1 row took 6-11 ms in bf16 and 80-130 ms
+# through float32 weight copies; the two met at about 16 rows).
+NATIVE_DTYPE_MAX_ROWS = 8
 
 
 class _FusedExperts(torch.autograd.Function):
@@ -82,16 +89,16 @@ class _FusedExperts(torch.autograd.Function):
         else:
             h_RH, y_RD, out_TD = _forward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, splits,
                                                act_name, gated)
-        ctx.save_for_backward(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, counts_E, h_RH, y_RD)
+        ctx.save_for_backward(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, counts_E, h_RH)
         ctx.splits, ctx.act_name, ctx.gated, ctx.schedule = splits, act_name, gated, schedule
         ctx.mark_non_differentiable(y_RD)
         return out_TD, y_RD
 
     @staticmethod
     def backward(ctx, dout_TD: torch.Tensor, _dy_unused: torch.Tensor | None):
-        x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, counts_E, h_RH, y_RD = ctx.saved_tensors
+        x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, counts_E, h_RH = ctx.saved_tensors
         need = ctx.needs_input_grad
-        args = (x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, y_RD, dout_TD.contiguous(),
+        args = (x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD.contiguous(),
                 ctx.act_name, ctx.gated)
         if ctx.schedule == "grouped":
             dx_TD, dw1, dw2, dweight_R = _backward_grouped(*args, counts_E)
@@ -126,28 +133,27 @@ def _combine(y_RD: torch.Tensor, weight_R: torch.Tensor, token_idx_R: torch.Tens
     return out_TD.to(y_RD.dtype)
 
 
-def _backward_grouped(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, y_RD, dout_TD, act_name, gated,
-                      counts_E):
+def _backward_grouped(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD, act_name, gated, counts_E):
     offs_E = _offsets(counts_E)
     dtype = x_TD.dtype
     w1 = w1_EHD.to(dtype)
     w2 = w2_EDF.to(dtype)
     dout_RD = dout_TD.to(dtype).index_select(0, token_idx_R)
-    dweight_R = (dout_RD.float() * y_RD.float()).sum(-1).to(weight_R.dtype)
-    dy_RD = dout_RD.mul_(weight_R.to(dtype).unsqueeze(-1))
     a_RF = _act_forward(h_RH, act_name, gated)
+    # g_r = dout_t W2_e: dw_r = <dout_t, y_r> = <g_r, a_r>, and dL/da_r = w_r g_r.
+    g_RF = F.grouped_mm(dout_RD, w2, offs=offs_E)
+    dweight_R = (g_RF.float() * a_RF.float()).sum(-1).to(weight_R.dtype)
+    w_R1 = weight_R.to(dtype).unsqueeze(-1)
+    dy_RD = dout_RD.mul_(w_R1)
     dw2_EDF = F.grouped_mm(dy_RD.t(), a_RF, offs=offs_E)
-    del a_RF
-    da_RF = F.grouped_mm(dy_RD, w2, offs=offs_E)
-    del dy_RD
-    dh_RH = _act_backward(h_RH, da_RF, act_name, gated)
-    del da_RF
+    del a_RF, dy_RD, dout_RD
+    dh_RH = _act_backward(h_RH, g_RF.mul_(w_R1), act_name, gated)
+    del g_RF
+    dx_RD = F.grouped_mm(dh_RH, w1, offs=offs_E)
+    dx_TD = torch.zeros_like(x_TD).index_add_(0, token_idx_R, dx_RD)
+    del dx_RD
     x_RD = x_TD.index_select(0, token_idx_R)
     dw1_EHD = F.grouped_mm(dh_RH.t(), x_RD, offs=offs_E)
-    del x_RD
-    dx_RD = F.grouped_mm(dh_RH, w1, offs=offs_E)
-    del dh_RH
-    dx_TD = torch.zeros_like(x_TD).index_add_(0, token_idx_R, dx_RD)
     return dx_TD, dw1_EHD.to(w1_EHD.dtype), dw2_EDF.to(w2_EDF.dtype), dweight_R
 
 
@@ -164,17 +170,20 @@ def _forward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, splits, act_name,
             continue
         rows = slice(start, start + n)
         tok_N = token_idx_R[rows]
-        x_ND = x_TD.index_select(0, tok_N).to(cdt)
-        h_NH = x_ND @ w1_EHD[e].to(cdt).t()
+        # A block of a few rows is weight-read bound: converting the expert's weights to float32
+        # costs more than a half-precision product reading them once (decode).
+        bdt = dtype if n <= NATIVE_DTYPE_MAX_ROWS else cdt
+        x_ND = x_TD.index_select(0, tok_N).to(bdt)
+        h_NH = x_ND @ w1_EHD[e].to(bdt).t()
         h_RH[rows] = h_NH
-        y_ND = _act_forward(h_NH, act_name, gated) @ w2_EDF[e].to(cdt).t()
+        y_ND = _act_forward(h_NH, act_name, gated) @ w2_EDF[e].to(bdt).t()
         y_RD[rows] = y_ND
         out_TD.index_add_(0, tok_N, y_ND.to(acc) * weight_R[rows].to(acc).unsqueeze(-1))
         start += n
     return h_RH, y_RD, out_TD.to(dtype)
 
 
-def _backward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, y_RD, dout_TD, act_name, gated, splits):
+def _backward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD, act_name, gated, splits):
     cdt = compute_dtype(x_TD)
     dw1 = torch.zeros_like(w1_EHD)
     dw2 = torch.zeros_like(w2_EDF)
@@ -187,12 +196,13 @@ def _backward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, y_RD, dout
         rows = slice(start, start + n)
         tok_N = token_idx_R[rows]
         dout_ND = dout_TD.index_select(0, tok_N).to(cdt)
-        dweight_R[rows] = (dout_ND * y_RD[rows].to(cdt)).sum(-1).to(weight_R.dtype)
-        dy_ND = dout_ND.mul_(weight_R[rows].to(cdt).unsqueeze(-1))
         h_NH = h_RH[rows].to(cdt)
-        w2_DF = w2_EDF[e].to(cdt)
-        dw2[e] = dy_ND.t() @ _act_forward(h_NH, act_name, gated)
-        dh_NH = _act_backward(h_NH, dy_ND @ w2_DF, act_name, gated)
+        a_NF = _act_forward(h_NH, act_name, gated)
+        g_NF = dout_ND @ w2_EDF[e].to(cdt)
+        dweight_R[rows] = (g_NF * a_NF).sum(-1).to(weight_R.dtype)
+        w_N1 = weight_R[rows].to(cdt).unsqueeze(-1)
+        dw2[e] = dout_ND.mul_(w_N1).t() @ a_NF
+        dh_NH = _act_backward(h_NH, g_NF.mul_(w_N1), act_name, gated)
         dw1[e] = dh_NH.t() @ x_TD.index_select(0, tok_N).to(cdt)
         dx_TD.index_add_(0, tok_N, dh_NH @ w1_EHD[e].to(cdt))
         start += n

@@ -12,8 +12,8 @@ instead of one per sequence.
 projections and MoE layers run once over all prompts' tokens, attention runs per prompt with its
 own causal mask and positions, and no padding tokens reach the experts (so routing statistics
 count real tokens only). Both are checked against ``LM.forward`` with one cache per row
-(tests/test_serve_batched.py). Only the ``mha`` attention kind is batched here; ``can_batch`` tells the engine, which otherwise
-decodes rows one at a time through ``LM.forward``.
+(tests/test_serve_batched.py). Only the ``mha`` attention kind is batched here; ``can_batch``
+tells the engine, which otherwise decodes rows one at a time through ``LM.forward``.
 
 Shape legend: B rows (sequences), T packed tokens of all rows, D model dim, H query heads,
 G key/value heads, Hd head dim, L longest cached length + 1, S one row's new tokens, V vocabulary.
@@ -188,8 +188,8 @@ def _packed_attention(attn: Attention, x_1TD: torch.Tensor, positions_T: torch.T
         if P == 0:
             y_1HSHd = F.scaled_dot_product_attention(q_1HSHd, k_1GLHd, v_1GLHd, is_causal=True, enable_gqa=G != H)
         else:
-            y_1HSHd = F.scaled_dot_product_attention(q_1HSHd, k_1GLHd, v_1GLHd, attn_mask=causal_mask(S, P, x_1TD.device),
-                                                     enable_gqa=G != H)
+            mask_SL = causal_mask(S, P, x_1TD.device)
+            y_1HSHd = F.scaled_dot_product_attention(q_1HSHd, k_1GLHd, v_1GLHd, attn_mask=mask_SL, enable_gqa=G != H)
         outputs.append(y_1HSHd)
         start += S
     y_1HTHd = torch.cat(outputs, dim=2)

@@ -3,9 +3,10 @@
 Continuous batching follows Orca (Yu et al., OSDI 2022): the batch is re-formed at every decode
 step, so a request joins as soon as a slot frees and leaves as soon as it finishes. Each step
 (1) admits waiting requests up to ``max_batch`` running sequences and prefills their prompts
-into each sequence's own KV cache (a slot of a preallocated ``KVPool``) (one ``LM.forward`` for a lone prompt, else all new prompts
-packed into one pass, ``moekit.serve.batched.prefill_step``), then (2) feeds every running sequence's last
-token through one batched forward (``moekit.serve.batched.decode_step``).
+into each sequence's own KV cache, a slot of a preallocated ``KVPool`` (one ``LM.forward`` for a
+lone prompt, else all new prompts packed into one pass, ``moekit.serve.batched.prefill_step``),
+then (2) feeds every running sequence's last token through one batched forward
+(``moekit.serve.batched.decode_step``).
 
 Determinism: each request owns a ``torch.Generator`` seeded like offline ``moekit generate``
 (``moekit.lm.generate``) and draws its tokens with the same ``sample_next`` on its own (1, V)
@@ -13,7 +14,8 @@ logits row, so a seeded request gives the offline tokens whether it runs alone (
 ``LM.forward`` calls) or batched (logits equal up to float rounding; dropless token-choice
 routing is batch-independent, capacity-limited or expert-choice routing is not).
 
-Fault tolerance: experts can be masked and unmasked between steps (``mask``/``unmask``). With
+Fault tolerance: experts can be masked and unmasked between steps (``mask``/``unmask``, run by
+the engine thread before its next step, so a steady stream of steps cannot starve them). With
 ``check_finite`` on in the MoE config, an expert that produces NaN/Inf raises
 ``ExpertNonFiniteError``; the engine quarantines it (masks it and records it), undoes the step's
 partial cache writes and runs the step again, so requests keep flowing.
@@ -253,9 +255,6 @@ class Engine:
         """Run ``fn()`` on the engine thread before its next step and return its result (re-raising
         its exception); runs at once when the thread is not running. Unlike waiting for the model
         lock, a queued change cannot be starved by back-to-back steps."""
-        if self._thread is None or threading.current_thread() is self._thread:
-            with self.model_lock:
-                return fn()
         done = threading.Event()
         outcome: dict[str, Any] = {}
 
@@ -268,8 +267,14 @@ class Engine:
                 done.set()
 
         with self._cv:
-            self._commands.append(job)
-            self._cv.notify_all()
+            queued = (self._thread is not None and not self._stopping
+                      and threading.current_thread() is not self._thread)
+            if queued:
+                self._commands.append(job)
+                self._cv.notify_all()
+        if not queued:
+            with self.model_lock:
+                return fn()
         done.wait()
         if "error" in outcome:
             raise outcome["error"]
@@ -360,7 +365,10 @@ class Engine:
                     self._accept(r, logits_BV[b:b + 1], self._trace(b) if r.trace else None)
         else:
             for b, r in enumerate(rows):
-                logits_1V = self._guarded([r], lambda r=r, b=b: self.model(tokens_B[b:b + 1, None], cache=r.cache)[:, -1])
+                def forward(r: GenRequest = r, b: int = b) -> torch.Tensor:
+                    return self.model(tokens_B[b:b + 1, None], cache=r.cache)[:, -1]
+
+                logits_1V = self._guarded([r], forward)
                 if logits_1V is not None:
                     self._accept(r, logits_1V, self._trace(-1) if r.trace else None)
         self._active = [r for r in self._active if self._keep(r)]
