@@ -27,7 +27,8 @@ MoE, one expert's for the dense limit), which every MoE training step needs what
 Decode shapes (1 and 8 tokens) also report the bytes of the distinct experts' weights the step
 must read, their effective GB/s, and the floor bytes / measured read bandwidth.
 
-Run ``python benchmarks/moe_layer.py`` (full) or ``--quick`` (256 tokens, short budgets);
+Run ``python benchmarks/moe_layer.py`` (full) or ``--quick`` (256 tokens, short budgets, without
+moekit_unfused, hf_batched_mm, and hf_eager in forward+backward; every shape x dtype x mode stays);
 ``--device cuda`` runs bf16 at GPU sizes. ``--threads 1`` is the fair setting on a loaded machine
 (2-thread OpenMP regions stall on descheduled threads, which hurts many small products most).
 Prints a table, writes JSON (rewritten after every shape, ``complete`` false until the end).
@@ -397,6 +398,8 @@ def bench_shape(shape: Shape, dtype: torch.dtype, device: str, args) -> list[dic
             cases.append(("moekit_unfused", moe_maker(unfused, backend="reference"), bf_cpu))
         if hf is not None:
             for impl in HF_IMPLS:
+                if args.quick and (impl == "batched_mm" or (impl == "eager" and train)):
+                    continue  # quick: the slowest transformers cases (seconds per call, or skipped after a probe)
                 if impl == "batched_mm":
                     need = shape.rows * shape.expert_bytes(dtype) * (3 if train else 1)
                     if need > args.max_gather_gb * 1e9:

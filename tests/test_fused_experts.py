@@ -197,3 +197,45 @@ def test_performance_doc_examples_run():
     namespace: dict = {}
     for i, block in enumerate(blocks):
         exec(compile(block, f"{doc.name}[block {i}]", "exec"), namespace)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fewer_rows_than_experts_matches_float64_loop(dtype):
+    """Decode-sized: R = 6 rows over 32 experts (at least 26 empty), so the loop schedule reads
+    only the non-empty experts' ids and counts. Output and every gradient (x, both weights, the
+    combine weights) against a float64 per-row loop; empty experts get exactly zero gradient."""
+    from moekit.dispatch.fused import _nonempty_blocks
+
+    torch.manual_seed(0)
+    T, Kd, Ee, Dd, Fd = 2, 3, 32, 16, 8
+    x = torch.randn(T, Dd).to(dtype)
+    w1 = (torch.randn(Ee, 2 * Fd, Dd) / 4).to(dtype)
+    w2 = (torch.randn(Ee, Dd, Fd) / 3).to(dtype)
+    expert_S = torch.tensor([30, 3, 17, 3, 9, 30])  # T*K slots, experts 3 and 30 twice
+    slot_R = torch.argsort(expert_S, stable=True)
+    token_idx = torch.div(slot_R, Kd, rounding_mode="floor")
+    counts = torch.bincount(expert_S, minlength=Ee)
+    weight = torch.rand(T * Kd)[slot_R]
+    dout = torch.randn(T, Dd).to(dtype)
+    assert _nonempty_blocks(counts, 6) == [(3, 0, 2), (9, 2, 1), (17, 3, 1), (30, 4, 2)]
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, w1, w2, weight)]
+    out = fused_experts(*leaves[:3], leaves[3], token_idx, counts, "silu", True, "loop")[0]
+    (out.float() * dout.float()).sum().backward()
+
+    ref = [t.detach().double().requires_grad_(True) for t in (x, w1, w2, weight)]
+    expert_R = expert_S[slot_R]
+    ref_out = torch.zeros(T, Dd, dtype=torch.float64)
+    for r in range(slot_R.shape[0]):
+        t, e = int(token_idx[r]), int(expert_R[r])
+        gate, up = (ref[1][e] @ ref[0][t]).chunk(2)
+        ref_out = ref_out.index_add(0, token_idx[r:r + 1],
+                                    (ref[3][r] * (ref[2][e] @ (torch.nn.functional.silu(gate) * up))).unsqueeze(0))
+    (ref_out * dout.double()).sum().backward()
+
+    tol = TOL[dtype]
+    assert out.dtype == dtype and _rel(out.detach(), ref_out.detach()) < tol
+    for name, got, want in zip(("x", "w1", "w2", "weight"), leaves, ref):
+        assert _rel(got.grad, want.grad) < tol, f"{name}: rel err {_rel(got.grad, want.grad):.2e}"
+    empty = (counts == 0).nonzero().squeeze(1)
+    assert float(leaves[1].grad[empty].abs().sum()) == 0.0 and float(leaves[2].grad[empty].abs().sum()) == 0.0

@@ -82,15 +82,16 @@ class _FusedExperts(torch.autograd.Function):
     def forward(ctx, x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, weight_R: torch.Tensor,
                 token_idx_R: torch.Tensor, counts_E: torch.Tensor, act_name: str, gated: bool,
                 schedule: str) -> tuple[torch.Tensor, torch.Tensor]:
-        splits = counts_E.tolist()
+        blocks = None
         if schedule == "grouped":
             h_RH, y_RD, out_TD = _forward_grouped(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, counts_E,
                                                   act_name, gated)
         else:
-            h_RH, y_RD, out_TD = _forward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, splits,
+            blocks = _nonempty_blocks(counts_E, token_idx_R.shape[0])
+            h_RH, y_RD, out_TD = _forward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, blocks,
                                                act_name, gated)
         ctx.save_for_backward(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, counts_E, h_RH)
-        ctx.splits, ctx.act_name, ctx.gated, ctx.schedule = splits, act_name, gated, schedule
+        ctx.blocks, ctx.act_name, ctx.gated, ctx.schedule = blocks, act_name, gated, schedule
         ctx.mark_non_differentiable(y_RD)
         return out_TD, y_RD
 
@@ -103,9 +104,25 @@ class _FusedExperts(torch.autograd.Function):
         if ctx.schedule == "grouped":
             dx_TD, dw1, dw2, dweight_R = _backward_grouped(*args, counts_E)
         else:
-            dx_TD, dw1, dw2, dweight_R = _backward_loop(*args, ctx.splits)
+            dx_TD, dw1, dw2, dweight_R = _backward_loop(*args, ctx.blocks)
         return (dx_TD if need[0] else None, dw1 if need[1] else None, dw2 if need[2] else None,
                 dweight_R if need[3] else None, None, None, None, None, None)
+
+
+def _nonempty_blocks(counts_E: torch.Tensor, R: int) -> list[tuple[int, int, int]]:
+    """(expert, first row, rows) of every expert that received rows, in row order, from one host
+    read. With fewer rows than experts (decode) only the non-empty experts' ids and counts are
+    read, so the loop schedule never visits the (many) empty experts."""
+    if R < counts_E.shape[0]:
+        e_N = counts_E.nonzero().squeeze(1)
+        ids, ns = torch.stack((e_N, counts_E[e_N])).tolist()
+    else:
+        ids, ns = zip(*[(e, n) for e, n in enumerate(counts_E.tolist()) if n])
+    blocks, start = [], 0
+    for e, n in zip(ids, ns):
+        blocks.append((e, start, n))
+        start += n
+    return blocks
 
 
 def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
@@ -157,42 +174,39 @@ def _backward_grouped(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD
     return dx_TD, dw1_EHD.to(w1_EHD.dtype), dw2_EDF.to(w2_EDF.dtype), dweight_R
 
 
-def _forward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, splits, act_name, gated):
+def _forward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, blocks, act_name, gated):
     dtype, cdt = x_TD.dtype, compute_dtype(x_TD)
     R, H, D = token_idx_R.shape[0], w1_EHD.shape[1], x_TD.shape[1]
     h_RH = x_TD.new_empty(R, H)
     y_RD = x_TD.new_empty(R, D)
     acc = weight_R.dtype if weight_R.dtype == torch.float64 else torch.float32
     out_TD = torch.zeros(x_TD.shape[0], D, dtype=acc, device=x_TD.device)
-    start = 0
-    for e, n in enumerate(splits):
-        if n == 0:
-            continue
+    for e, start, n in blocks:
         rows = slice(start, start + n)
         tok_N = token_idx_R[rows]
         # A block of a few rows is weight-read bound: converting the expert's weights to float32
         # costs more than a half-precision product reading them once (decode).
         bdt = dtype if n <= NATIVE_DTYPE_MAX_ROWS else cdt
         x_ND = x_TD.index_select(0, tok_N).to(bdt)
-        h_NH = x_ND @ w1_EHD[e].to(bdt).t()
-        h_RH[rows] = h_NH
-        y_ND = _act_forward(h_NH, act_name, gated) @ w2_EDF[e].to(bdt).t()
-        y_RD[rows] = y_ND
+        if bdt == dtype:  # products write straight into the saved (R, .) buffers
+            h_NH = torch.mm(x_ND, w1_EHD[e].to(bdt).t(), out=h_RH[rows])
+            y_ND = torch.mm(_act_forward(h_NH, act_name, gated), w2_EDF[e].to(bdt).t(), out=y_RD[rows])
+        else:
+            h_NH = x_ND @ w1_EHD[e].to(bdt).t()
+            h_RH[rows] = h_NH
+            y_ND = _act_forward(h_NH, act_name, gated) @ w2_EDF[e].to(bdt).t()
+            y_RD[rows] = y_ND
         out_TD.index_add_(0, tok_N, y_ND.to(acc) * weight_R[rows].to(acc).unsqueeze(-1))
-        start += n
     return h_RH, y_RD, out_TD.to(dtype)
 
 
-def _backward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD, act_name, gated, splits):
+def _backward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD, act_name, gated, blocks):
     cdt = compute_dtype(x_TD)
     dw1 = torch.zeros_like(w1_EHD)
     dw2 = torch.zeros_like(w2_EDF)
     dweight_R = torch.empty_like(weight_R)
     dx_TD = torch.zeros(x_TD.shape, dtype=cdt, device=x_TD.device)
-    start = 0
-    for e, n in enumerate(splits):
-        if n == 0:
-            continue
+    for e, start, n in blocks:
         rows = slice(start, start + n)
         tok_N = token_idx_R[rows]
         dout_ND = dout_TD.index_select(0, tok_N).to(cdt)
@@ -205,7 +219,6 @@ def _backward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD, a
         dh_NH = _act_backward(h_NH, g_NF.mul_(w_N1), act_name, gated)
         dw1[e] = dh_NH.t() @ x_TD.index_select(0, tok_N).to(cdt)
         dx_TD.index_add_(0, tok_N, dh_NH @ w1_EHD[e].to(cdt))
-        start += n
     return dx_TD.to(x_TD.dtype), dw1, dw2, dweight_R
 
 
