@@ -17,10 +17,12 @@ For each shape x dtype x mode it times, in one process and on the same weights:
 Modes: ``forward`` (inference, no grad) and ``forward_backward`` (training step, input and all
 weight gradients). Each time is the median of repeated calls after one warm-up call.
 
-Peak memory of forward+backward (CPU): glibc is made to return large blocks to the kernel
-(MALLOC_MMAP_THRESHOLD_, set by re-executing this script), the kernel's resident-set high-water
-mark is reset (/proc/self/clear_refs) before the warm-up call and read after it; the peak is
-that mark minus the resident set before the call. On CUDA: torch.cuda.max_memory_allocated.
+Peak memory of forward+backward (CPU): for the warm-up call only, glibc is made to return every
+block over 64 KiB to the kernel (``mallopt`` M_MMAP_THRESHOLD, after ``malloc_trim``), the
+kernel's resident-set high-water mark is reset (/proc/self/clear_refs) before that call and read
+after it; the peak is that mark minus the resident set before the call. Timed calls run with
+glibc's own steady state (blocks under 32 MiB reused from the heap), so page faults on fresh
+small blocks do not penalise implementations with many temporaries. On CUDA: torch.cuda.max_memory_allocated.
 ``act_peak_mb`` subtracts the parameter gradients the step creates (E times one expert's for
 MoE, one expert's for the dense limit), which every MoE training step needs whatever its kernels.
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import json
 import math
@@ -58,7 +61,9 @@ import torch.nn.functional as F
 from moekit import MoE
 
 HF_IMPLS = ("eager", "grouped_mm", "batched_mm")
-MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+# glibc mallopt parameters (malloc.h) and the values its dynamic threshold settles at on 64-bit.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+STEADY_MMAP_THRESHOLD, STEADY_TRIM_THRESHOLD = 32 * 2**20, 64 * 2**20
 
 
 @dataclass
@@ -193,13 +198,30 @@ def peak_mb(fn: Callable[[], object], device: str) -> float | None:
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - before) / 2**20
     clear = Path("/proc/self/clear_refs")
-    if not clear.exists() or os.environ.get(MMAP_ENV) is None:
+    libc = _glibc()
+    if not clear.exists() or libc is None:
         fn()
         return None
-    before = _status_kb("VmRSS")
-    clear.write_text("5")
-    fn()
-    return (_status_kb("VmHWM") - before) / 1024
+    libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+    libc.malloc_trim(0)
+    try:
+        before = _status_kb("VmRSS")
+        clear.write_text("5")
+        fn()
+        return (_status_kb("VmHWM") - before) / 1024
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library if it is glibc (has mallopt and malloc_trim), else None."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (attribute lookups raise if absent)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -499,9 +521,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="torch intra-op threads (default: torch's own choice; 1 is fairer on a loaded machine)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<device>[_quick].json)")
     args = p.parse_args(argv)
-    if args.device == "cpu" and os.environ.get(MMAP_ENV) is None and Path("/proc/self/clear_refs").exists():
-        env = dict(os.environ, **{MMAP_ENV: "65536"})
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    if args.device == "cpu" and (libc := _glibc()) is not None:  # timed calls in glibc's steady state
+        libc.mallopt(M_MMAP_THRESHOLD, STEADY_MMAP_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch.cuda.is_available() is False")
     if args.threads is not None:

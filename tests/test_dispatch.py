@@ -10,6 +10,7 @@ import torch
 
 from moekit.dispatch import (combine, grouped_matmul, permute, plan_expert_choice, plan_token_choice,
                              resolve_backend, run_experts, token_choice_capacity)
+from moekit import MoE
 from moekit.dispatch.grouped import fused_schedule
 from moekit.router import Routing
 
@@ -132,6 +133,27 @@ def test_backend_resolution_on_cpu():
     assert fused_schedule("auto", torch.zeros(1)) == "grouped"
     assert fused_schedule("auto", torch.zeros(1, dtype=torch.bfloat16)) == "loop"
     assert fused_schedule("reference", torch.zeros(1)) is None
+
+
+def test_auto_switches_to_the_loop_schedule_for_large_cpu_blocks(monkeypatch):
+    """CPU float32 with backend auto: grouped below LOOP_MIN_ROWS_PER_EXPERT rows per expert, loop
+    from it on; explicit backends keep their schedule. The layer passes routed rows / experts."""
+    from moekit.dispatch import fused as fused_module
+    from moekit.dispatch.grouped import LOOP_MIN_ROWS_PER_EXPERT
+
+    x = torch.zeros(1)
+    assert fused_schedule("auto", x, rows_per_expert=LOOP_MIN_ROWS_PER_EXPERT - 1) == "grouped"
+    assert fused_schedule("auto", x, rows_per_expert=LOOP_MIN_ROWS_PER_EXPERT) == "loop"
+    assert fused_schedule("grouped_mm", x, rows_per_expert=10 * LOOP_MIN_ROWS_PER_EXPERT) == "grouped"
+
+    seen: list[str] = []
+    original = fused_module._FusedExperts.apply
+    monkeypatch.setattr(fused_module._FusedExperts, "apply", lambda *a: seen.append(a[-1]) or original(*a))
+    layer = MoE(dim=16, num_experts=4, expert_hidden=8, top_k=2)
+    with torch.no_grad():
+        layer(torch.randn(LOOP_MIN_ROWS_PER_EXPERT * 2 - 1, 16))   # 2T/4 = 127.5 rows per expert
+        layer(torch.randn(LOOP_MIN_ROWS_PER_EXPERT * 2, 16))       # exactly the threshold
+    assert seen == ["grouped", "loop"]
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])

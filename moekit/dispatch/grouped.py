@@ -9,7 +9,9 @@ counts_E[1] rows use w[1], and so on. Backends:
                   turns off the fused experts path (moekit.dispatch.fused), so the layer runs
                   the plain permute -> experts.forward -> combine composition.
 ``auto`` picks the fastest correct backend for the device and dtype. With ``grouped_mm`` or
-``loop``, stacked SwiGLU/MLP experts run through the fused path with the same schedule.
+``loop``, stacked SwiGLU/MLP experts run through the fused path with the same schedule; with
+``auto`` on CPU in float32 the fused path also switches to the loop schedule for large blocks
+(see ``fused_schedule``).
 grouped_mm needs every row stride to be a multiple of 16 bytes; ``auto`` falls back to ``loop``
 for widths that are not (e.g. float32 widths not divisible by 4), an explicit ``grouped_mm``
 raises naming the width.
@@ -73,9 +75,24 @@ def _loop_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor
     return torch.cat(outs, dim=0)
 
 
-def fused_schedule(backend: str, x: torch.Tensor, widths: tuple[int, ...] = ()) -> str | None:
-    """The fused experts schedule a backend maps to (None: use the plain composition)."""
+# CPU float32, backend "auto": the fused path's loop schedule beats the grouped one once experts
+# average this many rows. Its per-block temporaries (a few MB) are reused from the heap and stay
+# in cache, where the grouped schedule makes whole (R, D) and (R, 2F) arrays; per-block Python
+# overhead wins below it. Measured (1 thread, D 1024, F 512, 64 experts top-8, same process):
+# forward+backward loop/grouped time 1.19 at 32 rows per expert, 0.95 at 128, 0.86 at 512;
+# forward 1.13 at 8, 0.97 at 32, 0.89 at 128.
+LOOP_MIN_ROWS_PER_EXPERT = 128
+
+
+def fused_schedule(backend: str, x: torch.Tensor, widths: tuple[int, ...] = (),
+                   rows_per_expert: float | None = None) -> str | None:
+    """The fused experts schedule a backend maps to (None: use the plain composition).
+    rows_per_expert (routed rows / experts), if given, lets ``auto`` pick the loop schedule for
+    large CPU blocks (LOOP_MIN_ROWS_PER_EXPERT)."""
     resolved = resolve_backend(backend, x, widths)
     if backend == "reference" or resolved == "reference":
         return None
+    if (backend == "auto" and resolved == "grouped_mm" and x.device.type == "cpu"
+            and rows_per_expert is not None and rows_per_expert >= LOOP_MIN_ROWS_PER_EXPERT):
+        return "loop"
     return "grouped" if resolved == "grouped_mm" else "loop"

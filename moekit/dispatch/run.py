@@ -27,7 +27,7 @@ def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
     check_rows, if given, sees the expert outputs (R, D) before they are combined (on the fused
     path only when the combined output is not finite, which any non-finite expert row makes it).
     """
-    fused = _fused_weights(experts, x_TD)
+    fused = _fused_weights(experts, x_TD, plan)
     if fused is not None:
         w1, w2, gated, schedule = fused
         out_TD, y_RD = fused_experts(x_TD, w1, w2, plan.weight_R, plan.token_idx_R, plan.counts_E,
@@ -42,7 +42,8 @@ def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
     return combine(y_RD, plan, x_TD.dtype)
 
 
-def _fused_weights(experts: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool, str] | None:
+def _fused_weights(experts: nn.Module, x_TD: torch.Tensor,
+                   plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, bool, str] | None:
     from ..experts.stacked import MLPExperts, SwiGLUExperts
 
     if type(experts) is SwiGLUExperts:
@@ -53,7 +54,8 @@ def _fused_weights(experts: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor
         return None
     if experts.activation not in FUSED_ACTIVATIONS:
         return None
-    schedule = fused_schedule(experts.backend, x_TD, (x_TD.shape[-1], w1.shape[1], experts.down_proj.shape[-1]))
+    schedule = fused_schedule(experts.backend, x_TD, (x_TD.shape[-1], w1.shape[1], experts.down_proj.shape[-1]),
+                              rows_per_expert=plan.token_idx_R.shape[0] / w1.shape[0])
     if schedule is None:
         return None
     return w1, experts.down_proj, gated, schedule
