@@ -49,13 +49,13 @@ def test_table_and_bad_input():
 def test_scaling_doc_runs_and_shows_the_generated_table(capsys):
     """docs/scaling.md's python blocks run (one with a world-size-1 process group), and its cost
     table is the one ``format_table(scaling_table())`` prints."""
-    import re
-    from pathlib import Path
+    from doc_blocks import ROOT, python_blocks
 
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "scaling.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    path = ROOT / "docs" / "scaling.md"
+    blocks = python_blocks(path)
     assert len(blocks) == 2
-    for i, block in enumerate(blocks):
+    for i, block in enumerate(blocks):  # each block in its own namespace
         exec(compile(block, f"scaling.md[block {i}]", "exec"), {})
+    doc = path.read_text()
     assert format_table(scaling_table()) in doc
     assert "torchrun --standalone --nproc-per-node 2 -m moekit train" in doc

@@ -16,12 +16,7 @@ from moekit.model_ops import moe_layers
 from moekit.train.trainer import Batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm(seed=0, **kw) -> LM:

@@ -11,11 +11,10 @@ Shape legend: T tokens, D model dim, E experts, K top-k, F expert hidden, R kept
 from __future__ import annotations
 
 import copy
-import re
-from pathlib import Path
 
 import pytest
 import torch
+from doc_blocks import ROOT, python_blocks, run_blocks
 
 from moekit import MoE, moe_config
 from moekit.dispatch import plan_token_choice, run_experts
@@ -191,12 +190,10 @@ def test_layer_uses_fused_path_and_matches_reference_backend_bf16():
 
 
 def test_performance_doc_examples_run():
-    doc = Path(__file__).resolve().parents[1] / "docs" / "performance.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    doc = ROOT / "docs" / "performance.md"
+    blocks = python_blocks(doc)
     assert blocks, f"no python blocks in {doc}"
-    namespace: dict = {}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"{doc.name}[block {i}]", "exec"), namespace)
+    run_blocks(blocks, doc.name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

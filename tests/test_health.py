@@ -13,12 +13,7 @@ from moekit.recipes import save_model
 from moekit.train import TrainConfig, Trainer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm(num_experts=4, top_k=2, backend="auto") -> LM:

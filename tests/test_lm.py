@@ -5,12 +5,7 @@ from moekit import ConfigError, moe_config
 from moekit.lm import LM, KVCache, LMConfig, generate
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(**kw):

@@ -15,12 +15,7 @@ from moekit.train import TrainConfig, Trainer
 from moekit.train.trainer import load_trained
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_data(n=4000) -> TokenData:

@@ -11,12 +11,7 @@ from moekit.train import TrainConfig, Trainer
 from moekit.train.trainer import load_trained, prepare_data
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

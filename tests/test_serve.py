@@ -25,14 +25,7 @@ from moekit.train.trainer import TrainConfig  # noqa: E402
 EOS = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the engine
-    thread's OpenMP workers competing with the test's threads slow these tests tens of times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def write_checkpoint(folder, seed: int = 0, nan_expert: int | None = None):
@@ -443,16 +436,13 @@ def test_expert_that_turns_nan_mid_run_is_quarantined_and_reported(checkpoint):
 
 
 def test_serving_doc_examples_run(tmp_path, monkeypatch):
-    import re
-    from pathlib import Path
+    from doc_blocks import ROOT, python_blocks, run_blocks
 
-    doc = Path(__file__).resolve().parents[1] / "docs" / "serving.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    doc = ROOT / "docs" / "serving.md"
+    blocks = python_blocks(doc)
     assert blocks
     monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"{doc.name}[block {i}]", "exec"), namespace)
+    run_blocks(blocks, doc.name)
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -13,14 +13,7 @@ from moekit.serve.batched import KVPool, can_batch, decode_step, prefill_step, t
 from moekit.serve.engine import Engine, GenRequest, QueueFullError, ServeLimits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the engine
-    thread's OpenMP workers competing with the test's threads slow these tests tens of times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny_lm(**overrides) -> LM:

@@ -14,7 +14,9 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installe
 httpx = pytest.importorskip("httpx", reason="httpx is not installed; pip install -e '.[dev]'")
 mpimg = pytest.importorskip("matplotlib.image", reason="matplotlib is needed to read the screenshot")
 
-from test_serve import _one_torch_thread, start, write_checkpoint  # noqa: E402, F401 (autouse fixture)
+from test_serve import start, write_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
