@@ -90,11 +90,8 @@ class MoE(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._validate_input(x)
-        if self._any_frozen:
-            self._ensure_freeze_hooks()
         shape = x.shape
-        x_TD = x.reshape(-1, self.dim)
+        x_TD = self._tokens(x)
         available_E = self.available_E if self._any_masked else None
         routing = self.router(x_TD, available_E)
         if routing.is_token_choice:
@@ -110,6 +107,13 @@ class MoE(nn.Module):
         batch = math.prod(shape[:-2]) if len(shape) >= 3 else 1
         self._record(routing, plan, batch)
         return out_TD.view(shape)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (T, D) after checking x and re-arming the freeze hooks (every forward)."""
+        self._validate_input(x)
+        if self._any_frozen:
+            self._ensure_freeze_hooks()
+        return x.reshape(-1, self.dim)
 
     def _validate_input(self, x: torch.Tensor) -> None:
         if not torch.is_floating_point(x):

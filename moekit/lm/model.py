@@ -103,6 +103,20 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
+        q_BHSHd, k_BGSHd, v_BGSHd = self.rotated_heads(x_BSD, *self.rotary(positions_S))
+        P = 0
+        if cache is not None:
+            P = cache.length
+            k_BGSHd, v_BGSHd = cache.update(self.layer_idx, k_BGSHd, v_BGSHd)
+        y_BHSHd = self.attend(q_BHSHd, k_BGSHd, v_BGSHd, P)
+        return self.o_proj(y_BHSHd.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    def rotated_heads(self, x_BSD: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, S, D) -> q (B, H, S, Hd), k and v (B, G, S, Hd): projections, q/k norms, and rotary
+        positions on q and k. cos/sin broadcast against (B, heads, S, Hd): (S, Hd) when all rows
+        share positions, (B, 1, S, Hd) when each row has its own."""
+        B, S, _ = x_BSD.shape
         H, G, Hd = self.n_heads, self.n_kv, self.head_dim
         q_BSX, k_BSX, v_BSX = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
         if self.qk_norm == "full":
@@ -112,19 +126,15 @@ class Attention(nn.Module):
         v_BGSHd = v_BSX.view(B, S, G, Hd).transpose(1, 2)
         if self.qk_norm == "head":
             q_BHSHd, k_BGSHd = self.q_norm(q_BHSHd), self.k_norm(k_BGSHd)
-        cos_SHd, sin_SHd = self.rotary(positions_S)
-        q_BHSHd = apply_rotary(q_BHSHd, cos_SHd, sin_SHd)
-        k_BGSHd = apply_rotary(k_BGSHd, cos_SHd, sin_SHd)
-        P = 0
-        if cache is not None:
-            P = cache.length
-            k_BGSHd, v_BGSHd = cache.update(self.layer_idx, k_BGSHd, v_BGSHd)
+        return apply_rotary(q_BHSHd, cos, sin), apply_rotary(k_BGSHd, cos, sin), v_BGSHd
+
+    def attend(self, q_BHSHd: torch.Tensor, k_BGLHd: torch.Tensor, v_BGLHd: torch.Tensor, P: int) -> torch.Tensor:
+        """Causal attention of S new queries over L = P + S keys (P of them cached) -> (B, H, S, Hd)."""
+        gqa = self.n_kv != self.n_heads
         if P == 0:
-            y_BHSHd = F.scaled_dot_product_attention(q_BHSHd, k_BGSHd, v_BGSHd, is_causal=True, enable_gqa=G != H)
-        else:
-            mask_SL = causal_mask(S, P, x_BSD.device)
-            y_BHSHd = F.scaled_dot_product_attention(q_BHSHd, k_BGSHd, v_BGSHd, attn_mask=mask_SL, enable_gqa=G != H)
-        return self.o_proj(y_BHSHd.transpose(1, 2).reshape(B, S, H * Hd))
+            return F.scaled_dot_product_attention(q_BHSHd, k_BGLHd, v_BGLHd, is_causal=True, enable_gqa=gqa)
+        mask_SL = causal_mask(q_BHSHd.shape[2], P, q_BHSHd.device)
+        return F.scaled_dot_product_attention(q_BHSHd, k_BGLHd, v_BGLHd, attn_mask=mask_SL, enable_gqa=gqa)
 
 
 def build_attention(cfg: LMConfig, layer_idx: int) -> nn.Module:

@@ -144,11 +144,8 @@ class ExpertParallelMoE(MoE):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._validate_input(x)
-        if self._any_frozen:
-            self._ensure_freeze_hooks()
         shape = x.shape
-        x_TD = x.reshape(-1, self.dim)
+        x_TD = self._tokens(x)
         with self._phase("routing"):
             routing = self.router(x_TD, self.available_E if self._any_masked else None)
             plan = self._local_plan(routing)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..lm.model import LM, Attention, KVCache, apply_rotary, causal_mask
+from ..lm.model import LM, Attention, KVCache
 
 
 def can_batch(model: LM) -> bool:
@@ -97,18 +97,8 @@ def _attention(attn: Attention, x_B1D: torch.Tensor, positions_B: torch.Tensor,
                caches: list[KVCache]) -> torch.Tensor:
     B = x_B1D.shape[0]
     H, G, Hd = attn.n_heads, attn.n_kv, attn.head_dim
-    q_BX, k_BX, v_BX = attn.q_proj(x_B1D), attn.k_proj(x_B1D), attn.v_proj(x_B1D)
-    if attn.qk_norm == "full":
-        q_BX, k_BX = attn.q_norm(q_BX), attn.k_norm(k_BX)
-    q_BH1Hd = q_BX.view(B, 1, H, Hd).transpose(1, 2)
-    k_BG1Hd = k_BX.view(B, 1, G, Hd).transpose(1, 2)
-    v_BG1Hd = v_BX.view(B, 1, G, Hd).transpose(1, 2)
-    if attn.qk_norm == "head":
-        q_BH1Hd, k_BG1Hd = attn.q_norm(q_BH1Hd), attn.k_norm(k_BG1Hd)
     cos_BHd, sin_BHd = attn.rotary(positions_B)
-    cos_B11Hd, sin_B11Hd = cos_BHd[:, None, None, :], sin_BHd[:, None, None, :]
-    q_BH1Hd = apply_rotary(q_BH1Hd, cos_B11Hd, sin_B11Hd)
-    k_BG1Hd = apply_rotary(k_BG1Hd, cos_B11Hd, sin_B11Hd)
+    q_BH1Hd, k_BG1Hd, v_BG1Hd = attn.rotated_heads(x_B1D, cos_BHd[:, None, None, :], sin_BHd[:, None, None, :])
     lengths_B = positions_B + 1
     L = int(lengths_B.max())
     pool = caches[0].pool if isinstance(caches[0], SlotCache) else None
@@ -168,32 +158,15 @@ def decode_step(model: LM, tokens_B: torch.Tensor, caches: list[KVCache]) -> tor
 def _packed_attention(attn: Attention, x_1TD: torch.Tensor, positions_T: torch.Tensor, lengths: list[int],
                       caches: list[KVCache]) -> torch.Tensor:
     T = x_1TD.shape[1]
-    H, G, Hd = attn.n_heads, attn.n_kv, attn.head_dim
-    q_1TX, k_1TX, v_1TX = attn.q_proj(x_1TD), attn.k_proj(x_1TD), attn.v_proj(x_1TD)
-    if attn.qk_norm == "full":
-        q_1TX, k_1TX = attn.q_norm(q_1TX), attn.k_norm(k_1TX)
-    q_1HTHd = q_1TX.view(1, T, H, Hd).transpose(1, 2)
-    k_1GTHd = k_1TX.view(1, T, G, Hd).transpose(1, 2)
-    v_1GTHd = v_1TX.view(1, T, G, Hd).transpose(1, 2)
-    if attn.qk_norm == "head":
-        q_1HTHd, k_1GTHd = attn.q_norm(q_1HTHd), attn.k_norm(k_1GTHd)
-    cos_THd, sin_THd = attn.rotary(positions_T)
-    q_1HTHd = apply_rotary(q_1HTHd, cos_THd, sin_THd)
-    k_1GTHd = apply_rotary(k_1GTHd, cos_THd, sin_THd)
+    q_1HTHd, k_1GTHd, v_1GTHd = attn.rotated_heads(x_1TD, *attn.rotary(positions_T))
     outputs, start = [], 0
     for S, cache in zip(lengths, caches):
         P = cache.length
-        q_1HSHd = q_1HTHd[:, :, start:start + S]
         k_1GLHd, v_1GLHd = cache.update(attn.layer_idx, k_1GTHd[:, :, start:start + S], v_1GTHd[:, :, start:start + S])
-        if P == 0:
-            y_1HSHd = F.scaled_dot_product_attention(q_1HSHd, k_1GLHd, v_1GLHd, is_causal=True, enable_gqa=G != H)
-        else:
-            mask_SL = causal_mask(S, P, x_1TD.device)
-            y_1HSHd = F.scaled_dot_product_attention(q_1HSHd, k_1GLHd, v_1GLHd, attn_mask=mask_SL, enable_gqa=G != H)
-        outputs.append(y_1HSHd)
+        outputs.append(attn.attend(q_1HTHd[:, :, start:start + S], k_1GLHd, v_1GLHd, P))
         start += S
     y_1HTHd = torch.cat(outputs, dim=2)
-    return attn.o_proj(y_1HTHd.transpose(1, 2).reshape(1, T, H * Hd))
+    return attn.o_proj(y_1HTHd.transpose(1, 2).reshape(1, T, attn.n_heads * attn.head_dim))
 
 
 @torch.no_grad()
