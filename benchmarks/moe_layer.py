@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import copy
 import ctypes
+import functools
 import gc
 import json
 import math
@@ -214,6 +215,7 @@ def peak_mb(fn: Callable[[], object], device: str) -> float | None:
         libc.mallopt(M_TRIM_THRESHOLD, STEADY_TRIM_THRESHOLD)
 
 
+@functools.cache
 def _glibc() -> ctypes.CDLL | None:
     """The C library if it is glibc (has mallopt and malloc_trim), else None."""
     try:
