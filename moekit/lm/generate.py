@@ -16,11 +16,16 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
     """Next token ids (B,): argmax when temperature == 0, else a draw from the top-p nucleus."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    probs_BV = torch.softmax(logits_BV.float() / temperature, dim=-1)
+    # Shifted by the row maximum and in float64, so every temperature > 0 gives a finite distribution:
+    # a tiny one (1e-40) sends all but the maximum to -inf, which is greedy decoding.
+    scaled_BV = logits_BV.double()
+    probs_BV = torch.softmax((scaled_BV - scaled_BV.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
     if top_p < 1.0:
         sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        # Keep the smallest prefix whose mass reaches top_p; the first token is always kept, also for a
+        # top_p below rounding (1e-61).
         outside_BV = sorted_BV.cumsum(dim=-1) - sorted_BV >= top_p
+        outside_BV[:, 0] = False
         sorted_BV = sorted_BV.masked_fill(outside_BV, 0.0)
         probs_BV = torch.zeros_like(probs_BV).scatter_(1, order_BV, sorted_BV)
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
