@@ -1,29 +1,59 @@
-"""Checkpoints in safetensors, written atomically, with a "latest" pointer written last.
+"""Checkpoints in safetensors, written atomically and verified on every load.
 
 One file per checkpoint, ``step_XXXXXXXX.safetensors``, holds the model weights (``model.*``),
-the optimizer's tensors (``optim.*``) and, in the file's string metadata, everything else as JSON
-(config, optimizer hyper-parameters, trainer state, RNG states). A file is written to a temporary
-name in the same folder, fsynced and renamed into place; then ``latest`` (holding the file name)
-is replaced the same way. A crash therefore leaves either the old or the new checkpoint as
-latest, never a half-written one; leftover ``*.tmp`` files are ignored.
+the optimizer's tensors (``optim.*``) and, in the file's string metadata, everything else as JSON:
+config, optimizer hyper-parameters, trainer state and RNG states (``meta``, ``optim``) and each
+MoE layer's routing statistics and masked/frozen experts (``moe``).
+
+Integrity: the metadata holds a SHA-256 digest of every tensor (over its dtype, shape and bytes)
+and one of the metadata itself; ``load_checkpoint`` recomputes them and a mismatch raises
+``ChecksumError`` naming the file and the tensor. (SHA-256 runs at about 1.6 GB/s with the CPU's
+SHA instructions; a byte flipped anywhere in the file is caught, including values that stay finite.)
+
+Atomicity: a file is written to ``.<name>.<pid>.tmp`` in the same folder, fsynced and renamed into
+place, then the ``latest`` pointer is replaced the same way. A kill at any moment leaves only
+complete checkpoint files under their final names; the newest of them by step number is the
+resume point (``latest`` is kept for people and tools, but a kill between the rename and the
+pointer update must not lose the newer file). Temporary files of dead writers are removed on the
+next save or resume. A full disk raises ``DiskFullError`` with the space needed and removes the
+temporary file, so the previous checkpoint stays the resume point.
+
+Files written before checksums (``moekit-checkpoint-v1``) still load, unverified.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-FORMAT = "moekit-checkpoint-v1"
+FORMAT = "moekit-checkpoint-v2"
+LEGACY_FORMATS = ("moekit-checkpoint-v1",)
+STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
+TEMP_FILE = re.compile(r"^\.(?:step_\d+\.safetensors|latest)\.(\d+)\.tmp$")
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file."""
 
 
+class ChecksumError(CheckpointError):
+    """A tensor or the metadata of a checkpoint does not match its stored digest (the file is corrupted)."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written for lack of space; nothing was left half-written."""
+
+
+# ---------------------------------------------------------------------- writing
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -37,14 +67,112 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def _human(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def atomic_write_bytes(path: Path, data: bytes, on_full: str = "") -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary file and a rename.
+
+    A failure removes the temporary file; no space (ENOSPC/EDQUOT) raises DiskFullError naming the
+    size needed, the space free and ``on_full`` (what the caller keeps)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in NO_SPACE:
+            free = _free_bytes(path.parent)
+            raise DiskFullError(f"no space left to write {path}: it needs {_human(len(data))}"
+                                f"{'' if free is None else f', {_human(free)} free'} in {path.parent}; "
+                                f"the partial file was removed{on_full}") from None
+        raise
     _fsync_dir(path.parent)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` and a newline in one write; a short write (full disk) is cut back off, so the
+    file never ends in half a line. Raises DiskFullError when there is no space."""
+    data = (line + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+        except OSError as err:
+            os.ftruncate(fd, start)
+            if err.errno in NO_SPACE:
+                raise DiskFullError(f"no space left to append {len(data)} bytes to {path}") from None
+            raise
+        if written != len(data):
+            os.ftruncate(fd, start)
+            raise DiskFullError(f"no space left to append {len(data)} bytes to {path} "
+                                f"(only {written} could be written; they were removed)")
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp(folder: str | Path) -> list[Path]:
+    """Remove ``.step_*.tmp`` / ``.latest.*.tmp`` files whose writer process is gone (or is this one,
+    which has no write in progress when this is called); returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = TEMP_FILE.match(p.name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---------------------------------------------------------------------- digests and state
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 over a CPU contiguous tensor's dtype, shape and bytes (as safetensors stores them)."""
+    h = hashlib.sha256(f"{str(t.dtype).removeprefix('torch.')}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _meta_digest(metadata: dict[str, str]) -> str:
+    body = json.dumps({k: v for k, v in metadata.items() if k != "meta_sha256"}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -61,27 +189,49 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    meta: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``folder/step_<step>.safetensors`` atomically, then the ``latest`` pointer; keep the newest ``keep``."""
-    from safetensors.torch import save
+def moe_state(model: torch.nn.Module) -> dict[str, Any]:
+    """Per MoE layer: masked and frozen experts, routing-statistics buffers (as lists; float64 values
+    round-trip exactly through JSON) and the forward-pass count. Empty for a non-module snapshot."""
+    if not isinstance(model, torch.nn.Module):
+        return {}
+    from ..model_ops import moe_layers
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in _unique_state(model).items()}
-    optim_meta: dict[str, Any] = {}
-    if optimizer is not None:
-        optim_tensors, optim_meta = optimizer_tensors(optimizer)
-        tensors.update(optim_tensors)
-    metadata = {"format": FORMAT, "step": str(step), "meta": json.dumps(meta), "optim": json.dumps(optim_meta)}
-    path = folder / f"step_{step:08d}.safetensors"
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
-    atomic_write_bytes(folder / "latest", path.name.encode())
-    old = sorted(folder.glob("step_*.safetensors"))[:-keep] if keep > 0 else []
-    for p in old:
-        if p != path:
-            p.unlink(missing_ok=True)
-    return path
+    out = {}
+    for name, layer in moe_layers(model):
+        out[name] = {"masked": layer.masked_experts, "frozen": layer.frozen_experts,
+                     "bias_load_E": layer.bias_load_E.cpu().tolist(),
+                     "stats": {k: v.cpu().tolist() for k, v in layer.stats.named_buffers(recurse=False)},
+                     "forward_passes": layer.stats.forward_passes}
+    return out
+
+
+def restore_moe_state(state: dict[str, Any], model: torch.nn.Module, path: str | Path, stats: bool = True) -> None:
+    """Re-apply ``moe_state``: masked experts always; frozen experts and routing statistics if ``stats``
+    (resuming training; a model loaded for eval or serving starts with fresh statistics)."""
+    from ..model_ops import moe_layers
+
+    layers = dict(moe_layers(model))
+    unknown = sorted(set(state) - set(layers))
+    if unknown:
+        raise CheckpointError(f"checkpoint {path} has MoE state for layers {unknown[:5]} that the model lacks")
+    for name, s in state.items():
+        layer = layers[name]
+        layer.unmask_experts()
+        try:
+            if s["masked"]:
+                layer.mask_experts(s["masked"])
+            if not stats:
+                continue
+            layer.unfreeze_experts()
+            if s["frozen"]:
+                layer.freeze_experts(s["frozen"])
+            with torch.no_grad():
+                layer.bias_load_E.copy_(torch.tensor(s["bias_load_E"], dtype=layer.bias_load_E.dtype))
+                for k, buf in layer.stats.named_buffers(recurse=False):
+                    buf.copy_(torch.tensor(s["stats"][k], dtype=buf.dtype))
+            layer.stats.forward_passes = int(s["forward_passes"])
+        except (KeyError, IndexError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint {path}: MoE state of {name} does not fit the model ({err})") from None
 
 
 def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -97,35 +247,118 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The checkpoint ``folder/latest`` names, or None if there is none yet."""
+# ---------------------------------------------------------------------- save
+def step_of(path: Path) -> int | None:
+    m = STEP_FILE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoints(folder: str | Path) -> list[Path]:
+    """Complete checkpoint files in ``folder`` (temporary files never carry the final name), newest first."""
     folder = Path(folder)
-    pointer = folder / "latest"
-    if not pointer.is_file():
-        return None
-    name = pointer.read_text().strip()
-    path = folder / name
-    if not name or not path.is_file():
-        raise CheckpointError(f"{pointer} names {name!r}, which does not exist in {folder}")
+    if not folder.is_dir():
+        return []
+    found = [(step_of(p), p) for p in folder.iterdir() if step_of(p) is not None and p.is_file()]
+    return [p for _, p in sorted(found, key=lambda sp: sp[0], reverse=True)]
+
+
+def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    meta: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``folder/step_<step>.safetensors`` atomically with per-tensor digests, then the ``latest``
+    pointer; keep the newest ``keep`` files. ``model``/``optimizer`` need only ``state_dict()``."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(folder)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in _unique_state(model).items()}
+    optim_meta: dict[str, Any] = {}
+    if optimizer is not None:
+        optim_tensors, optim_meta = optimizer_tensors(optimizer)
+        tensors.update(optim_tensors)
+    metadata = {"format": FORMAT, "step": str(step), "meta": json.dumps(meta), "optim": json.dumps(optim_meta),
+                "moe": json.dumps(moe_state(model)),
+                "tensors_sha256": json.dumps({k: tensor_digest(v) for k, v in tensors.items()}, sort_keys=True)}
+    metadata["meta_sha256"] = _meta_digest(metadata)
+    path = folder / f"step_{step:08d}.safetensors"
+    previous = next((p for p in checkpoints(folder) if p != path), None)
+    keeps = f"; the previous checkpoint {previous.name} stays the resume point" if previous else \
+        "; there is no earlier checkpoint to resume from"
+    atomic_write_bytes(path, save(tensors, metadata=metadata), on_full=keeps)
+    atomic_write_bytes(folder / "latest", path.name.encode(),
+                       on_full=f"; {path.name} was written in full and is the resume point")
+    for p in checkpoints(folder)[keep:] if keep > 0 else []:
+        if p != path:
+            p.unlink(missing_ok=True)
     return path
 
 
+# ---------------------------------------------------------------------- load
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint file in ``folder`` (by step), or None if there is none yet.
+
+    The ``latest`` pointer is only consulted to report a dangling pointer in a folder without files."""
+    folder = Path(folder)
+    found = checkpoints(folder)
+    if found:
+        return found[0]
+    pointer = folder / "latest"
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        raise CheckpointError(f"{pointer} names {name!r}, which does not exist in {folder}")
+    return None
+
+
+def checkpoint_folder(path: str | Path) -> Path | None:
+    """The folder holding a run's checkpoints: ``path`` itself or ``path/checkpoints``."""
+    path = Path(path)
+    for folder in (path, path / "checkpoints"):
+        if checkpoints(folder) or (folder / "latest").is_file():
+            return folder
+    return None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run/checkpoint folder (its latest checkpoint)."""
+    """A checkpoint file, or a run/checkpoint folder (its newest checkpoint)."""
     path = Path(path)
     if path.is_dir():
-        for folder in (path, path / "checkpoints"):
-            found = latest_checkpoint(folder)
-            if found is not None:
-                return found
-        raise CheckpointError(f"{path} holds no checkpoint (no 'latest' pointer in it or in {path / 'checkpoints'})")
+        folder = checkpoint_folder(path)
+        found = latest_checkpoint(folder) if folder is not None else None
+        if found is None:
+            raise CheckpointError(f"{path} holds no checkpoint (no step_*.safetensors in it or in "
+                                  f"{path / 'checkpoints'})")
+        return found
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     return path
 
 
+def _verify(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    stored_meta = metadata.get("meta_sha256")
+    if stored_meta is None or stored_meta != _meta_digest(metadata):
+        raise ChecksumError(f"checkpoint {path}: its metadata (config, optimizer settings, RNG and MoE state) "
+                            f"fails its sha256 checksum; the file is corrupted")
+    try:
+        stored = json.loads(metadata["tensors_sha256"])
+    except (KeyError, ValueError):
+        raise ChecksumError(f"checkpoint {path}: its tensor checksums are missing or unreadable; "
+                            f"the file is corrupted") from None
+    missing = sorted(set(stored) - set(tensors))
+    if missing:
+        raise ChecksumError(f"checkpoint {path}: tensor {missing[0]!r} listed in the checksums is missing "
+                            f"from the file; the file is corrupted")
+    bad = [k for k in tensors if stored.get(k) != tensor_digest(tensors[k])]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ChecksumError(f"checkpoint {path}: tensor {bad[0]!r}{more} fails its sha256 checksum; "
+                            f"the file is corrupted (resume from an older checkpoint)")
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata) of a moekit checkpoint; a truncated or foreign file raises CheckpointError."""
+    """(tensors, metadata) of a moekit checkpoint, every tensor verified against its digest.
+
+    Metadata: {"step", "meta", "optim", "moe"}. A truncated, foreign or corrupted file raises
+    CheckpointError (ChecksumError for a digest mismatch) naming the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -133,20 +366,50 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     data = path.read_bytes()
     try:
         tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + header_len])
     except (SafetensorError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file ({err})") from None
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_len])
     metadata = header.get("__metadata__") or {}
-    if metadata.get("format") != FORMAT:
+    fmt = metadata.get("format")
+    if fmt != FORMAT and fmt not in LEGACY_FORMATS:
         raise CheckpointError(f"{path} is a safetensors file but not a moekit checkpoint "
-                              f"(metadata format={metadata.get('format')!r}, expected {FORMAT!r})")
+                              f"(metadata format={fmt!r}, expected {FORMAT!r})")
+    if fmt == FORMAT or "meta_sha256" in metadata or "tensors_sha256" in metadata:
+        _verify(path, tensors, metadata)
     try:
         meta = {"step": int(metadata["step"]), "meta": json.loads(metadata["meta"]),
-                "optim": json.loads(metadata["optim"])}
+                "optim": json.loads(metadata["optim"]), "moe": json.loads(metadata.get("moe", "{}"))}
     except (KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: damaged moekit metadata ({err})") from None
+        raise CheckpointError(f"{path}: damaged moekit metadata ({err!r})") from None
     return tensors, meta
+
+
+def load_newest(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any], list[str]] | None:
+    """The newest checkpoint of a run/checkpoint folder that loads and verifies:
+    (file, tensors, metadata, one line per newer file skipped and why); None if the folder has none.
+    If every file fails, the newest one's error is raised."""
+    folder = checkpoint_folder(path)
+    if folder is None:
+        return None
+    remove_stale_temp(folder)
+    files = checkpoints(folder)
+    if not files:
+        latest_checkpoint(folder)  # raises for a dangling pointer
+        return None
+    skipped: list[str] = []
+    first: CheckpointError | None = None
+    for f in files:
+        try:
+            tensors, meta = load_checkpoint(f)
+        except CheckpointError as err:
+            first = first or err
+            skipped.append(f"skipped {f.name}: {err}")
+            continue
+        return f, tensors, meta, skipped
+    assert first is not None
+    raise type(first)(f"{first} (and no older checkpoint of {folder} loads either)" if len(files) > 1
+                      else str(first))
 
 
 def model_state(tensors: dict[str, torch.Tensor], model: torch.nn.Module, path: str | Path) -> None:
