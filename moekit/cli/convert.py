@@ -22,11 +22,12 @@ def run(args: argparse.Namespace) -> int:
 
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     if args.from_hf is not None:
-        out = convert_folder(args.from_hf, args.out, dtype=dtype, revision=args.revision)
+        out = convert_folder(args.from_hf, args.out, dtype=dtype, revision=args.revision,
+                             overwrite=args.overwrite)
         print(f"wrote moekit model to {out}")
     else:
         model = load_moekit(args.to_hf)
-        out = to_hf(model, args.out, family=args.family, dtype=dtype)
+        out = to_hf(model, args.out, family=args.family, dtype=dtype, overwrite=args.overwrite)
         print(f"wrote Hugging Face checkpoint to {out}")
     return 0
 
@@ -41,4 +42,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="cast weights (default: keep float32)")
     p.add_argument("--family", default=None, help="HF family for --to-hf (default: source or inferred)")
     p.add_argument("--revision", default=None, help="hub revision for --from-hf with a repo id")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous export in --out (default: refuse a non-empty --out)")
     p.set_defaults(func=run)

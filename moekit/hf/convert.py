@@ -12,16 +12,25 @@ tensors are taken as they are.
 Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss (see
 ``blocks.py`` for their routers; gpt-oss attention with sinks, sliding-window layers and YaRN
 rotary scaling is ``gpt_oss.py``, its experts ``blocks.ClampedSwiGLUExperts``; DeepSeek's YaRN
-scaling is handled by ``moekit.lm.mla``). Sliding-window attention and scaled rotary embeddings
-elsewhere are refused with an error naming the field.
+scaling is handled by ``moekit.lm.mla``). Mixtral's and Qwen3-MoE's ``sliding_window`` (every layer
+windowed) becomes ``attention_options.sliding_window`` of moekit's ``mha`` attention; per-layer
+windows elsewhere (Qwen2-MoE's ``layer_types``) and scaled rotary embeddings outside the YaRN
+families are refused with an error naming the field.
+
+Every writer (``save_moekit``, ``convert_folder``, ``export.to_hf``) fills a temporary folder
+beside the target and renames it into place (``output_folder``), so a reader never sees a
+half-written or mixed folder, and refuses a non-empty target unless ``overwrite=True``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +54,10 @@ class CheckpointError(ValueError):
     """A checkpoint folder or tensor does not fit; the message names the file and tensor."""
 
 
+class OutputFolderError(CheckpointError):
+    """An output folder cannot be written: it holds other files, or is not a folder."""
+
+
 # ---------------------------------------------------------------------------------------- configs
 def _rope_theta(hf_config: Any, allowed: tuple[str, ...] = ("default",)) -> float:
     rope = getattr(hf_config, "rope_parameters", None) or {}
@@ -65,13 +78,24 @@ def _scaled_rope(hf_config: Any) -> dict[str, Any] | None:
     return dict(rope) if rope.get("rope_type", "default") != "default" else None
 
 
-def _refuse_sliding_window(hf_config: Any) -> None:
+# Families whose ``sliding_window`` (when set) windows every layer, as moekit's mha attention does.
+_WINDOWED_FAMILIES = ("mixtral", "qwen3_moe")
+
+
+def _sliding_window(hf_config: Any) -> int | None:
+    """The window of every layer (Mixtral, Qwen3-MoE), or None; per-layer windows are refused."""
     t = hf_config.model_type
     layer_types = getattr(hf_config, "layer_types", None) or []
     window = getattr(hf_config, "sliding_window", None)
-    if "sliding_attention" in layer_types or (t in ("mixtral", "qwen3_moe") and window):
+    if "sliding_attention" in layer_types:
         raise UnsupportedArchitectureError(
-            f"sliding_window={window!r} (model_type={t!r}): sliding-window attention is not supported by moekit.lm")
+            f"layer_types with 'sliding_attention' (sliding_window={window!r}, model_type={t!r}): per-layer "
+            f"sliding windows are supported for gpt_oss only")
+    if t not in _WINDOWED_FAMILIES or window is None:
+        return None
+    if not (isinstance(window, int) and window >= 1):
+        raise UnsupportedArchitectureError(f"sliding_window={window!r} (model_type={t!r}) must be an int >= 1")
+    return window
 
 
 def lm_config_from_hf(hf_config: Any, **moe_overrides: Any) -> LMConfig:
@@ -82,8 +106,7 @@ def lm_config_from_hf(hf_config: Any, **moe_overrides: Any) -> LMConfig:
         raise UnsupportedArchitectureError(
             f"model_type={t!r} converts block by block only (moe_from_hf_block); whole-model conversion "
             f"supports {list(CONVERTIBLE)}")
-    if t != "gpt_oss":
-        _refuse_sliding_window(hf_config)
+    window = None if t == "gpt_oss" else _sliding_window(hf_config)
     c = hf_config
     n_layers = c.num_hidden_layers
     kw: dict[str, Any] = dict(
@@ -110,6 +133,8 @@ def lm_config_from_hf(hf_config: Any, **moe_overrides: Any) -> LMConfig:
         return LMConfig(**kw)
     if getattr(c, "attention_bias", False):
         raise UnsupportedArchitectureError(f"attention_bias=True (model_type={t!r}): moekit.lm has no o_proj bias")
+    if window is not None:
+        kw["attention_options"] = {"sliding_window": window}
     if t == "qwen2_moe":
         kw["qkv_bias"] = bool(c.qkv_bias)
     if t in ("qwen2_moe", "qwen3_moe"):
@@ -187,14 +212,142 @@ def shard_files(folder: str | Path) -> list[Path]:
     return files
 
 
+def open_safetensors(file: Path) -> Any:
+    """``safe_open(file)``; a file safetensors cannot read raises CheckpointError naming the file
+    and, for a truncated file, the first tensor whose bytes are missing."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{file}: {safetensors_problem(file, err)}") from None
+
+
+def safetensors_problem(file: Path, err: Exception) -> str:
+    """Why ``file`` is not a readable safetensors file, from its header (8-byte little-endian
+    header size, JSON header of {key: {dtype, shape, data_offsets}}, then the tensor bytes)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            header_bytes = f.read(min(n, size))
+    except OSError as os_err:
+        return f"cannot read the file ({os_err.strerror or os_err})"
+    if size < 8:
+        return f"not a safetensors file: {size} bytes, shorter than the 8-byte header size (truncated?)"
+    if 8 + n > size:
+        return f"truncated or not a safetensors file: its header needs {8 + n} bytes, the file has {size}"
+    try:
+        header = json.loads(header_bytes)
+        ends = {k: int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"not a safetensors file: its {n}-byte header is not a safetensors JSON header ({err})"
+    past = sorted((end, k) for k, end in ends.items() if 8 + n + end > size)
+    if past:
+        first = past[0][1]
+        return (f"truncated: tensor {first!r} (and {len(past) - 1} more) ends past the end of the file "
+                f"({size} bytes, needs {8 + n + past[-1][0]})")
+    return f"not a readable safetensors file ({err})"
+
+
 def iter_checkpoint(files: list[Path]) -> Iterator[tuple[Path, Any, str]]:
     """(file, open safe_open handle, key) for every tensor, one shard open at a time."""
-    from safetensors import safe_open
-
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with open_safetensors(file) as handle:
             for key in handle.keys():
                 yield file, handle, key
+
+
+# ---------------------------------------------------------------------------------------- writing
+# Files each writer puts in its folder: what ``overwrite=True`` may replace.
+_SHARD = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+HF_EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", INDEX_NAME)
+MOEKIT_FILES = (MOEKIT_CONFIG, "model.safetensors", "hf_config.json", *SIDE_FILES)
+
+
+def _index_shards(folder: Path) -> set[str]:
+    try:
+        return set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def is_hf_export_file(folder: Path, name: str) -> bool:
+    """Whether ``to_hf`` (or transformers' save_pretrained) writes ``name`` in a checkpoint folder."""
+    return name in HF_EXPORT_FILES or bool(_SHARD.match(name)) or name in _index_shards(folder)
+
+
+def is_moekit_file(folder: Path, name: str) -> bool:
+    """Whether ``save_moekit`` / ``convert_folder`` writes ``name``."""
+    return name in MOEKIT_FILES
+
+
+def check_output_folder(out: Path, owned: Callable[[Path, str], bool], overwrite: bool) -> None:
+    """Refuse an output path that is not a folder, or a non-empty folder (unless ``overwrite`` and
+    every entry is one ``owned`` says a previous export wrote)."""
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(f"output folder {out} exists and is not a folder")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    if not overwrite:
+        raise OutputFolderError(f"output folder {out} is not empty ({', '.join(entries[:6])}"
+                                f"{', ...' if len(entries) > 6 else ''}); pass overwrite=True (--overwrite) to "
+                                f"replace the previous export, or choose an empty folder")
+    foreign = [name for name in entries if not (owned(out, name) and (out / name).is_file())]
+    if foreign:
+        raise OutputFolderError(f"output folder {out} holds {foreign[:6]}, which this export does not write; "
+                                f"overwrite replaces only a previous export: move them or choose another folder")
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def output_folder(out_dir: str | Path, owned: Callable[[Path, str], bool], overwrite: bool = False) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``out_dir`` to write into; on success it is synced and
+    renamed to ``out_dir``, replacing a previous export (only with ``overwrite``; see
+    ``check_output_folder``), which is deleted after the rename. On error the temporary folder is
+    removed and ``out_dir`` is untouched."""
+    out = Path(out_dir).expanduser().resolve()
+    check_output_folder(out, owned, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # mkdir (not mkdtemp) so the folder gets the user's umask permissions, not 0o700.
+    tmp = out.parent / f".{out.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        check_output_folder(out, owned, overwrite)
+        old = None
+        if out.is_dir():
+            if any(out.iterdir()):
+                old = out.parent / f".{out.name}.{secrets.token_hex(4)}.old"
+                out.rename(old)
+            else:
+                out.rmdir()
+        try:
+            tmp.rename(out)
+        except OSError:
+            if old is not None:
+                old.rename(out)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
 
 
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
@@ -294,7 +447,7 @@ def load_hf_weights(model: LM, files: list[Path], key_map: KeyMap) -> list[str]:
     """Stream every checkpoint tensor into ``model``; returns skipped keys. Errors name tensor and file."""
     targets = lm_tensors(model)
     filled = dict.fromkeys(targets, 0)
-    skipped = []
+    skipped, seen = [], set()
     for file, handle, key in iter_checkpoint(files):
         mapped = key_map.to_moekit(key)
         if mapped is None:
@@ -302,25 +455,34 @@ def load_hf_weights(model: LM, files: list[Path], key_map: KeyMap) -> list[str]:
             continue
         name, index = mapped
         if name not in targets:
-            raise CheckpointError(f"tensor {key!r} in {file.name} maps to {name!r}, which this model does not have")
+            raise CheckpointError(f"tensor {key!r} in {file} maps to {name!r}, which this model does not have")
         view = handle.get_slice(key)
         dtype = view.get_dtype()
         if dtype not in _FLOAT_DTYPES:
-            raise CheckpointError(f"tensor {key!r} in {file.name} has dtype {dtype}; expected one of "
+            raise CheckpointError(f"tensor {key!r} in {file} has dtype {dtype}; expected one of "
                                   f"{sorted(_FLOAT_DTYPES)} (quantized checkpoints are not supported)")
+        if index and index[0] >= targets[name].shape[0]:
+            raise CheckpointError(f"tensor {key!r} in {file} belongs to expert {index[0]}, but config.json gives "
+                                  f"{targets[name].shape[0]} experts ({name!r} has shape "
+                                  f"{tuple(targets[name].shape)}); the config does not match the checkpoint")
         dst = targets[name][index] if index else targets[name]
         shape = tuple(view.get_shape())
         if shape != tuple(dst.shape):
-            raise CheckpointError(f"tensor {key!r} in {file.name} has shape {shape}; moekit {name!r}"
+            raise CheckpointError(f"tensor {key!r} in {file} has shape {shape}; moekit {name!r}"
                                   f"{list(index) if index else ''} expects {tuple(dst.shape)}")
         if filled[name] + dst.numel() > targets[name].numel():
-            raise CheckpointError(f"tensor {key!r} in {file.name} fills {name!r} a second time")
+            raise CheckpointError(f"tensor {key!r} in {file} fills {name!r} a second time")
         dst.copy_(handle.get_tensor(key))
         filled[name] += dst.numel()
+        seen.add(key)
     missing = [n for n, count in filled.items() if count != targets[n].numel()]
     if missing:
-        raise CheckpointError(f"checkpoint lacks tensors for moekit parameter(s) {missing[:8]}"
-                              f"{' ...' if len(missing) > 8 else ''} ({len(missing)} in all)")
+        keys = [k for n in missing for k, _ in key_map.to_hf(n, targets[n]) if k not in seen]
+        index_file = files[0].parent / INDEX_NAME
+        where = str(index_file) if index_file.is_file() else ", ".join(str(f) for f in files)
+        raise CheckpointError(f"{where} lacks tensor(s) {keys[:8]}{' ...' if len(keys) > 8 else ''} "
+                              f"({len(keys)} in all; moekit parameter(s) {missing[:4]}"
+                              f"{' ...' if len(missing) > 4 else ''})")
     return skipped
 
 
@@ -345,26 +507,32 @@ def from_hf(path_or_repo_id: str | Path, dtype: torch.dtype | None = None, revis
 
 
 # ---------------------------------------------------------------------------------------- moekit format
-def save_moekit(model: LM, out_dir: str | Path, hf_config: dict[str, Any] | None = None) -> Path:
-    """Write ``moekit_lm.json`` (LMConfig) and ``model.safetensors`` (state dict) to out_dir."""
+def _write_moekit(model: LM, folder: Path, hf_config: dict[str, Any] | None) -> None:
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save(out / MOEKIT_CONFIG)
+    model.config.save(folder / MOEKIT_CONFIG)
     tensors = {k: v.contiguous() for k, v in lm_tensors(model).items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     hf_config = hf_config if hf_config is not None else getattr(model, "hf_config", None)
     if hf_config is not None:
-        (out / "hf_config.json").write_text(json.dumps(hf_config, indent=2, default=str))
-    return out
+        (folder / "hf_config.json").write_text(json.dumps(hf_config, indent=2, default=str))
+
+
+def save_moekit(model: LM, out_dir: str | Path, hf_config: dict[str, Any] | None = None,
+                overwrite: bool = False) -> Path:
+    """Write ``moekit_lm.json`` (LMConfig) and ``model.safetensors`` (state dict) to out_dir.
+
+    The folder appears complete or not at all; a non-empty out_dir is refused unless
+    ``overwrite``, which replaces a previous moekit folder (and refuses folders with other files).
+    """
+    with output_folder(out_dir, is_moekit_file, overwrite) as tmp:
+        _write_moekit(model, tmp, hf_config)
+    return Path(out_dir)
 
 
 @torch.no_grad()
 def load_moekit(folder: str | Path) -> LM:
-    """A moekit LM saved by ``save_moekit``; errors name missing or mis-shaped tensors."""
-    from safetensors import safe_open
-
+    """A moekit LM saved by ``save_moekit``; errors name missing or mis-shaped tensors and the file."""
     folder = Path(folder)
     cfg = LMConfig.load(folder / MOEKIT_CONFIG)
     hf_path = folder / "hf_config.json"
@@ -374,7 +542,7 @@ def load_moekit(folder: str | Path) -> LM:
     path = folder / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no model.safetensors")
-    with safe_open(str(path), framework="pt") as handle:
+    with open_safetensors(path) as handle:
         keys = set(handle.keys())
         missing, unexpected = sorted(set(targets) - keys), sorted(keys - set(targets))
         if missing or unexpected:
@@ -393,12 +561,17 @@ def load_moekit(folder: str | Path) -> LM:
 
 
 def convert_folder(src: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
-                   revision: str | None = None) -> Path:
-    """HF checkpoint folder (or repo id) -> moekit folder, copying tokenizer files along."""
+                   revision: str | None = None, overwrite: bool = False) -> Path:
+    """HF checkpoint folder (or repo id) -> moekit folder, copying tokenizer files along.
+
+    Written as ``save_moekit`` writes: all at once, refusing a non-empty out_dir unless ``overwrite``.
+    """
+    check_output_folder(Path(out_dir).expanduser().resolve(), is_moekit_file, overwrite)  # before the slow part
     folder = resolve_folder(src, revision)
     model = from_hf(folder, dtype=dtype)
-    out = save_moekit(model, out_dir)
-    for name in SIDE_FILES:
-        if (folder / name).is_file():
-            shutil.copy2(folder / name, out / name)
-    return out
+    with output_folder(out_dir, is_moekit_file, overwrite) as tmp:
+        _write_moekit(model, tmp, None)
+        for name in SIDE_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, tmp / name)
+    return Path(out_dir)

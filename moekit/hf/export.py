@@ -25,7 +25,7 @@ import torch
 from ..config import MoEConfig
 from ..lm import LM, LMConfig
 from .blocks import UnsupportedArchitectureError
-from .convert import CONVERTIBLE, INDEX_NAME, KeyMap, lm_tensors
+from .convert import CONVERTIBLE, INDEX_NAME, KeyMap, is_hf_export_file, lm_tensors, output_folder
 
 _CONFIG_CLASSES = {"mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig", "qwen3_moe": "Qwen3MoeConfig",
                    "olmoe": "OlmoeConfig", "deepseek_v2": "DeepseekV2Config", "deepseek_v3": "DeepseekV3Config",
@@ -116,6 +116,9 @@ def hf_config_kwargs(cfg: LMConfig, family: str) -> dict[str, Any]:
             kw.update(norm_topk_prob=r.norm_topk_prob, rope_interleave=o["rope_interleave"])
         return kw
     _require(cfg.attention == "mha", family, f"attention={cfg.attention!r}")
+    window = cfg.attention_options.get("sliding_window")
+    _require(window is None or family in ("mixtral", "qwen3_moe"), family,
+             f"attention_options.sliding_window={window} (only mixtral and qwen3_moe window every layer)")
     _require(r.kind == "softmax_topk" and r.n_group == 1 and r.routed_scaling_factor == 1.0, family,
              f"router kind={r.kind!r}, n_group={r.n_group}, routed_scaling_factor={r.routed_scaling_factor} "
              f"(needs plain softmax_topk)")
@@ -131,7 +134,7 @@ def hf_config_kwargs(cfg: LMConfig, family: str) -> dict[str, Any]:
             _require(cfg.head_size == cfg.dim // cfg.n_heads, family, f"head_dim={cfg.head_size} differs from dim/n_heads")
         if family == "mixtral":
             _require(r.norm_topk_prob, family, "norm_topk_prob=False (Mixtral renormalises)")
-            kw.update(intermediate_size=F, num_local_experts=E, head_dim=cfg.head_size)
+            kw.update(intermediate_size=F, num_local_experts=E, head_dim=cfg.head_size, sliding_window=window)
         else:
             kw.update(intermediate_size=F, num_experts=E, norm_topk_prob=r.norm_topk_prob)
         return kw
@@ -143,7 +146,7 @@ def hf_config_kwargs(cfg: LMConfig, family: str) -> dict[str, Any]:
                   shared_expert_intermediate_size=moe.shared.hidden or moe.shared.num * F)
     else:
         _require(not cfg.qkv_bias, family, "qkv_bias=True")
-        kw.update(head_dim=cfg.head_size, use_sliding_window=False)
+        kw.update(head_dim=cfg.head_size, use_sliding_window=window is not None, sliding_window=window)
     return kw
 
 
@@ -208,16 +211,17 @@ def _shards(items: Iterator[tuple[str, torch.Tensor]], max_bytes: int) -> Iterat
 
 @torch.no_grad()
 def to_hf(model: LM, out_dir: str | Path, family: str | None = None, dtype: torch.dtype | None = None,
-          max_shard_bytes: int = 2 * 1024**3) -> Path:
+          max_shard_bytes: int = 2 * 1024**3, overwrite: bool = False) -> Path:
     """Write ``model`` as a Hugging Face checkpoint folder; returns the folder.
 
-    ``dtype`` casts tensors as they are written (one tensor at a time).
+    ``dtype`` casts tensors as they are written (one tensor at a time). The folder is written
+    beside ``out_dir`` and renamed into place, so it appears complete or not at all. A non-empty
+    ``out_dir`` is refused unless ``overwrite``, which replaces a previous export (config, shards,
+    index) and refuses a folder holding anything else.
     """
     from safetensors.torch import save_file
 
     config = build_hf_config(model, family)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     key_map = KeyMap(config, model.config)
 
     def items() -> Iterator[tuple[str, torch.Tensor]]:
@@ -225,25 +229,26 @@ def to_hf(model: LM, out_dir: str | Path, family: str | None = None, dtype: torc
             for key, value in key_map.to_hf(name, tensor.detach()):
                 yield key, (value if dtype is None else value.to(dtype)).contiguous()
 
-    weight_map: dict[str, str] = {}
-    files = []
-    total_bytes = 0
-    for i, shard in enumerate(_shards(items(), max_shard_bytes)):
-        tmp_name = f"model-{i + 1:05d}.safetensors"
-        save_file(shard, str(out / tmp_name), metadata={"format": "pt"})
-        files.append(tmp_name)
-        weight_map.update(dict.fromkeys(shard, tmp_name))
-        total_bytes += sum(t.numel() * t.element_size() for t in shard.values())
-    if len(files) == 1:
-        (out / files[0]).rename(out / "model.safetensors")
-    else:
-        total = len(files)
-        renames = {old: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, old in enumerate(files)}
-        for old, new in renames.items():
-            (out / old).rename(out / new)
-        index = {"metadata": {"total_size": total_bytes},
-                 "weight_map": {k: renames[v] for k, v in weight_map.items()}}
-        (out / INDEX_NAME).write_text(json.dumps(index, indent=2))
-    config.dtype = dtype or next(model.parameters()).dtype
-    config.save_pretrained(str(out))
-    return out
+    with output_folder(out_dir, is_hf_export_file, overwrite) as out:
+        weight_map: dict[str, str] = {}
+        files = []
+        total_bytes = 0
+        for i, shard in enumerate(_shards(items(), max_shard_bytes)):
+            tmp_name = f"model-{i + 1:05d}.safetensors"
+            save_file(shard, str(out / tmp_name), metadata={"format": "pt"})
+            files.append(tmp_name)
+            weight_map.update(dict.fromkeys(shard, tmp_name))
+            total_bytes += sum(t.numel() * t.element_size() for t in shard.values())
+        if len(files) == 1:
+            (out / files[0]).rename(out / "model.safetensors")
+        else:
+            total = len(files)
+            renames = {old: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, old in enumerate(files)}
+            for old, new in renames.items():
+                (out / old).rename(out / new)
+            index = {"metadata": {"total_size": total_bytes},
+                     "weight_map": {k: renames[v] for k, v in weight_map.items()}}
+            (out / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        config.dtype = dtype or next(model.parameters()).dtype
+        config.save_pretrained(str(out))
+    return Path(out_dir)

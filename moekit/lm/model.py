@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layer import MoE
+from ..config import ConfigError
 from .config import ATTENTION_REGISTRY, LMConfig
 
 
@@ -77,17 +78,36 @@ class KVCache:
         return full
 
 
-def causal_mask(S: int, P: int, device: torch.device) -> torch.Tensor:
-    """Bool (S, P+S): query s sees keys 0..P+s."""
-    return torch.ones(S, P + S, dtype=torch.bool, device=device).tril(diagonal=P)
+def causal_mask(S: int, P: int, device: torch.device, window: int | None = None) -> torch.Tensor:
+    """Bool (S, P+S): query s sees keys 0..P+s; with a sliding ``window``, only keys j with
+    P+s - window < j (Mistral's window: the query and the window - 1 keys before it)."""
+    seen_SL = torch.ones(S, P + S, dtype=torch.bool, device=device).tril(diagonal=P)
+    if window is not None:
+        seen_SL &= torch.ones_like(seen_SL).triu(diagonal=P - window + 1)
+    return seen_SL
+
+
+def mha_window(cfg: LMConfig) -> int | None:
+    """The sliding window of ``attention="mha"`` (``attention_options.sliding_window``, None =
+    full causal attention); errors name the option."""
+    opts = cfg.attention_options
+    unknown = sorted(set(opts) - {"sliding_window"})
+    if unknown:
+        raise ConfigError(f"unknown attention_options {unknown} for attention='mha'; known: ['sliding_window']")
+    window = opts.get("sliding_window")
+    if window is not None and not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
+        raise ConfigError(f"attention_options.sliding_window={window!r} must be None or an int >= 1")
+    return window
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query attention with rotary positions, optional q/k/v bias and q/k norm."""
+    """Multi-head / grouped-query attention with rotary positions, optional q/k/v bias, q/k norm
+    and sliding window (Mistral / Mixtral: every layer sees the last ``window`` positions)."""
 
     def __init__(self, cfg: LMConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.window = mha_window(cfg)
         self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
         H, G, Hd = self.n_heads, self.n_kv, self.head_dim
         self.q_proj = nn.Linear(cfg.dim, H * Hd, bias=cfg.qkv_bias)
@@ -129,11 +149,12 @@ class Attention(nn.Module):
         return apply_rotary(q_BHSHd, cos, sin), apply_rotary(k_BGSHd, cos, sin), v_BGSHd
 
     def attend(self, q_BHSHd: torch.Tensor, k_BGLHd: torch.Tensor, v_BGLHd: torch.Tensor, P: int) -> torch.Tensor:
-        """Causal attention of S new queries over L = P + S keys (P of them cached) -> (B, H, S, Hd)."""
+        """Causal (or sliding-window) attention of S new queries over L = P + S keys (P of them
+        cached) -> (B, H, S, Hd)."""
         gqa = self.n_kv != self.n_heads
-        if P == 0:
+        if P == 0 and self.window is None:
             return F.scaled_dot_product_attention(q_BHSHd, k_BGLHd, v_BGLHd, is_causal=True, enable_gqa=gqa)
-        mask_SL = causal_mask(q_BHSHd.shape[2], P, q_BHSHd.device)
+        mask_SL = causal_mask(q_BHSHd.shape[2], P, q_BHSHd.device, self.window)
         return F.scaled_dot_product_attention(q_BHSHd, k_BGLHd, v_BGLHd, attn_mask=mask_SL, enable_gqa=gqa)
 
 
@@ -171,10 +192,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp: nn.Module = MoE(cfg.moe) if self.is_moe else MLP(cfg.dim, cfg.ffn_hidden)
+        if self.is_moe:
+            self.mlp.layer_name = f"layers.{layer_idx}.mlp"  # its path in LM, so errors name the layer
 
-    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, cache: KVCache | None = None,
+                token_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
         x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), positions_S, cache)
-        return x_BSD + self.mlp(self.post_attention_layernorm(x_BSD))
+        h_BSD = self.post_attention_layernorm(x_BSD)
+        if token_mask_BS is None or not self.is_moe:
+            return x_BSD + self.mlp(h_BSD)
+        return x_BSD + self.mlp(h_BSD, token_mask=token_mask_BS)
 
 
 class LM(nn.Module):
@@ -208,9 +235,20 @@ class LM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, S) -> logits (B, S, V).
+
+        ``token_mask`` (B, S), bool or 0/1 (an HF-style attention_mask of the new positions): 0
+        marks padding, which the MoE layers leave out of their balancing losses, routing
+        statistics, bias-update counts and capacity. Attention stays causal and does not read the
+        mask: pad on the right, so real tokens never attend to padding.
+        """
         if input_ids.dim() != 2 or input_ids.dtype != torch.long:
             raise ValueError(f"input_ids must be a (B, S) long tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        if token_mask is not None and tuple(token_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"token_mask of shape {tuple(token_mask.shape)} does not match input_ids "
+                             f"{tuple(input_ids.shape)}")
         B, S = input_ids.shape
         P = 0 if cache is None else cache.length
         if P + S > self.config.max_seq_len:
@@ -218,7 +256,7 @@ class LM(nn.Module):
         positions_S = torch.arange(P, P + S, device=input_ids.device)
         x_BSD = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x_BSD = layer(x_BSD, positions_S, cache)
+            x_BSD = layer(x_BSD, positions_S, cache, token_mask)
         if cache is not None:
             cache.length = P + S
         return self.lm_head(self.norm(x_BSD)).float()

@@ -114,7 +114,11 @@ def _attention(attn: Attention, x_B1D: torch.Tensor, positions_B: torch.Tensor,
         v_BGLHd = v_pool[:, :, :L].index_select(0, slots_B)
     else:
         k_BGLHd, v_BGLHd = _gather_rows(attn.layer_idx, k_BG1Hd, v_BG1Hd, caches, L)
-    visible_B11L = (torch.arange(L, device=x_B1D.device)[None, :] < lengths_B[:, None])[:, None, None, :]
+    keys_1L = torch.arange(L, device=x_B1D.device)[None, :]
+    visible_BL = keys_1L < lengths_B[:, None]
+    if attn.window is not None:  # sliding window: the query at lengths - 1 sees keys >= lengths - window
+        visible_BL &= keys_1L >= (lengths_B - attn.window)[:, None]
+    visible_B11L = visible_BL[:, None, None, :]
     y_BH1Hd = F.scaled_dot_product_attention(q_BH1Hd, k_BGLHd, v_BGLHd, attn_mask=visible_B11L,
                                              enable_gqa=G != H)
     return attn.o_proj(y_BH1Hd.transpose(1, 2).reshape(B, 1, H * Hd))
