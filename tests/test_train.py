@@ -165,3 +165,102 @@ def test_example_configs_load_and_match_the_demo(tmp_path):
     assert loaded["polyglot_dense"].model == demo["dense"].model
     for key in ("seq_len", "batch_size", "steps", "lr", "warmup_steps", "eval_every", "eval_tokens", "seed"):
         assert getattr(loaded["polyglot_moe_fine"], key) == getattr(demo["moe"], key), key
+
+
+# ---------------------------------------------------------------------- resume you can trust (issue 13)
+def _rows(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _without_time(row):
+    return {k: v for k, v in row.items() if k != "time_s"}
+
+
+def test_resume_restores_routing_statistics_and_metrics_read_as_one_run(tmp_path):
+    kw = dict(steps=7, eval_every=3, ckpt_every=2, log_every=1)
+    straight = Trainer(cfg(tmp_path / "a", **kw), fake_data())
+    straight.fit()
+
+    killed = Trainer(cfg(tmp_path / "b", **kw), fake_data())
+    killed.fit(steps=5)  # rows up to step 5 were written before the "kill", which beat step 5's checkpoint
+    run = tmp_path / "b" / "run"
+    (run / "checkpoints" / "step_00000005.safetensors").unlink()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "tokens": 3')  # a torn line from the moment of the kill
+    resumed = Trainer(cfg(tmp_path / "b", **kw), fake_data())
+    assert resumed.resume(run).name == "step_00000004.safetensors"
+    resumed.fit()
+    rows, ref = _rows(run), _rows(tmp_path / "a" / "run")
+    assert [(r.get("kind", "train"), r["step"]) for r in rows] == [(r.get("kind", "train"), r["step"]) for r in ref]
+    # Eval rows (train_routing counts steps 4-6 across the resume) and per-step losses are identical.
+    assert [_without_time(r) for r in rows] == [_without_time(r) for r in ref]
+
+
+def test_restart_from_step_zero_drops_the_killed_runs_rows(tmp_path):
+    first = Trainer(cfg(tmp_path, steps=1, ckpt_every=100, log_every=1), fake_data())
+    first.fit()
+    again = Trainer(cfg(tmp_path, steps=1, ckpt_every=100, log_every=1), fake_data())
+    again.fit()
+    rows = _rows(tmp_path / "run")
+    assert [(r.get("kind", "train"), r["step"]) for r in rows] == [("eval", 0), ("train", 1), ("eval", 1)]
+
+
+def test_quarantined_run_resumes_with_its_masks(tmp_path):
+    from moekit.health import Quarantine, scan_weights
+    from moekit.model_ops import moe_layers
+
+    def poisoned(sub):
+        t = Trainer(cfg(tmp_path / sub, steps=4, ckpt_every=2, eval_every=2), fake_data())
+        with torch.no_grad():
+            dict(moe_layers(t.model))["layers.0.mlp"].experts.gate_up_proj[1] = float("nan")
+        return t
+
+    straight = poisoned("a")
+    with Quarantine(straight.model) as guard:
+        straight.fit()
+    assert {e.layer for e in guard.events} == {"layers.0.mlp"}
+    assert dict(moe_layers(straight.model))["layers.0.mlp"].masked_experts == [1]
+
+    first = poisoned("b")
+    with Quarantine(first.model):
+        first.fit(steps=2)
+    resumed = Trainer(cfg(tmp_path / "b", steps=4, ckpt_every=2, eval_every=2), fake_data())
+    resumed.resume(tmp_path / "b" / "run")  # no quarantine now: the masks come from the checkpoint
+    assert dict(moe_layers(resumed.model))["layers.0.mlp"].masked_experts == [1]
+    resumed.fit()
+    assert [h["loss"] for h in first.history + resumed.history] == [h["loss"] for h in straight.history]
+    model, _, _ = load_trained(tmp_path / "b" / "run")
+    assert dict(moe_layers(model))["layers.0.mlp"].masked_experts == [1]
+    assert [(f.layer, f.expert) for f in scan_weights(model)] == [("layers.0.mlp", 1)]
+    assert torch.isfinite(model(torch.randint(0, 140, (2, 16)))).all()
+
+
+def test_resume_skips_a_corrupted_newest_checkpoint(tmp_path):
+    t = Trainer(cfg(tmp_path, steps=4, ckpt_every=2), fake_data())
+    t.fit()
+    newest = tmp_path / "run" / "checkpoints" / "step_00000004.safetensors"
+    data = bytearray(newest.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor's bytes
+    newest.write_bytes(bytes(data))
+    again = Trainer(cfg(tmp_path, steps=4, ckpt_every=2), fake_data())
+    assert again.resume(tmp_path / "run").name == "step_00000002.safetensors" and again.step == 2
+    assert len(again.resume_skipped) == 1 and "fails its sha256 checksum" in again.resume_skipped[0]
+
+
+def test_cli_train_quarantine_and_resume(tmp_path, capsys):
+    from moekit.cli import main
+
+    c = cfg(tmp_path, steps=2, ckpt_every=1, eval_every=2, corpus=str(tmp_path / "docs.jsonl"),
+            data_dir=str(tmp_path / "data"))
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        rng = np.random.default_rng(0)
+        for i in range(60):
+            alphabet = list("abcdefgh " if i % 2 else "0123456789 ")
+            f.write(json.dumps({"text": "".join(rng.choice(alphabet, 300)), "label": "letters" if i % 2 else "digits"})
+                    + "\n")
+    c.save(tmp_path / "c.json")
+    assert main(["train", str(tmp_path / "c.json"), "--quarantine", "--steps", "1"]) == 0
+    assert main(["train", str(tmp_path / "c.json"), "--quarantine", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step_00000001.safetensors at step 1" in out
+    assert [r["step"] for r in _rows(tmp_path / "run") if "kind" not in r] == [1, 2]

@@ -70,12 +70,29 @@ def _fit(args: argparse.Namespace, cfg: Any, trainer: Any, main: bool, where: st
         if found is None:
             say(f"no checkpoint in {cfg.out_dir}/checkpoints; starting from step 0")
         else:
-            trainer.resume(found)
+            # The newest checkpoint that verifies; newer ones that fail are named, not silently used.
+            found = trainer.resume(found.parent)
+            for line in trainer.resume_skipped:
+                say(f"warning: {line}")
             say(f"resumed from {found} at step {trainer.step}")
     s = trainer.model.param_summary()
     say(f"model: {s['total_params']:,} parameters{where}, {s['active_params']:,} active per token, "
         f"{s['flops_per_token']['train'] / 1e6:.1f} MFLOPs/token (training); MoE layers {s['moe_layers']}")
-    trainer.fit()
+    if args.quarantine:
+        from ..health import Quarantine
+
+        if trainer.parallel is not None:
+            from ..config import ConfigError
+
+            raise ConfigError("--quarantine cannot be combined with --expert-parallel (each rank would mask "
+                              "experts on its own)")
+        with Quarantine(trainer.model) as guard:
+            trainer.fit()
+        for e in guard.events:
+            say(f"quarantined during training: {e.layer} experts {e.experts} (masked from then on; saved in "
+                f"the checkpoint)")
+    else:
+        trainer.fit()
     if trainer.evals:
         last = trainer.evals[-1]
         say(f"step {last['step']}: validation loss {last['loss']:.4f}; per label "
@@ -86,7 +103,11 @@ def _fit(args: argparse.Namespace, cfg: Any, trainer: Any, main: bool, where: st
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a language model from a config file")
     p.add_argument("config", help="TrainConfig JSON (see configs/)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run's newest checkpoint that verifies (with its masked experts)")
+    p.add_argument("--quarantine", action="store_true",
+                   help="mask an expert whose outputs turn NaN/Inf and go on training with the others "
+                        "(masks are saved in checkpoints and restored by --resume)")
     p.add_argument("--out-dir", dest="out_dir")
     p.add_argument("--steps", type=int)
     p.add_argument("--lr", type=float)

@@ -3,8 +3,10 @@ cosine decay, gradient clipping and accumulation, optional bf16 autocast, the Mo
 losses of every layer (``moekit.aux_loss``) and aux-loss-free bias updates after each step.
 
 Batches are a pure function of (seed, step, micro-step), so the data position is the step
-count; a checkpoint holds model, optimizer, step and RNG states, and resuming reproduces the
-uninterrupted run's losses exactly on the same machine.
+count; a checkpoint holds model, optimizer, step, RNG states, routing statistics and masked
+experts, and resuming (from the newest checkpoint that verifies) reproduces the uninterrupted
+run's losses, weights and optimizer state bit for bit on the same machine; ``metrics.jsonl``
+loses the rows past the resumed step, so it reads as one uninterrupted run.
 
 Reuse hooks: ``Trainer.add_loss(name, fn)`` adds a term computed from (model, batch, logits) to
 each micro-batch's loss (batches carry every token's document label); ``param_filter`` picks
@@ -35,7 +37,8 @@ from ..data.corpus import TokenData, TokenSplit
 from ..lm.config import LMConfig, read_json
 from ..lm.model import LM
 from ..model_ops import aux_loss, moe_layers, reset_routing_stats, routing_report, update_router_biases
-from .checkpoint import load_checkpoint, model_state, optimizer_state, save_checkpoint
+from .checkpoint import CheckpointError, append_line, atomic_write_bytes, load_checkpoint, load_newest, model_state, \
+    optimizer_state, restore_moe_state, save_checkpoint
 
 AUTOCAST = ("none", "bf16")
 
@@ -213,6 +216,7 @@ class Trainer:
         self.evals: list[dict[str, Any]] = []
         self._tb = None
         self._stop = False
+        self.resume_skipped: list[str] = []
 
     # ------------------------------------------------------------------ pieces
     def add_loss(self, name: str, fn: LossFn) -> None:
@@ -345,25 +349,38 @@ class Trainer:
         return save_checkpoint(self.out_dir / "checkpoints", self.step, self.model, self.optimizer, self.state_meta(),
                                keep=self.cfg.keep_checkpoints)
 
-    def resume(self, path: str | Path) -> None:
-        """Load model, optimizer, step, timers and RNG states from a checkpoint file or run folder."""
-        tensors, meta = load_checkpoint(path)
+    def resume(self, path: str | Path) -> Path:
+        """Load model, optimizer, step, timers, RNG states, routing statistics and masked experts.
+
+        ``path`` is a checkpoint file, or a run/checkpoint folder: its newest checkpoint that loads and
+        verifies (newer ones that do not are named in ``self.resume_skipped``). Returns the file used."""
+        path = Path(path)
+        self.resume_skipped = []
+        if path.is_dir():
+            found = load_newest(path)
+            if found is None:
+                raise CheckpointError(f"{path} holds no checkpoint (no step_*.safetensors in it or in "
+                                      f"{path / 'checkpoints'})")
+            path, tensors, meta, self.resume_skipped = found
+        else:
+            tensors, meta = load_checkpoint(path)
         model_state(tensors, self.model, path)
         optimizer_state(tensors, meta["optim"], self.optimizer, path)
+        restore_moe_state(meta["moe"], self.model, path, stats=True)
         m = meta["meta"]
         self.step, self.train_time, self.tokens_seen = m["step"], m["train_time"], m["tokens_seen"]
         torch.set_rng_state(torch.tensor(m["rng"]["torch"], dtype=torch.uint8))
         random.setstate((m["rng"]["python"][0], tuple(m["rng"]["python"][1]), m["rng"]["python"][2]))
         np_state = m["rng"]["numpy"]
         np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+        return path
 
     # ------------------------------------------------------------------ the loop
     def _log(self, record: dict[str, Any]) -> None:
         if self.parallel is not None and not self.parallel.is_main:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.out_dir / "metrics.jsonl", json.dumps(record))
         if self.cfg.tensorboard:
             if self._tb is None:
                 from torch.utils.tensorboard import SummaryWriter
@@ -376,6 +393,26 @@ class Trainer:
                 elif k == "per_label":
                     for label, value in v.items():
                         self._tb.add_scalar(f"{prefix}/loss_{label}", value, record["step"])
+
+    def trim_metrics(self) -> None:
+        """Drop the rows of ``metrics.jsonl`` this run will write again, and any torn line; the file is
+        replaced atomically. Rows at the starting step were written before its checkpoint was saved,
+        so they stay, except at step 0, whose evaluation runs again."""
+        path = self.out_dir / "metrics.jsonl"
+        if not path.is_file():
+            return
+        text = path.read_text(encoding="utf-8", errors="replace")
+        first_new = self.step + 1 if self.step > 0 else 0
+        keep = []
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < first_new:
+                keep.append(line + "\n")
+        if "".join(keep) != text:
+            atomic_write_bytes(path, "".join(keep).encode())
 
     def run_eval(self, routing_by_label: bool = False) -> dict[str, Any]:
         train_routing = {name: r.to_dict() for name, r in routing_report(self.model, warn=False).items()}
@@ -397,6 +434,7 @@ class Trainer:
         main = self.parallel is None or self.parallel.is_main
         if main:
             cfg.save(self.out_dir / "config.json")
+            self.trim_metrics()
         previous = signal.getsignal(signal.SIGINT)
         installed = False
         try:
@@ -497,9 +535,9 @@ def prepare_data(cfg: TrainConfig) -> TokenData:
 
 
 def load_trained(path: str | Path) -> tuple[LM, TrainConfig, dict[str, Any]]:
-    """(model in eval mode, its TrainConfig, checkpoint metadata) from a checkpoint file or run folder."""
-    from .checkpoint import CheckpointError
+    """(model in eval mode, its TrainConfig, checkpoint metadata) from a checkpoint file or run folder.
 
+    Every tensor is verified against its stored digest; experts masked in training stay masked."""
     tensors, meta = load_checkpoint(path)
     try:
         cfg = TrainConfig.from_dict(meta["meta"]["config"], where=f"config stored in {path}")
@@ -507,5 +545,6 @@ def load_trained(path: str | Path) -> tuple[LM, TrainConfig, dict[str, Any]]:
         raise CheckpointError(f"checkpoint {path} stores no training config") from None
     model = LM(cfg.model)
     model_state(tensors, model, path)
+    restore_moe_state(meta["moe"], model, path, stats=False)
     model.eval()
     return model, cfg, meta["meta"]
