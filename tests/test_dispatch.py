@@ -130,30 +130,39 @@ def test_backend_resolution_on_cpu():
     assert resolve_backend("auto", torch.zeros(1)) == "grouped_mm"
     assert resolve_backend("auto", torch.zeros(1, dtype=torch.bfloat16)) == "loop"
     assert resolve_backend("loop", torch.zeros(1)) == "loop"
-    assert fused_schedule("auto", torch.zeros(1)) == "grouped"
+    assert fused_schedule("auto", torch.zeros(1)) == "auto"   # resolved inside the op at run time
+    assert fused_schedule("grouped_mm", torch.zeros(1)) == "grouped"
     assert fused_schedule("auto", torch.zeros(1, dtype=torch.bfloat16)) == "loop"
     assert fused_schedule("reference", torch.zeros(1)) is None
 
 
-def test_auto_switches_to_the_loop_schedule_for_large_cpu_blocks(monkeypatch):
-    """CPU float32 with backend auto: grouped below LOOP_MIN_ROWS_PER_EXPERT rows per expert, loop
-    from it on; explicit backends keep their schedule. The layer passes routed rows / experts."""
-    from moekit.dispatch import fused as fused_module
-    from moekit.dispatch.grouped import LOOP_MIN_ROWS_PER_EXPERT
+def test_auto_schedule_follows_the_measured_loop_threshold(monkeypatch):
+    """CPU float32 with backend auto: the op runs grouped below CPUKernels.loop_min_rows rows per
+    expert and loop from it on, a threshold from the probe's op latency and product rate."""
+    from moekit.dispatch import kernels
+    from moekit.dispatch.grouped import resolve_schedule
 
+    k = kernels.CPUKernels(capability="X", bf16_flags=False, native_bf16=False, threads=torch.get_num_threads(),
+                           matmul_gflops=100.0, bf16_matmul_gflops=None, op_latency_us=10.0)
+    # 16 ops x 10 us / 5% = 3.2 ms of products per block; a row costs 6 * (16*16 + 8*16) / 1e11 s.
+    expected = 16 * 10e-6 / 0.05 / (6 * (16 * 16 + 8 * 16) / 100e9)
+    assert k.loop_min_rows(16, 16, 8) == pytest.approx(expected)
+    monkeypatch.setitem(kernels._CACHE, torch.get_num_threads(), k)
     x = torch.zeros(1)
-    assert fused_schedule("auto", x, rows_per_expert=LOOP_MIN_ROWS_PER_EXPERT - 1) == "grouped"
-    assert fused_schedule("auto", x, rows_per_expert=LOOP_MIN_ROWS_PER_EXPERT) == "loop"
-    assert fused_schedule("grouped_mm", x, rows_per_expert=10 * LOOP_MIN_ROWS_PER_EXPERT) == "grouped"
+    assert resolve_schedule(x, 16, 16, 8, expected * 0.99) == "grouped"
+    assert resolve_schedule(x, 16, 16, 8, expected) == "loop"
+    assert resolve_schedule(x, 6, 16, 8, 1e9) == "loop"   # 6 float32 = 24 bytes: grouped_mm cannot run
 
-    seen: list[str] = []
-    original = fused_module._FusedExperts.apply
-    monkeypatch.setattr(fused_module._FusedExperts, "apply", lambda *a: seen.append(a[-1]) or original(*a))
-    layer = MoE(dim=16, num_experts=4, expert_hidden=8, top_k=2)
-    with torch.no_grad():
-        layer(torch.randn(LOOP_MIN_ROWS_PER_EXPERT * 2 - 1, 16))   # 2T/4 = 127.5 rows per expert
-        layer(torch.randn(LOOP_MIN_ROWS_PER_EXPERT * 2, 16))       # exactly the threshold
-    assert seen == ["grouped", "loop"]
+
+def test_cpu_probe_is_cached_and_consistent():
+    from moekit.dispatch.kernels import cpu_kernels
+
+    k = cpu_kernels()
+    assert cpu_kernels() is k and k.threads == torch.get_num_threads()
+    assert k.matmul_gflops > 0 and k.op_latency_us > 0
+    assert k.capability == torch.backends.cpu.get_cpu_capability()
+    if k.bf16_flags is False:
+        assert not k.native_bf16   # no bf16 dot-product unit: bf16 blocks run in float32
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
@@ -170,6 +179,13 @@ def test_combine_is_the_weighted_sum_over_kept_slots(capacity_factor):
     for r, t in enumerate(plan.token_idx_R.tolist()):
         expected[t] += float(plan.weight_R[r]) * y_RD[r]
     torch.testing.assert_close(out_TD, expected)
+    # The inverse permutation: slot t*K + j -> its row, R for a dropped slot.
+    R = plan.token_idx_R.shape[0]
+    inverse = [R] * (T * K)
+    for r, slot in enumerate(plan.slot_idx_R.tolist()):
+        inverse[slot] = r
+    assert plan.inverse_S.tolist() == inverse
+    assert torch.equal(combine(y_RD, plan, torch.float64), out_TD), "combine is not deterministic"
 
 
 class _Scale(torch.nn.Module):

@@ -17,14 +17,15 @@ def permute(x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 def combine(y_RD: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
     """Weighted sum of each token's expert outputs: (R, D) -> (T, D), accumulated in the routing
-    dtype (float32, or float64)."""
+    dtype (float32, or float64). Token choice gathers each token's K rows back by the plan's
+    inverse permutation and sums them (deterministic, no atomics; dropped slots read a zero row);
+    expert choice, where tokens have varying row counts, adds rows with ``index_add_``."""
     T, D = plan.num_tokens, y_RD.shape[-1]
     weighted_RD = y_RD.to(plan.weight_R.dtype) * plan.weight_R.unsqueeze(-1)
-    if plan.dropless:
-        # Every slot kept: un-permute to (T, K, D) with a gather and sum over K (no atomics).
-        inverse_S = torch.empty_like(plan.slot_idx_R)
-        inverse_S[plan.slot_idx_R] = torch.arange(plan.slot_idx_R.shape[0], device=y_RD.device)
-        out_TD = weighted_RD.index_select(0, inverse_S).view(T, plan.top_k, D).sum(dim=1)
-    else:
+    if plan.inverse_S is None:
         out_TD = weighted_RD.new_zeros(T, D).index_add_(0, plan.token_idx_R, weighted_RD)
+    else:
+        if plan.inverse_S.shape[0] != weighted_RD.shape[0]:
+            weighted_RD = torch.cat((weighted_RD, weighted_RD.new_zeros(1, D)))
+        out_TD = weighted_RD.index_select(0, plan.inverse_S).view(T, plan.top_k, D).sum(dim=1)
     return out_TD.to(out_dtype)

@@ -1,8 +1,9 @@
 """Fused experts block: gather -> first grouped product -> activation -> second grouped product
--> weighted combine, as one autograd Function with a hand-written backward.
+-> weighted combine, as one ``torch.library`` custom op with a hand-written backward op.
 
 Shape legend: T tokens, D model dim, E experts, F expert hidden, H first-product width
-(2F for SwiGLU: gate rows then up rows, F for a plain MLP), R rows grouped by expert.
+(2F for SwiGLU: gate rows then up rows, F for a plain MLP), K slots per token, S = T*K slots,
+R rows grouped by expert (R <= S; R < S when capacity dropped slots).
 
 The expert computation is Shazeer 2020's gated FFN y = down(act(gate x) * up x) (or
 y = down(act(up x)) ungated), and the layer output is out_t = sum_r w_r y_r over the rows r of
@@ -12,13 +13,24 @@ recomputed, and weight gradients are grouped products dW_e = dY_e^T X_e, so noth
 computed as <g_r, a_r> with g_r = dout_t W2_e (the product backward needs anyway for dL/da_r =
 w_r g_r), so the expert outputs y are not kept.
 
+Combine and the input gradient are deterministic and atomics-free: with the plan's inverse
+permutation inverse_S (slot t*K + j -> its row, R for a dropped slot) the K rows of each token are
+gathered back in slot order and summed, out_TD = pad(w y)[inverse_S].view(T, K, D).sum(1), and the
+same for dx from the rows' dx. Plans without slots (expert choice) fall back to ``index_add_``.
+
 Two schedules share the math:
   ``grouped``  whole-batch passes with torch.nn.functional.grouped_mm (CPU float32, CUDA bf16).
-  ``loop``     one expert block at a time with torch.mm; the gather of each block's tokens feeds
-               its first product directly, and on CPU half-precision blocks are computed in
-               float32 (this CPU's bf16 matmul is many times slower than its float32 matmul)
-               and stored back in the input dtype, except blocks of at most
-               NATIVE_DTYPE_MAX_ROWS rows in forward (decode), which run in the input dtype.
+  ``loop``     one expert block at a time with torch.mm, products written straight into the
+               (R, .) buffers.
+  ``auto``     resolved inside the op at run time (``moekit.dispatch.kernels``): loop where the
+               measured per-op latency is small against a block's product time, else grouped.
+On CPU, half-precision blocks run natively where the CPU has bf16 dot products (measured by
+``cpu_kernels``), else in float32 and stored back in the input dtype, except blocks of at most
+NATIVE_DTYPE_MAX_ROWS rows in forward (decode), which run in the input dtype. Combine and the
+K-sum of dx accumulate in float32 (float64 for float64 inputs).
+
+Everything that reads counts on the host or measures the CPU runs inside the op, so
+``torch.compile(fullgraph=True)`` sees one opaque node with a shape-only fake implementation.
 The plain composition (permute -> experts.forward -> combine) stays the reference.
 """
 
@@ -27,7 +39,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .grouped import compute_dtype
+from .grouped import compute_dtype, resolve_schedule
+
+SCHEDULES = ("grouped", "loop", "auto")
 
 
 def _act_forward(h_RH: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
@@ -58,10 +72,20 @@ def _act_backward(h_RH: torch.Tensor, da_RF: torch.Tensor, act_name: str, gated:
 
 
 def _act_grad(z: torch.Tensor, grad: torch.Tensor, act_name: str) -> torch.Tensor:
-    with torch.enable_grad():
-        z = z.detach().requires_grad_(True)
-        (dz,) = torch.autograd.grad(_ACT[act_name](z), z, grad)
-    return dz
+    """grad * act'(z) in closed form (the op runs below autograd, so nothing can be traced)."""
+    if act_name == "relu":
+        return grad * (z > 0).to(grad.dtype)
+    if act_name == "silu":
+        s = torch.sigmoid(z)
+        return grad * s * (1 + z * (1 - s))
+    if act_name == "gelu":  # x Phi(x): Phi(x) + x phi(x)
+        cdf = 0.5 * (1 + torch.erf(z * 0.7071067811865476))
+        pdf = torch.exp(-0.5 * z * z) * 0.3989422804014327
+        return grad * (cdf + z * pdf)
+    # gelu_tanh: 0.5 x (1 + tanh(u)), u = c (x + 0.044715 x^3), c = sqrt(2 / pi)
+    c = 0.7978845608028654
+    t = torch.tanh(c * (z + 0.044715 * z**3))
+    return grad * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z))
 
 
 _ACT = {
@@ -72,47 +96,38 @@ _ACT = {
 }
 FUSED_ACTIVATIONS = tuple(_ACT)
 # Loop schedule, forward: expert blocks of at most this many rows run in the input dtype even
-# where compute_dtype says float32 (CPU bf16: 8 experts x 1 row took 6-11 ms in bf16 and 80-130 ms
-# through float32 weight copies; the two met at about 16 rows).
+# where compute_dtype says float32 (CPU bf16 without bf16 units: 8 experts x 1 row took 6-11 ms in
+# bf16 and 80-130 ms through float32 weight copies; the two met at about 16 rows).
 NATIVE_DTYPE_MAX_ROWS = 8
 
 
-class _FusedExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, weight_R: torch.Tensor,
-                token_idx_R: torch.Tensor, counts_E: torch.Tensor, act_name: str, gated: bool,
-                schedule: str) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = None
-        if schedule == "grouped":
-            h_RH, y_RD, out_TD = _forward_grouped(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, counts_E,
-                                                  act_name, gated)
-        else:
-            blocks = _nonempty_blocks(counts_E, token_idx_R.shape[0])
-            h_RH, y_RD, out_TD = _forward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, blocks,
-                                               act_name, gated)
-        ctx.save_for_backward(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, counts_E, h_RH)
-        ctx.blocks, ctx.act_name, ctx.gated, ctx.schedule = blocks, act_name, gated, schedule
-        ctx.mark_non_differentiable(y_RD)
-        return out_TD, y_RD
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    def backward(ctx, dout_TD: torch.Tensor, _dy_unused: torch.Tensor | None):
-        x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, counts_E, h_RH = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        args = (x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD.contiguous(),
-                ctx.act_name, ctx.gated)
-        if ctx.schedule == "grouped":
-            dx_TD, dw1, dw2, dweight_R = _backward_grouped(*args, counts_E)
-        else:
-            dx_TD, dw1, dw2, dweight_R = _backward_loop(*args, ctx.blocks)
-        return (dx_TD if need[0] else None, dw1 if need[1] else None, dw2 if need[2] else None,
-                dweight_R if need[3] else None, None, None, None, None, None)
+
+def _token_sum(v_RD: torch.Tensor, inverse_S: torch.Tensor | None, token_idx_R: torch.Tensor, T: int,
+               acc: torch.dtype) -> torch.Tensor:
+    """sum over each token's rows: (R, D) -> (T, D) in acc. With inverse_S (S = T*K slots) the
+    rows are gathered back in slot order and summed over K (deterministic, no atomics)."""
+    R, D = v_RD.shape
+    if inverse_S is None:
+        return torch.zeros(T, D, dtype=acc, device=v_RD.device).index_add_(0, token_idx_R, v_RD.to(acc))
+    if inverse_S.shape[0] != R:  # dropped slots point at an appended zero row
+        v_RD = torch.cat((v_RD, v_RD.new_zeros(1, D)))
+    return v_RD.index_select(0, inverse_S).view(T, -1, D).sum(1, dtype=acc)
+
+
+def _combine(y_RD, weight_R, inverse_S, token_idx_R, T):
+    acc = _acc_dtype(y_RD)
+    return _token_sum(y_RD.to(acc) * weight_R.to(acc).unsqueeze(-1), inverse_S, token_idx_R, T, acc)
 
 
 def _nonempty_blocks(counts_E: torch.Tensor, R: int) -> list[tuple[int, int, int]]:
     """(expert, first row, rows) of every expert that received rows, in row order, from one host
     read. With fewer rows than experts (decode) only the non-empty experts' ids and counts are
     read, so the loop schedule never visits the (many) empty experts."""
+    if R == 0:
+        return []
     if R < counts_E.shape[0]:
         e_N = counts_E.nonzero().squeeze(1)
         ids, ns = torch.stack((e_N, counts_E[e_N])).tolist()
@@ -129,27 +144,64 @@ def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts_E, 0, dtype=torch.int32)
 
 
-def _forward_grouped(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, counts_E, act_name, gated):
+def _schedule(schedule: str, x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, R: int) -> str:
+    if schedule != "auto":
+        return schedule
+    E, H, D = w1_EHD.shape
+    return resolve_schedule(x_TD, D, H, w2_EDF.shape[-1], R / E)
+
+
+# ---------------------------------------------------------------------------------------------- forward
+def _forward_grouped(x_TD, w1_EHD, w2_EDF, token_idx_R, counts_E, act_name, gated):
     offs_E = _offsets(counts_E)
     dtype = x_TD.dtype
     x_RD = x_TD.index_select(0, token_idx_R)
     h_RH = F.grouped_mm(x_RD, w1_EHD.to(dtype).transpose(1, 2), offs=offs_E)
     del x_RD
-    a_RF = _act_forward(h_RH, act_name, gated)
-    y_RD = F.grouped_mm(a_RF, w2_EDF.to(dtype).transpose(1, 2), offs=offs_E)
-    del a_RF
-    out_TD = _combine(y_RD, weight_R, token_idx_R, x_TD.shape[0])
-    return h_RH, y_RD, out_TD
+    y_RD = F.grouped_mm(_act_forward(h_RH, act_name, gated), w2_EDF.to(dtype).transpose(1, 2), offs=offs_E)
+    return h_RH, y_RD
 
 
-def _combine(y_RD: torch.Tensor, weight_R: torch.Tensor, token_idx_R: torch.Tensor, T: int) -> torch.Tensor:
-    """out_t = sum_r w_r y_r, accumulated in float32 (or float64) and returned in y's dtype."""
-    acc = weight_R.dtype if weight_R.dtype == torch.float64 else torch.float32
-    out_TD = torch.zeros(T, y_RD.shape[1], dtype=acc, device=y_RD.device)
-    out_TD.index_add_(0, token_idx_R, y_RD.to(acc) * weight_R.to(acc).unsqueeze(-1))
-    return out_TD.to(y_RD.dtype)
+def _forward_loop(x_TD, w1_EHD, w2_EDF, token_idx_R, counts_E, act_name, gated):
+    dtype, cdt = x_TD.dtype, compute_dtype(x_TD)
+    R, H, D = token_idx_R.shape[0], w1_EHD.shape[1], x_TD.shape[1]
+    h_RH = x_TD.new_empty(R, H)
+    y_RD = x_TD.new_empty(R, D)
+    for e, start, n in _nonempty_blocks(counts_E, R):
+        rows = slice(start, start + n)
+        # A block of a few rows is weight-read bound: converting the expert's weights to float32
+        # costs more than a half-precision product reading them once (decode).
+        bdt = dtype if n <= NATIVE_DTYPE_MAX_ROWS else cdt
+        x_ND = x_TD.index_select(0, token_idx_R[rows])
+        if bdt == dtype:  # products write straight into the saved (R, .) buffers
+            h_NH = torch.mm(x_ND, w1_EHD[e].to(bdt).t(), out=h_RH[rows])
+            torch.mm(_act_forward(h_NH, act_name, gated), w2_EDF[e].to(bdt).t(), out=y_RD[rows])
+        else:
+            h_NH = x_ND.to(bdt) @ w1_EHD[e].to(bdt).t()
+            h_RH[rows] = h_NH
+            y_RD[rows] = _act_forward(h_NH, act_name, gated) @ w2_EDF[e].to(bdt).t()
+    return h_RH, y_RD
 
 
+@torch.library.custom_op("moekit::fused_experts", mutates_args=())
+def _fused_op(x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, weight_R: torch.Tensor,
+              token_idx_R: torch.Tensor, inverse_S: torch.Tensor | None, counts_E: torch.Tensor, act_name: str,
+              gated: bool, schedule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out_TD in x's dtype, y_RD unweighted expert outputs, h_RH pre-activations)."""
+    sched = _schedule(schedule, x_TD, w1_EHD, w2_EDF, token_idx_R.shape[0])
+    run = _forward_grouped if sched == "grouped" else _forward_loop
+    h_RH, y_RD = run(x_TD, w1_EHD, w2_EDF, token_idx_R, counts_E, act_name, gated)
+    out_TD = _combine(y_RD, weight_R, inverse_S, token_idx_R, x_TD.shape[0]).to(x_TD.dtype)
+    return out_TD, y_RD, h_RH
+
+
+@_fused_op.register_fake
+def _(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule):
+    R = token_idx_R.shape[0]
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(R, x_TD.shape[1]), x_TD.new_empty(R, w1_EHD.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- backward
 def _backward_grouped(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD, act_name, gated, counts_E):
     offs_E = _offsets(counts_E)
     dtype = x_TD.dtype
@@ -159,7 +211,7 @@ def _backward_grouped(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD
     a_RF = _act_forward(h_RH, act_name, gated)
     # g_r = dout_t W2_e: dw_r = <dout_t, y_r> = <g_r, a_r>, and dL/da_r = w_r g_r.
     g_RF = F.grouped_mm(dout_RD, w2, offs=offs_E)
-    dweight_R = (g_RF.float() * a_RF.float()).sum(-1).to(weight_R.dtype)
+    dweight_R = (g_RF * a_RF).sum(-1, dtype=_acc_dtype(g_RF)).to(weight_R.dtype)
     w_R1 = weight_R.to(dtype).unsqueeze(-1)
     dy_RD = dout_RD.mul_(w_R1)
     dw2_EDF = F.grouped_mm(dy_RD.t(), a_RF, offs=offs_E)
@@ -167,78 +219,109 @@ def _backward_grouped(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD
     dh_RH = _act_backward(h_RH, g_RF.mul_(w_R1), act_name, gated)
     del g_RF
     dx_RD = F.grouped_mm(dh_RH, w1, offs=offs_E)
-    dx_TD = torch.zeros_like(x_TD).index_add_(0, token_idx_R, dx_RD)
-    del dx_RD
     x_RD = x_TD.index_select(0, token_idx_R)
     dw1_EHD = F.grouped_mm(dh_RH.t(), x_RD, offs=offs_E)
-    return dx_TD, dw1_EHD.to(w1_EHD.dtype), dw2_EDF.to(w2_EDF.dtype), dweight_R
+    return dx_RD, dw1_EHD.to(w1_EHD.dtype), dw2_EDF.to(w2_EDF.dtype), dweight_R
 
 
-def _forward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, blocks, act_name, gated):
-    dtype, cdt = x_TD.dtype, compute_dtype(x_TD)
-    R, H, D = token_idx_R.shape[0], w1_EHD.shape[1], x_TD.shape[1]
-    h_RH = x_TD.new_empty(R, H)
-    y_RD = x_TD.new_empty(R, D)
-    acc = weight_R.dtype if weight_R.dtype == torch.float64 else torch.float32
-    out_TD = torch.zeros(x_TD.shape[0], D, dtype=acc, device=x_TD.device)
-    for e, start, n in blocks:
-        rows = slice(start, start + n)
-        tok_N = token_idx_R[rows]
-        # A block of a few rows is weight-read bound: converting the expert's weights to float32
-        # costs more than a half-precision product reading them once (decode).
-        bdt = dtype if n <= NATIVE_DTYPE_MAX_ROWS else cdt
-        x_ND = x_TD.index_select(0, tok_N).to(bdt)
-        if bdt == dtype:  # products write straight into the saved (R, .) buffers
-            h_NH = torch.mm(x_ND, w1_EHD[e].to(bdt).t(), out=h_RH[rows])
-            y_ND = torch.mm(_act_forward(h_NH, act_name, gated), w2_EDF[e].to(bdt).t(), out=y_RD[rows])
-        else:
-            h_NH = x_ND @ w1_EHD[e].to(bdt).t()
-            h_RH[rows] = h_NH
-            y_ND = _act_forward(h_NH, act_name, gated) @ w2_EDF[e].to(bdt).t()
-            y_RD[rows] = y_ND
-        out_TD.index_add_(0, tok_N, y_ND.to(acc) * weight_R[rows].to(acc).unsqueeze(-1))
-    return h_RH, y_RD, out_TD.to(dtype)
-
-
-def _backward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD, act_name, gated, blocks):
+def _backward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD, act_name, gated, counts_E):
     cdt = compute_dtype(x_TD)
-    dw1 = torch.zeros_like(w1_EHD)
-    dw2 = torch.zeros_like(w2_EDF)
+    R = token_idx_R.shape[0]
+    dw1 = torch.zeros(w1_EHD.shape, dtype=cdt, device=w1_EHD.device)
+    dw2 = torch.zeros(w2_EDF.shape, dtype=cdt, device=w2_EDF.device)
     dweight_R = torch.empty_like(weight_R)
-    dx_TD = torch.zeros(x_TD.shape, dtype=cdt, device=x_TD.device)
-    for e, start, n in blocks:
+    dx_RD = torch.empty(R, x_TD.shape[1], dtype=cdt, device=x_TD.device)
+    for e, start, n in _nonempty_blocks(counts_E, R):
         rows = slice(start, start + n)
         tok_N = token_idx_R[rows]
         dout_ND = dout_TD.index_select(0, tok_N).to(cdt)
         h_NH = h_RH[rows].to(cdt)
         a_NF = _act_forward(h_NH, act_name, gated)
         g_NF = dout_ND @ w2_EDF[e].to(cdt)
-        dweight_R[rows] = (g_NF * a_NF).sum(-1).to(weight_R.dtype)
+        dweight_R[rows] = (g_NF * a_NF).sum(-1)
         w_N1 = weight_R[rows].to(cdt).unsqueeze(-1)
-        dw2[e] = dout_ND.mul_(w_N1).t() @ a_NF
+        torch.mm(dout_ND.mul_(w_N1).t(), a_NF, out=dw2[e])
         dh_NH = _act_backward(h_NH, g_NF.mul_(w_N1), act_name, gated)
-        dw1[e] = dh_NH.t() @ x_TD.index_select(0, tok_N).to(cdt)
-        dx_TD.index_add_(0, tok_N, dh_NH @ w1_EHD[e].to(cdt))
-    return dx_TD.to(x_TD.dtype), dw1, dw2, dweight_R
+        torch.mm(dh_NH.t(), x_TD.index_select(0, tok_N).to(cdt), out=dw1[e])
+        torch.mm(dh_NH, w1_EHD[e].to(cdt), out=dx_RD[rows])
+    return dx_RD, dw1.to(w1_EHD.dtype), dw2.to(w2_EDF.dtype), dweight_R
 
 
-@torch.compiler.disable
+@torch.library.custom_op("moekit::fused_experts_backward", mutates_args=())
+def _fused_backward_op(dout_TD: torch.Tensor, x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor,
+                       weight_R: torch.Tensor, token_idx_R: torch.Tensor, inverse_S: torch.Tensor | None,
+                       counts_E: torch.Tensor, h_RH: torch.Tensor, act_name: str, gated: bool,
+                       schedule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx_TD, dw1_EHD, dw2_EDF, dweight_R)."""
+    sched = _schedule(schedule, x_TD, w1_EHD, w2_EDF, token_idx_R.shape[0])
+    run = _backward_grouped if sched == "grouped" else _backward_loop
+    dx_RD, dw1, dw2, dweight_R = run(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD.contiguous(),
+                                     act_name, gated, counts_E)
+    dx_TD = _token_sum(dx_RD, inverse_S, token_idx_R, x_TD.shape[0], _acc_dtype(dx_RD)).to(x_TD.dtype)
+    return dx_TD, dw1, dw2, dweight_R
+
+
+@_fused_backward_op.register_fake
+def _(dout_TD, x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RH, act_name, gated, schedule):
+    return torch.empty_like(x_TD), torch.empty_like(w1_EHD), torch.empty_like(w2_EDF), torch.empty_like(weight_R)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule = inputs
+    ctx.save_for_backward(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, output[2])
+    ctx.act_name, ctx.gated, ctx.schedule = act_name, gated, schedule
+
+
+def _backward(ctx, dout_TD, _dy, _dh):
+    x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RH = ctx.saved_tensors
+    dx, dw1, dw2, dweight = _fused_backward_op(dout_TD, x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S,
+                                               counts_E, h_RH, ctx.act_name, ctx.gated, ctx.schedule)
+    need = ctx.needs_input_grad
+    return (dx if need[0] else None, dw1 if need[1] else None, dw2 if need[2] else None,
+            dweight if need[3] else None, None, None, None, None, None, None)
+
+
+_fused_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def fused_experts(x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, weight_R: torch.Tensor,
                   token_idx_R: torch.Tensor, counts_E: torch.Tensor, act_name: str, gated: bool,
-                  schedule: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  schedule: str, inverse_S: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, D) tokens -> ((T, D) combined output in x's dtype, (R, D) unweighted expert outputs).
 
     w1_EHD is ``gate_up_proj`` (E, 2F, D) when gated, else ``up_proj`` (E, F, D); w2_EDF is
     ``down_proj`` (E, D, F). Rows of expert e are token_idx_R[offs[e-1]:offs[e]] with
-    offs = cumsum(counts_E); weight_R are their combine weights. Gradients flow to x, w1, w2
-    and weight_R. schedule is ``grouped`` or ``loop`` (see the module docstring). The second
-    output carries no gradient; it is there for finite checks.
+    offs = cumsum(counts_E); weight_R are their combine weights. inverse_S (optional, (T*K,) long)
+    maps slot t*K + j to its row (R for a dropped slot) for the deterministic gather combine;
+    without it rows are added with ``index_add_``. Gradients flow to x, w1, w2 and weight_R.
+    schedule is ``grouped``, ``loop`` or ``auto`` (see the module docstring). The second output
+    carries no gradient; it is there for finite checks.
     """
-    if schedule not in ("grouped", "loop"):
-        raise ValueError(f"schedule={schedule!r} is not one of ['grouped', 'loop']")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r} is not one of {list(SCHEDULES)}")
     if act_name not in _ACT:
         raise ValueError(f"activation={act_name!r} has no fused path; known: {sorted(_ACT)}")
     R = token_idx_R.shape[0]
     if weight_R.shape != (R,):
         raise ValueError(f"weight_R has shape {tuple(weight_R.shape)}, expected ({R},) like token_idx_R")
-    return _FusedExperts.apply(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, counts_E, act_name, gated, schedule)
+    if inverse_S is not None and inverse_S.shape[0] % x_TD.shape[0] != 0:
+        raise ValueError(f"inverse_S has {inverse_S.shape[0]} slots, not a multiple of the {x_TD.shape[0]} tokens")
+    out_TD, y_RD, _ = _fused_op(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name,
+                                gated, schedule)
+    return out_TD, y_RD
+
+
+def gather_experts(x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, idx_TK: torch.Tensor,
+                   weight_TK: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
+    """Sort-free path for few tokens (decode): each token's K chosen experts' weights are gathered
+    ((T, K, H, D) and (T, K, D, F)) and applied with batched products, as gpt-fast does; no plan
+    order, no host read. Plain differentiable ops. -> (T, D) in x's dtype, summed in float32."""
+    T, K = idx_TK.shape
+    dtype = x_TD.dtype
+    w1_NHD = w1_EHD.to(dtype).index_select(0, idx_TK.reshape(-1))
+    h_NH = torch.bmm(w1_NHD, x_TD.repeat_interleave(K, dim=0).unsqueeze(-1)).squeeze(-1)
+    a_NF = _act_forward(h_NH, act_name, gated)
+    y_ND = torch.bmm(w2_EDF.to(dtype).index_select(0, idx_TK.reshape(-1)), a_NF.unsqueeze(-1)).squeeze(-1)
+    acc = _acc_dtype(x_TD)
+    out_TD = (y_ND.view(T, K, -1).to(acc) * weight_TK.to(acc).unsqueeze(-1)).sum(1)
+    return out_TD.to(dtype)

@@ -10,8 +10,8 @@ counts_E[1] rows use w[1], and so on. Backends:
                   the plain permute -> experts.forward -> combine composition.
 ``auto`` picks the fastest correct backend for the device and dtype. With ``grouped_mm`` or
 ``loop``, stacked SwiGLU/MLP experts run through the fused path with the same schedule; with
-``auto`` on CPU in float32 the fused path also switches to the loop schedule for large blocks
-(see ``fused_schedule``).
+``auto`` on CPU in float32 the fused path picks loop or grouped at run time from the block sizes
+and the measured CPU (``resolve_schedule``, ``moekit.dispatch.kernels``).
 grouped_mm needs every row stride to be a multiple of 16 bytes; ``auto`` falls back to ``loop``
 for widths that are not (e.g. float32 widths not divisible by 4), an explicit ``grouped_mm``
 raises naming the width.
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import cpu_kernels
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -49,10 +51,12 @@ def resolve_backend(backend: str, x: torch.Tensor, widths: tuple[int, ...] = ())
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a block product runs in: float32 for half-precision inputs on CPU (where this
-    machine class has no fast bf16 matrix unit and float32 products are several times faster),
-    else the input's own dtype."""
+    """The dtype a block product runs in: on CPU, half-precision inputs run natively where the CPU
+    has bf16 dot products (float16 never does here) and in float32 otherwise (several times
+    faster there); elsewhere the input's own dtype. See ``moekit.dispatch.kernels``."""
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+        if x.dtype == torch.bfloat16 and cpu_kernels().native_bf16:
+            return torch.bfloat16
         return torch.float32
     return x.dtype
 
@@ -75,24 +79,24 @@ def _loop_matmul(x_RI: torch.Tensor, w_EIO: torch.Tensor, counts_E: torch.Tensor
     return torch.cat(outs, dim=0)
 
 
-# CPU float32, backend "auto": the fused path's loop schedule beats the grouped one once experts
-# average this many rows. Its per-block temporaries (a few MB) are reused from the heap and stay
-# in cache, where the grouped schedule makes whole (R, D) and (R, 2F) arrays; per-block Python
-# overhead wins below it. Measured (1 thread, D 1024, F 512, 64 experts top-8, same process):
-# forward+backward loop/grouped time 1.19 at 32 rows per expert, 0.95 at 128, 0.86 at 512;
-# forward 1.13 at 8, 0.97 at 32, 0.89 at 128.
-LOOP_MIN_ROWS_PER_EXPERT = 128
+def resolve_schedule(x: torch.Tensor, dim: int, first_width: int, hidden: int, rows_per_expert: float) -> str:
+    """The fused schedule ``auto`` runs: the loop on CPU where its per-block op overhead is small
+    against a block's products (``CPUKernels.loop_min_rows``, measured at run time) or where
+    grouped_mm cannot run (dtype, alignment), else grouped."""
+    if resolve_backend("auto", x, (dim, first_width, hidden)) != "grouped_mm":
+        return "loop"
+    if x.device.type == "cpu" and rows_per_expert >= cpu_kernels().loop_min_rows(dim, first_width, hidden):
+        return "loop"
+    return "grouped"
 
 
-def fused_schedule(backend: str, x: torch.Tensor, widths: tuple[int, ...] = (),
-                   rows_per_expert: float | None = None) -> str | None:
-    """The fused experts schedule a backend maps to (None: use the plain composition).
-    rows_per_expert (routed rows / experts), if given, lets ``auto`` pick the loop schedule for
-    large CPU blocks (LOOP_MIN_ROWS_PER_EXPERT)."""
+def fused_schedule(backend: str, x: torch.Tensor, widths: tuple[int, ...] = ()) -> str | None:
+    """The fused experts schedule a backend maps to (None: use the plain composition). ``auto``
+    stays ``auto`` where grouped_mm can run: the op resolves it at run time from the block sizes
+    (``resolve_schedule``), so nothing host-side is traced under torch.compile."""
     resolved = resolve_backend(backend, x, widths)
     if backend == "reference" or resolved == "reference":
         return None
-    if (backend == "auto" and resolved == "grouped_mm" and x.device.type == "cpu"
-            and rows_per_expert is not None and rows_per_expert >= LOOP_MIN_ROWS_PER_EXPERT):
-        return "loop"
+    if backend == "auto" and resolved == "grouped_mm" and x.device.type == "cpu":
+        return "auto"
     return "grouped" if resolved == "grouped_mm" else "loop"

@@ -35,6 +35,10 @@ class DispatchPlan:
     slot_idx_R    for token choice: the flat slot (t*K + j) of each kept row, else None.
     routed_E      rows each expert was chosen for before capacity (long).
     num_dropped   slots dropped by capacity (0-dim long tensor).
+    inverse_S     for token choice: the row of each slot t*K + j, R for a dropped slot; the combine
+                  gathers each token's K rows back with it (deterministic, no atomics).
+    topk_idx_TK, topk_weight_TK   for token choice: the routing's choices, for the sort-free
+                  decode path (``moekit.dispatch.fused.gather_experts``).
     """
 
     token_idx_R: torch.Tensor
@@ -45,6 +49,9 @@ class DispatchPlan:
     num_dropped: torch.Tensor
     num_tokens: int
     top_k: int
+    inverse_S: torch.Tensor | None = None
+    topk_idx_TK: torch.Tensor | None = None
+    topk_weight_TK: torch.Tensor | None = None
 
     @property
     def dropless(self) -> bool:
@@ -58,7 +65,9 @@ def plan_token_choice(routing: Routing, num_experts: int, capacity_factor: float
     assert idx_TK is not None and w_TK is not None
     T, K = idx_TK.shape
     expert_S = idx_TK.reshape(-1)
-    routed_E = torch.bincount(expert_S, minlength=num_experts)
+    # scatter_add_ rather than bincount: a fixed output size, so torch.compile keeps one graph.
+    routed_E = torch.zeros(num_experts, dtype=torch.long, device=idx_TK.device).scatter_add_(
+        0, expert_S, torch.ones_like(expert_S))
     if capacity_factor is None:
         slot_R = torch.argsort(expert_S, stable=True)
         return DispatchPlan(
@@ -70,6 +79,9 @@ def plan_token_choice(routing: Routing, num_experts: int, capacity_factor: float
             num_dropped=torch.zeros((), dtype=torch.long, device=idx_TK.device),
             num_tokens=T,
             top_k=K,
+            inverse_S=_inverse(slot_R, T * K),
+            topk_idx_TK=idx_TK,
+            topk_weight_TK=w_TK,
         )
 
     C = token_choice_capacity(T, K, num_experts, capacity_factor)
@@ -93,7 +105,15 @@ def plan_token_choice(routing: Routing, num_experts: int, capacity_factor: float
         num_dropped=(routed_E - counts_E).sum(),
         num_tokens=T,
         top_k=K,
+        inverse_S=_inverse(slot_R, T * K),
     )
+
+
+def _inverse(slot_R: torch.Tensor, S: int) -> torch.Tensor:
+    """(S,) row of each slot; R (one past the last row) for slots that were dropped."""
+    R = slot_R.shape[0]
+    inverse_S = torch.full((S,), R, dtype=torch.long, device=slot_R.device)
+    return inverse_S.index_put_((slot_R,), torch.arange(R, device=slot_R.device))
 
 
 def plan_expert_choice(routing: Routing, available_E: torch.Tensor | None) -> DispatchPlan:

@@ -2,9 +2,10 @@
 
 This is the layer's hot path, behind one function so a fused implementation can replace it
 and tests can compare it with the plain composition. Stacked SwiGLU/MLP experts whose backend
-is not ``reference`` run through ``moekit.dispatch.fused`` (one autograd Function for gather,
-both products, activation and combine); any other experts module, and ``backend="reference"``,
-run the plain composition.
+is not ``reference`` run through ``moekit.dispatch.fused``: the custom op (gather, both products,
+activation and combine, with a hand-written backward), or, when a dropless token-choice batch has
+few routed slots against the experts (decode), the sort-free gather path (``use_gather_path``).
+Any other experts module, and ``backend="reference"``, run the plain composition.
 """
 
 from __future__ import annotations
@@ -15,9 +16,26 @@ import torch
 from torch import nn
 
 from .combine import combine, permute
-from .fused import FUSED_ACTIVATIONS, fused_experts
+from .fused import FUSED_ACTIVATIONS, fused_experts, gather_experts
 from .grouped import fused_schedule
 from .plan import DispatchPlan
+
+# Sort-free path: at most this many bytes of gathered expert weights (T*K copies of one expert's
+# weights). Past it the copy (a read and a write of every chosen expert) costs more than the
+# loop schedule's per-expert ops, which read each distinct expert once: 16 MiB at ~10 GB/s is
+# ~1.6 ms, about 16 experts x 6 ops x 15 us of per-op latency.
+GATHER_MAX_BYTES = 16 * 2**20
+
+
+def use_gather_path(plan: DispatchPlan, w1: torch.Tensor, w2: torch.Tensor, x_TD: torch.Tensor) -> bool:
+    """Sort-free decode path: dropless token choice whose T*K slots are at most half the experts
+    (most slots then hit distinct experts and grouping buys nothing), within GATHER_MAX_BYTES."""
+    if plan.topk_idx_TK is None or not plan.dropless:
+        return False
+    E = w1.shape[0]
+    slots = plan.num_tokens * plan.top_k
+    nbytes = slots * (w1[0].numel() + w2[0].numel()) * x_TD.element_size()
+    return 2 * slots <= E and nbytes <= GATHER_MAX_BYTES
 
 
 def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
@@ -25,13 +43,18 @@ def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
     """(T, D) tokens -> (T, D) weighted sum of each token's expert outputs, in x's dtype.
 
     check_rows, if given, sees the expert outputs (R, D) before they are combined (on the fused
-    path only when the combined output is not finite, which any non-finite expert row makes it).
+    paths only when the combined output is not finite, which any non-finite expert row makes it).
     """
-    fused = _fused_weights(experts, x_TD, plan)
+    fused = _fused_weights(experts, x_TD)
     if fused is not None:
         w1, w2, gated, schedule = fused
+        if use_gather_path(plan, w1, w2, x_TD):
+            out_TD = gather_experts(x_TD, w1, w2, plan.topk_idx_TK, plan.topk_weight_TK, experts.activation, gated)
+            if check_rows is not None and not bool(torch.isfinite(out_TD).all()):
+                check_rows(experts(permute(x_TD, plan), plan.counts_E), plan)
+            return out_TD
         out_TD, y_RD = fused_experts(x_TD, w1, w2, plan.weight_R, plan.token_idx_R, plan.counts_E,
-                                     experts.activation, gated, schedule)
+                                     experts.activation, gated, schedule, plan.inverse_S)
         if check_rows is not None and not bool(torch.isfinite(out_TD).all()):
             check_rows(y_RD, plan)
         return out_TD
@@ -42,8 +65,7 @@ def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
     return combine(y_RD, plan, x_TD.dtype)
 
 
-def _fused_weights(experts: nn.Module, x_TD: torch.Tensor,
-                   plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor, bool, str] | None:
+def _fused_weights(experts: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool, str] | None:
     from ..experts.stacked import MLPExperts, SwiGLUExperts
 
     if type(experts) is SwiGLUExperts:
@@ -54,8 +76,7 @@ def _fused_weights(experts: nn.Module, x_TD: torch.Tensor,
         return None
     if experts.activation not in FUSED_ACTIVATIONS:
         return None
-    schedule = fused_schedule(experts.backend, x_TD, (x_TD.shape[-1], w1.shape[1], experts.down_proj.shape[-1]),
-                              rows_per_expert=plan.token_idx_R.shape[0] / w1.shape[0])
+    schedule = fused_schedule(experts.backend, x_TD, (x_TD.shape[-1], w1.shape[1], experts.down_proj.shape[-1]))
     if schedule is None:
         return None
     return w1, experts.down_proj, gated, schedule
