@@ -2,12 +2,16 @@
 ``tokenizers``/transformers tokenizer loaded from a local path.
 
 Both expose ``encode(text) -> list[int]``, ``decode(ids) -> str``, ``vocab_size``, ``eos_id``
-and ``name`` (a string that identifies the tokenizer in caches and checkpoints).
+and ``name`` (a string that identifies the tokenizer in caches and checkpoints). The byte tokenizer
+also has what serving needs (``moekit.serve.text``): ``eos_ids``, ``render_chat`` and
+``stream_decoder``.
 """
 
 from __future__ import annotations
 
+import codecs
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -28,6 +32,7 @@ class ByteTokenizer:
     name = "byte"
     vocab_size = 257
     eos_id = 256
+    chat_template = None  # render_chat raises; HF tokenizers hold their template here
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -38,6 +43,38 @@ class ByteTokenizer:
         if bad:
             raise ValueError(f"byte tokenizer ids must be in [0, 256], got {bad[:5]}")
         return bytes(int(i) for i in ids if int(i) != self.eos_id).decode("utf-8", errors="replace")
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return frozenset([self.eos_id])
+
+    def render_chat(self, messages: list[dict]) -> str:
+        """The byte tokenizer carries no chat template."""
+        raise ValueError("model has no chat template")
+
+    def stream_decoder(self, context: Sequence[int] = ()) -> Utf8StreamDecoder:
+        """Incremental decoding of one sequence's ids (bytes decode alike in any context)."""
+        return Utf8StreamDecoder(self.eos_id)
+
+
+class Utf8StreamDecoder:
+    """Byte ids to text one id at a time: an incomplete UTF-8 sequence is held back until its last
+    byte arrives (or ``flush`` ends the text, giving U+FFFD), so the pieces join to ``decode(ids)``."""
+
+    def __init__(self, eos_id: int = 256) -> None:
+        self.eos_id = eos_id
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def step(self, token_id: int) -> str:
+        token_id = int(token_id)
+        if token_id == self.eos_id:
+            return ""
+        if not 0 <= token_id <= 255:
+            raise ValueError(f"byte tokenizer ids must be in [0, 256], got {token_id}")
+        return self._utf8.decode(bytes([token_id]))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
 
 
 class HFTokenizer:

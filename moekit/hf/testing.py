@@ -77,3 +77,51 @@ def tiny_hf_model(family: str, seed: int = 0, std: float = 0.1, **overrides: Any
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return randomize_(model, std, seed).eval()
+
+
+# A ChatML-style template (Qwen's layout) that also reads bos_token, uses raise_exception and tojson,
+# so that rendering it exercises what transformers' apply_chat_template provides.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{{ message['content'] | tojson }}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+TINY_TOKENIZER_TEXT = [
+    "The quick brown fox jumps over the lazy dog.", "Mixture-of-experts layers route each token to k experts.",
+    "Le café est très chaud, déjà prêt.", "Съешь же ещё этих мягких французских булок.", "日本語のテキストです。",
+    "Emoji: 🦊🐶 and math: ∑ x² ≤ ∞.", "def f(x):\n    return x * 2\n",
+]
+
+
+def tiny_tokenizer(folder: Any, vocab_size: int = 320, chat_template: str | None = TINY_CHAT_TEMPLATE) -> Any:
+    """A byte-level BPE tokenizer (the kind Qwen3 and DeepSeek-V3 ship) trained here on a few
+    sentences, saved to ``folder`` as tokenizer.json plus a tokenizer_config.json with ``<s>`` as
+    BOS (prepended by the post-processor), ``<|im_end|>`` as EOS and ``chat_template``. Returns
+    the ``tokenizers.Tokenizer``; its ids fit a model of ``vocab_size`` rows."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<s>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TINY_TOKENIZER_TEXT * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save(str(folder / "tokenizer.json"))
+    config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+                              "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "model_max_length": 256}
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return tok

@@ -1,4 +1,5 @@
-"""Loading a checkpoint into an engine, and running the app with uvicorn in a background thread
+"""Loading a model and its tokenizer into an engine (a training run, a converted Hugging Face
+folder or a Hugging Face checkpoint folder), and running the app with uvicorn in a background thread
 (used by tests and benchmarks/serve_load.py; ``moekit serve`` runs uvicorn in the foreground)."""
 
 from __future__ import annotations
@@ -9,24 +10,73 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..lm import LM
 from .engine import Engine, ServeLimits
 
 
-def load_engine(checkpoint: str | Path, limits: ServeLimits | None = None, model_name: str | None = None) -> Engine:
-    """Engine over a trained checkpoint (file or run folder) with its tokenizer; not started yet.
+def load_engine(checkpoint: str | Path, limits: ServeLimits | None = None, model_name: str | None = None,
+                tokenizer: str | Path | None = None) -> Engine:
+    """Engine over a model with its tokenizer (see ``load_model``); not started yet.
 
-    The weights are scanned on load (``moekit.health.load_checked``): experts with NaN/Inf weights
+    The weights are scanned on load (``moekit.health.scan_weights``): experts with NaN/Inf weights
     are quarantined (masked) before the first request and reported as such.
     """
-    from ..data.tokenizer import load_tokenizer
-    from ..health import load_checked
-
-    model, cfg, findings = load_checked(checkpoint, quarantine=True)
+    model, tok, findings = load_model(checkpoint, tokenizer)
     name = model_name or Path(checkpoint).resolve().name
-    engine = Engine(model, load_tokenizer(cfg.tokenizer), limits, model_name=name)
+    engine = Engine(model, tok, limits, model_name=name)
     for finding in findings:
         engine.quarantined[finding.layer].add(finding.expert)
     return engine
+
+
+def load_model(path: str | Path, tokenizer: str | Path | None = None) -> tuple[LM, Any, list[Any]]:
+    """(model in eval mode, serving tokenizer, corrupt-expert findings) from any of
+
+    - a training run folder or checkpoint file: its TrainConfig's tokenizer (prompts encoded as
+      in training: no special tokens added);
+    - a folder written by ``moekit convert --from-hf`` (moekit_lm.json + model.safetensors);
+    - a Hugging Face checkpoint folder (config.json + safetensors, e.g. a hub snapshot).
+
+    The last two are served with the folder's own tokenizer (tokenizer.json, tokenizer_config.json
+    with its chat template, generation_config.json's end ids). ``tokenizer`` overrides it: "byte",
+    or a tokenizer folder or tokenizer.json.
+    """
+    from ..hf.convert import MOEKIT_CONFIG, from_hf, load_moekit
+    from ..health import quarantine_experts, scan_weights
+    from .text import HFServeTokenizer, load_serve_tokenizer
+
+    path = Path(path)
+    if path.is_dir() and ((path / MOEKIT_CONFIG).is_file() or (path / "config.json").is_file()):
+        model = load_moekit(path) if (path / MOEKIT_CONFIG).is_file() else from_hf(path)
+        findings = scan_weights(model)
+        if findings:
+            quarantine_experts(model, findings)
+        if tokenizer is None and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise FileNotFoundError(f"{path} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); "
+                                    f"name one with --tokenizer PATH")
+        tok = load_serve_tokenizer(path if tokenizer is None else tokenizer)
+    else:
+        from ..data.tokenizer import ByteTokenizer, load_tokenizer
+        from ..health import load_checked
+
+        model, cfg, findings = load_checked(path, quarantine=True)
+        if tokenizer is not None:
+            tok = load_serve_tokenizer(tokenizer)
+        else:
+            trained = load_tokenizer(cfg.tokenizer)
+            if isinstance(trained, ByteTokenizer):
+                tok = trained
+            else:  # the ids the model was trained on: no special tokens, the training end id
+                tok = HFServeTokenizer.load(cfg.tokenizer, add_special_tokens=False)
+                tok.eos_id, tok.eos_ids = trained.eos_id, frozenset([trained.eos_id])
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer {getattr(tok, 'name', '')} has {tok.vocab_size} ids but the model at {path} "
+                         f"embeds {model.config.vocab_size} (vocab_size); pass the model's own tokenizer")
+    return model, tok, findings
+
+
+# Files that make a folder a tokenizer folder (one is enough; transformers' AutoTokenizer reads the rest).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
