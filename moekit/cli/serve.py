@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     limits = ServeLimits(max_batch=args.max_batch, queue_size=args.queue_size, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, retry_after_s=args.retry_after,
                          admin_token=args.admin_token)
-    engine = load_engine(args.checkpoint, limits, model_name=args.model_name)
+    engine = load_engine(args.checkpoint, limits, model_name=args.model_name, tokenizer=args.tokenizer)
     app = create_app(engine)
     print(f"moekit serve: {engine.model_name} on http://{args.host}:{args.port} "
           f"(dashboard: /dashboard, metrics: /metrics)", file=sys.stderr)
@@ -39,7 +39,10 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve a checkpoint over HTTP (OpenAI-style /v1/completions)")
-    p.add_argument("checkpoint", help="checkpoint file, or a run folder (uses its latest checkpoint)")
+    p.add_argument("checkpoint", help="checkpoint file, a run folder (uses its latest checkpoint), a folder from "
+                                      "`moekit convert --from-hf`, or a Hugging Face checkpoint folder")
+    p.add_argument("--tokenizer", default=None, help="'byte', or a tokenizer folder / tokenizer.json (default: the "
+                                                     "run's tokenizer, or the model folder's own)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8, help="running sequences per decode step (1: no batching)")

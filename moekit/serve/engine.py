@@ -43,6 +43,7 @@ from ..lm.generate import sample_next
 from ..lm.model import LM, KVCache
 from ..model_ops import moe_layers
 from .batched import KVPool, SlotCache, can_batch, decode_step, prefill_step, truncate_cache
+from .text import stop_ids, stream_decoder
 
 log = logging.getLogger("moekit.serve")
 
@@ -114,6 +115,8 @@ class GenRequest:
     t_first: float | None = None
     cache: KVCache | None = None
     generator: torch.Generator | None = None
+    # Incremental detokeniser of the generated ids (moekit.serve.text.StreamDecoder).
+    detok: Any = None
 
 
 class Engine:
@@ -466,9 +469,13 @@ class Engine:
         self.counts["tokens_generated"] += 1
         if self.metrics is not None:
             self.metrics.tokens(1)
-        eos = token == self.tokenizer.eos_id
-        ids = req.generated[:-1] if eos else req.generated
-        text = self.tokenizer.decode(ids)
+        eos = token in stop_ids(self.tokenizer)
+        if req.detok is None:
+            req.detok = stream_decoder(self.tokenizer, req.prompt_ids)
+        # Only the new token is decoded (in the context of the last few); the end flushes what is held.
+        text = req.text + ("" if eos else req.detok.step(token))
+        if eos or len(req.generated) >= req.max_tokens:
+            text += req.detok.flush()
         reason = "stop" if eos else None
         cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
         if cut >= 0:
