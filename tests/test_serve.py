@@ -23,6 +23,8 @@ from moekit.train.checkpoint import save_checkpoint  # noqa: E402
 from moekit.train.trainer import TrainConfig  # noqa: E402
 
 EOS = 256
+ADMIN_TOKEN = "test-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -55,9 +57,9 @@ def start(checkpoint, **limits):
 
 @pytest.fixture(scope="module")
 def served(checkpoint):
-    engine, server = start(checkpoint)
+    engine, server = start(checkpoint, admin_token=ADMIN_TOKEN)
     with server:
-        with httpx.Client(base_url=server.url, timeout=60) as client:
+        with httpx.Client(base_url=server.url, timeout=60, headers=ADMIN) as client:
             yield client, engine
 
 
@@ -148,7 +150,12 @@ def test_streaming_equals_the_plain_answer(served):
     assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
     assert [t for c in chunks for t in c["choices"][0].get("token_ids", [])] == plain["choices"][0]["token_ids"]
     assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
-    assert chunks[-1]["usage"] == plain["usage"]
+    assert all("usage" not in c for c in chunks)  # only with stream_options.include_usage
+    with client.stream("POST", "/v1/completions",
+                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        with_usage = sse_events(r)[:-1]
+    assert with_usage[-1]["choices"] == [] and with_usage[-1]["usage"] == plain["usage"]
+    assert all(c["usage"] is None for c in with_usage[:-1])
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
     trace = [t for c in chunks[:-1] for t in c["choices"][0]["routing_trace"]]
     assert trace == plain["choices"][0]["routing_trace"]
@@ -185,10 +192,12 @@ BAD_BODIES = [
     (b'["hi"]', None, "JSON object"),
     (b'{"max_tokens": 3}', "prompt", "prompt: Field required"),
     (b'{"prompt": 5}', "prompt", "prompt: Input should be a valid string"),
-    (b'{"prompt": ""}', "prompt", "prompt: must not be empty"),
+    (b'{"prompt": ""}', "prompt", "at least 1 character"),
+    (b'{"prompt": []}', "prompt", "prompt: "),
+    (b'{"prompt": [300]}', "prompt", "less than 257"),
     (json.dumps({"prompt": "x" * 41}).encode(), "prompt", "41 tokens, more than the limit of 40"),
     (b'{"prompt": "hi", "max_tokens": 0}', "max_tokens", "greater than or equal to 1"),
-    (b'{"prompt": "hi", "max_tokens": 65}', "max_tokens", "65 is more than the limit of 64"),
+    (b'{"prompt": "hi", "max_tokens": 65}', "max_tokens", "less than or equal to 64"),
     (b'{"prompt": "hi", "max_tokens": "5"}', "max_tokens", "valid integer"),
     (b'{"prompt": "hi", "max_tokens": 2.5}', "max_tokens", "valid integer"),
     (json.dumps({"prompt": "x" * 40, "max_tokens": 60}).encode(), "max_tokens", "exceeds the model's context of 96"),
@@ -197,10 +206,18 @@ BAD_BODIES = [
     (b'{"prompt": "hi", "top_p": 0}', "top_p", "greater than 0"),
     (b'{"prompt": "hi", "seed": -3}', "seed", "greater than or equal to 0"),
     (b'{"prompt": "hi", "stream": "yes"}', "stream", "valid boolean"),
-    (b'{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', "stop", "5 strings, more than the limit of 4"),
-    (b'{"prompt": "hi", "stop": [""]}', "stop", "1 to 64 characters"),
-    (b'{"prompt": "hi", "n": 2}', "n", "n: unknown field"),
-    (b'{"prompt": "hi", "best_of": 2}', "best_of", "best_of: unknown field"),
+    (b'{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', "stop", "at most 4 items"),
+    (b'{"prompt": "hi", "stop": [""]}', "stop", "at least 1 character"),
+    (b'{"prompt": "hi", "n": 9}', "n", "less than or equal to 8"),
+    (b'{"prompt": "hi", "best_of": 2}', "best_of", "best_of: not supported by this server"),
+    (b'{"prompt": "hi", "suffix": "x"}', "suffix", "suffix: not supported by this server"),
+    (b'{"prompt": "hi", "frobnicate": 1}', "frobnicate", "frobnicate: unknown field"),
+    (b'{"prompt": "hi", "logprobs": 6}', "logprobs", "less than or equal to 5"),
+    (b'{"prompt": "hi", "logit_bias": {"257": 1}}', "logit_bias", "logit_bias"),
+    (b'{"prompt": "hi", "logit_bias": {"3": 101}}', "logit_bias", "less than or equal to 100"),
+    (b'{"prompt": "hi", "presence_penalty": 2.5}', "presence_penalty", "less than or equal to 2"),
+    (b'{"prompt": "\\ud800abc"}', "prompt", "prompt: "),
+    (json.dumps({"prompt": "hi", "user": "u" * 257}).encode(), "user", "at most 256 characters"),
 ]
 
 
@@ -310,7 +327,7 @@ def test_masking_an_expert_mid_run_changes_routing_and_nothing_fails(served):
 @pytest.mark.parametrize("body,status,param", [
     ({"layer": "layers.9.mlp", "experts": [0]}, 404, "layer"),
     ({"layer": 0, "experts": [7]}, 400, "experts"),
-    ({"layer": 0, "experts": [0, 1, 2]}, 400, "experts"),
+    ({"layer": 0, "experts": [0, 1, 2]}, 409, "experts"),
     ({"layer": 0, "experts": []}, 400, "experts"),
     ({"layer": 0, "experts": [0], "force": True}, 400, "force"),
 ])
@@ -323,12 +340,25 @@ def test_admin_mask_rejects_bad_input(served, body, status, param):
 
 
 def test_admin_token_is_required_when_set(checkpoint):
-    engine, server = start(checkpoint, admin_token="s3cret")
+    engine, server = start(checkpoint, admin_token="s3cret-token")
     with server, httpx.Client(base_url=server.url, timeout=30) as client:
         body = {"layer": 1, "experts": [0]}
         assert client.post("/admin/experts/mask", json=body).status_code == 401
-        r = client.post("/admin/experts/mask", json=body, headers={"Authorization": "Bearer s3cret"})
+        assert client.post("/admin/experts/mask", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 401
+        # The token is checked before the body: a bad body without the token is 401, not 400.
+        assert client.post("/admin/experts/mask", content=b"{not json").status_code == 401
+        r = client.post("/admin/experts/mask", json=body, headers={"Authorization": "Bearer s3cret-token"})
         assert r.status_code == 200 and r.json() == {"layer": "layers.1.mlp", "masked": [0], "quarantined": []}
+
+
+def test_admin_endpoints_are_off_without_a_token(checkpoint):
+    engine, server = start(checkpoint)
+    with server, httpx.Client(base_url=server.url, timeout=30) as client:
+        for method, path in [("POST", "/admin/experts/mask"), ("GET", "/admin/experts"), ("POST", "/admin/experts/unmask")]:
+            r = client.request(method, path, json={"layer": 1, "experts": [0]})
+            assert r.status_code == 404 and "admin endpoints are off" in r.json()["error"]["message"]
+        assert "/admin/experts/mask" not in client.get("/openapi.json").json()["paths"]
+        assert all(not layer.masked_experts for layer in engine.layers.values())
 
 
 def test_flood_gets_429_with_retry_after_and_the_rest_are_answered(checkpoint):
@@ -415,7 +445,7 @@ def test_corrupt_expert_weights_are_quarantined_at_load(tmp_path):
         assert 'moekit_expert_masked{expert="1",layer="layers.0.mlp"} 1.0' in metrics
         out = complete(client, prompt="corrupt", max_tokens=6, temperature=0, routing_trace=True)
         assert all(1 not in t["experts"]["layers.0.mlp"] for t in out["choices"][0]["routing_trace"])
-        assert client.get("/admin/experts").json()["layers"][0]["quarantined"] == [1]
+        assert client.get("/v1/stats").json()["layers"][0]["quarantined"] == [1]
 
 
 def test_expert_that_turns_nan_mid_run_is_quarantined_and_reported(checkpoint):
@@ -445,14 +475,26 @@ def test_serving_doc_examples_run(tmp_path, monkeypatch):
     run_blocks(blocks, doc.name)
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--max-batch", "0"], "ServeLimits.max_batch=0 must be an int >= 1"),
-    (["--queue-size", "-1"], "ServeLimits.queue_size=-1 must be an int >= 1"),
-])
-def test_serve_cli_rejects_bad_limits(checkpoint, capsys, argv, message):
+def cli_status(argv: list[str]) -> int:
     from moekit.cli import main
 
-    assert main(["serve", str(checkpoint), *argv]) == 2
+    try:
+        return main(argv)
+    except SystemExit as exit:  # argparse rejects a bad value before run()
+        return exit.code
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-batch", "0"], "max-batch"),
+    (["--queue-size", "-1"], "queue-size"),
+    (["--max-tokens", "96"], "--max-tokens 96 must be below the model's context of 96 tokens"),
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 is not loopback: give an admin token"),
+    (["--protect-stats"], "--protect-stats needs an admin token"),
+    (["--admin-token-file", "/nonexistent/token"], "--admin-token-file /nonexistent/token is not a file"),
+])
+def test_serve_cli_rejects_bad_limits(checkpoint, capsys, monkeypatch, argv, message):
+    monkeypatch.delenv("MOEKIT_ADMIN_TOKEN", raising=False)
+    assert cli_status(["serve", str(checkpoint), *argv]) == 2
     assert message in capsys.readouterr().err
 
 

@@ -14,7 +14,7 @@ pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installe
 httpx = pytest.importorskip("httpx", reason="httpx is not installed; pip install -e '.[dev]'")
 mpimg = pytest.importorskip("matplotlib.image", reason="matplotlib is needed to read the screenshot")
 
-from test_serve import start, write_checkpoint  # noqa: E402
+from test_serve import ADMIN, ADMIN_TOKEN, start, write_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -29,11 +29,11 @@ def chromium(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it when run as root)")
 def test_dashboard_draws_the_utilisation_chart(tmp_path):
-    engine, server = start(write_checkpoint(tmp_path / "ckpt"))
+    engine, server = start(write_checkpoint(tmp_path / "ckpt"), admin_token=ADMIN_TOKEN)
     with server, httpx.Client(base_url=server.url, timeout=60) as client:
         for i in range(3):
             assert client.post("/v1/completions", json={"prompt": f"dash {i}", "max_tokens": 6}).status_code == 200
-        assert client.post("/admin/experts/mask", json={"layer": 1, "experts": [3]}).status_code == 200
+        assert client.post("/admin/experts/mask", json={"layer": 1, "experts": [3]}, headers=ADMIN).status_code == 200
         page = client.get("/dashboard")
         assert page.status_code == 200 and "<canvas id=\"utilization\"" in page.text
         assert "http" not in re.sub(r"<!--.*?-->", "", page.text).replace(server.url, "")  # no CDN

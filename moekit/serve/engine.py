@@ -72,17 +72,36 @@ class ServeLimits:
     max_stop_chars: int = 64
     # Seconds a client is told to wait after a 429.
     retry_after_s: int = 1
-    # Bearer token the /admin endpoints require (None: no token needed).
+    # Bearer token the /admin endpoints require (None: the admin endpoints are off).
     admin_token: str | None = None
+    # Also require the admin token for /v1/stats and /metrics (they show masked/quarantined experts).
+    protect_stats: bool = False
+    # Largest request body in bytes (413 past it, checked while reading).
+    max_body_bytes: int = 1 << 20
+    # Longest prompt string in characters (None: 8 x the longest prompt in tokens); a JSON schema
+    # can state characters, not tokens.
+    max_prompt_chars: int | None = None
+    # Most prompts in one request, choices (n) per prompt, and chat messages.
+    max_prompts: int = 8
+    max_choices: int = 8
+    max_messages: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "queue_size", "max_tokens", "max_stop", "max_stop_chars", "retry_after_s"):
+        for name in ("max_batch", "queue_size", "max_tokens", "max_stop", "max_stop_chars", "retry_after_s",
+                     "max_body_bytes", "max_prompts", "max_choices", "max_messages"):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
                    f"ServeLimits.{name}={value!r} must be an int >= 1")
         _check(self.max_prompt_tokens is None or (isinstance(self.max_prompt_tokens, int)
                                                   and self.max_prompt_tokens >= 1),
                f"ServeLimits.max_prompt_tokens={self.max_prompt_tokens!r} must be None or an int >= 1")
+        _check(self.max_prompt_chars is None or (isinstance(self.max_prompt_chars, int)
+                                                 and self.max_prompt_chars >= 1),
+               f"ServeLimits.max_prompt_chars={self.max_prompt_chars!r} must be None or an int >= 1")
+        _check(self.admin_token is None or (isinstance(self.admin_token, str) and len(self.admin_token) >= 8),
+               "ServeLimits.admin_token must be None or a string of at least 8 characters")
+        _check(not self.protect_stats or self.admin_token is not None,
+               "ServeLimits.protect_stats=True needs an admin_token")
 
 
 class QueueFullError(RuntimeError):
@@ -92,9 +111,11 @@ class QueueFullError(RuntimeError):
 @dataclass(eq=False)
 class GenRequest:
     """One completion request; ``on_event`` is called from the engine thread with each event:
-    {"type": "token", "token_id", "text" (new text, may be ""), "experts" (trace or None)},
+    {"type": "token", "token_id", "text" (new text, may be ""), "experts" (trace or None),
+    "logprob" (None, or {"logprob", "top": [(id, logprob)] best first} with ``logprobs`` set)},
     then one {"type": "done", "finish_reason", "text" (text not yet sent), "usage"} or
-    {"type": "error", "message"}."""
+    {"type": "error", "message"}. ``usage.completion_tokens`` leaves out tokens that only completed
+    a stop string."""
 
     prompt_ids: list[int]
     max_tokens: int
@@ -103,6 +124,14 @@ class GenRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     trace: bool = False
+    # Top alternatives to report per generated token (None: no logprobs; 0: the chosen token's only).
+    logprobs: int | None = None
+    # Also compute the prompt tokens' logprobs (``prompt_logprobs``: None for the first token).
+    echo_logprobs: bool = False
+    # OpenAI's penalties over the tokens generated so far, and additive biases per token id.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
     on_event: Callable[[Event], None] | None = None
     request_id: str = ""
     # Set by the engine.
@@ -117,6 +146,7 @@ class GenRequest:
     generator: torch.Generator | None = None
     # Incremental detokeniser of the generated ids (moekit.serve.text.StreamDecoder).
     detok: Any = None
+    prompt_logprobs: list[dict[str, Any] | None] = field(default_factory=list)
 
 
 class Engine:
@@ -172,21 +202,29 @@ class Engine:
     def submit(self, req: GenRequest) -> GenRequest:
         """Queue a request; raises QueueFullError when ``queue_size`` requests are waiting already,
         ValueError naming the field when the request cannot run on this model."""
-        self._validate(req)
+        self.submit_all([req])
+        return req
+
+    def submit_all(self, reqs: list[GenRequest]) -> None:
+        """Queue all of ``reqs`` (the choices of one HTTP request) or none: QueueFullError when they do
+        not all fit in the queue."""
+        for req in reqs:
+            self._validate(req)
         with self._cv:
-            if len(self._waiting) >= self.limits.queue_size:
+            if len(self._waiting) + len(reqs) > self.limits.queue_size:
                 self.counts["rejected"] += 1
                 if self.metrics is not None:
                     self.metrics.request_finished("rejected", None)
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (queue_size="
-                                     f"{self.limits.queue_size}); retry in {self.limits.retry_after_s} s")
-            req.request_id = req.request_id or f"cmpl-{next(self._ids)}"
-            req.t_submit = time.perf_counter()
-            seed = req.seed if req.seed is not None else random.SystemRandom().getrandbits(63)
-            req.generator = torch.Generator(device=self.device).manual_seed(seed)
-            self._waiting.append(req)
+                                     f"{self.limits.queue_size}), no room for {len(reqs)} more; retry in "
+                                     f"{self.limits.retry_after_s} s")
+            for req in reqs:
+                req.request_id = req.request_id or f"cmpl-{next(self._ids)}"
+                req.t_submit = time.perf_counter()
+                seed = req.seed if req.seed is not None else random.SystemRandom().getrandbits(63)
+                req.generator = torch.Generator(device=self.device).manual_seed(seed)
+                self._waiting.append(req)
             self._cv.notify_all()
-        return req
 
     def _validate(self, req: GenRequest) -> None:
         context = self.model.config.max_seq_len
@@ -201,6 +239,10 @@ class Engine:
             raise ValueError(f"temperature={req.temperature} must be >= 0")
         if not 0 < req.top_p <= 1:
             raise ValueError(f"top_p={req.top_p} must be in (0, 1]")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in [*req.prompt_ids, *req.logit_bias] if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary of {vocab}")
 
     def cancel(self, req: GenRequest) -> None:
         """Free the request's slot (a client that went away); a waiting request leaves the queue now."""
@@ -349,12 +391,15 @@ class Engine:
             else:
                 fresh.append(req)
                 self.counts["prompt_tokens"] += len(req.prompt_ids)
-        if self.batchable and len(fresh) > 1:
+        alone = [r for r in fresh if r.echo_logprobs]
+        packed = [r for r in fresh if not r.echo_logprobs]
+        if self.batchable and len(packed) > 1:
             self.counts["packed_prefills"] += 1
-            self._prefill(fresh)
+            self._prefill(packed)
         else:
-            for req in fresh:
-                self._prefill([req])
+            alone = packed + alone
+        for req in alone:
+            self._prefill([req])
         self._active = [r for r in self._active if self._keep(r)]
         rows = [r for r in self._active if r.finish_reason is None]
         if not rows:
@@ -365,7 +410,7 @@ class Engine:
             logits_BV = self._guarded(rows, lambda: decode_step(self.model, tokens_B, [r.cache for r in rows]))
             if logits_BV is not None:
                 for b, r in enumerate(rows):
-                    self._accept(r, logits_BV[b:b + 1], self._trace(b) if r.trace else None)
+                    self._accept_one(r, logits_BV[b:b + 1], lambda b=b: self._trace(b))
         else:
             for b, r in enumerate(rows):
                 def forward(r: GenRequest = r, b: int = b) -> torch.Tensor:
@@ -373,7 +418,7 @@ class Engine:
 
                 logits_1V = self._guarded([r], forward)
                 if logits_1V is not None:
-                    self._accept(r, logits_1V, self._trace(-1) if r.trace else None)
+                    self._accept_one(r, logits_1V, lambda: self._trace(-1))
         self._active = [r for r in self._active if self._keep(r)]
 
     def _prefill(self, reqs: list[GenRequest]) -> None:
@@ -384,7 +429,10 @@ class Engine:
             for r in reqs:
                 self._new_cache(r)
             if len(reqs) == 1:
-                return self.model(prompts[0][None, :], cache=reqs[0].cache)[:, -1], [-1]
+                logits_1SV = self.model(prompts[0][None, :], cache=reqs[0].cache)
+                if reqs[0].echo_logprobs:
+                    self._prompt_logprobs(reqs[0], logits_1SV[0, :-1])
+                return logits_1SV[:, -1], [-1]
             return prefill_step(self.model, prompts, [r.cache for r in reqs])
 
         result = self._guarded(reqs, forward)
@@ -393,7 +441,51 @@ class Engine:
         logits_BV, rows = result
         for b, (req, row) in enumerate(zip(reqs, rows)):
             self._active.append(req)
-            self._accept(req, logits_BV[b:b + 1], self._trace(row) if req.trace else None)
+            self._accept_one(req, logits_BV[b:b + 1], lambda row=row: self._trace(row))
+
+    def _accept_one(self, req: GenRequest, logits_1V: torch.Tensor,
+                    trace: Callable[[], dict[str, list[int]]]) -> None:
+        """``_accept`` for one sequence; an error there (sampling, decoding) fails this sequence only."""
+        try:
+            self._accept(req, logits_1V, trace() if req.trace else None)
+        except Exception as err:  # one sequence's failure must not reach the others in the batch
+            log.exception("request %s failed", req.request_id)
+            self._finish(req, "error", f"{type(err).__name__}: {err}")
+
+    def _prompt_logprobs(self, req: GenRequest, logits_SV: torch.Tensor) -> None:
+        """Logprob of each prompt token after the first given the ones before (the first: None)."""
+        logp_SV = torch.log_softmax(logits_SV.double(), dim=-1)
+        ids = req.prompt_ids
+        req.prompt_logprobs = [None] + [self._logprob_entry(logp_SV[i], ids[i + 1], req.logprobs or 0)
+                                        for i in range(len(ids) - 1)]
+
+    @staticmethod
+    def _logprob_entry(logp_V: torch.Tensor, token: int, k: int) -> dict[str, Any]:
+        top = torch.topk(logp_V, k) if k else None
+        return {"logprob": float(logp_V[token]),
+                "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))}
+
+    def _sample(self, req: GenRequest, logits_1V: torch.Tensor) -> tuple[int, dict[str, Any] | None]:
+        """The next token after logit_bias and the penalties, and its logprob entry when asked for.
+
+        Logprobs are log-softmax of the biased, penalised logits before temperature and top-p (as
+        vLLM reports them). Non-finite logits fail the request (``_accept_one``), not the batch."""
+        if not bool(torch.isfinite(logits_1V).all()):
+            raise FloatingPointError("the model's logits hold NaN/Inf for this sequence")
+        if req.logit_bias:
+            logits_1V = logits_1V.clone()
+            ids = torch.tensor(list(req.logit_bias), dtype=torch.long, device=logits_1V.device)
+            logits_1V[0, ids] += torch.tensor(list(req.logit_bias.values()), dtype=logits_1V.dtype,
+                                              device=logits_1V.device)
+        if (req.presence_penalty or req.frequency_penalty) and req.generated:
+            counts_V = torch.bincount(torch.tensor(req.generated, device=logits_1V.device),
+                                      minlength=logits_1V.shape[-1])[:logits_1V.shape[-1]].to(logits_1V.dtype)
+            logits_1V = logits_1V - req.frequency_penalty * counts_V - req.presence_penalty * (counts_V > 0).to(
+                logits_1V.dtype)
+        token = int(sample_next(logits_1V, req.temperature, req.top_p, req.generator)[0])
+        if req.logprobs is None:
+            return token, None
+        return token, self._logprob_entry(torch.log_softmax(logits_1V[0].double(), dim=-1), token, req.logprobs)
 
     def _new_cache(self, req: GenRequest) -> None:
         """An empty cache for the request: a slot of the pool (reused on a retry), or a KVCache."""
@@ -459,7 +551,7 @@ class Engine:
 
     def _accept(self, req: GenRequest, logits_1V: torch.Tensor, trace: dict[str, list[int]] | None) -> None:
         """Sample the request's next token, update its text, emit the new text, and finish it when done."""
-        token = int(sample_next(logits_1V, req.temperature, req.top_p, req.generator)[0])
+        token, logprob = self._sample(req, logits_1V)
         now = time.perf_counter()
         if req.t_first is None:
             req.t_first = now
@@ -493,7 +585,7 @@ class Engine:
             safe = len(text)
         delta = text[req.sent:safe] if safe > req.sent else ""
         req.sent = max(req.sent, safe)
-        self._emit(req, {"type": "token", "token_id": token, "text": delta, "experts": trace})
+        self._emit(req, {"type": "token", "token_id": token, "text": delta, "experts": trace, "logprob": logprob})
         if reason is not None:
             self._finish(req, reason)
 
@@ -525,11 +617,22 @@ class Engine:
             status = "ok"
             rest = req.text[req.sent:]
             req.sent = len(req.text)
-            usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.generated),
-                     "total_tokens": len(req.prompt_ids) + len(req.generated)}
+            kept = self._kept_tokens(req)
+            usage = {"prompt_tokens": len(req.prompt_ids), "completion_tokens": kept,
+                     "total_tokens": len(req.prompt_ids) + kept}
             self._emit(req, {"type": "done", "finish_reason": reason, "text": rest, "usage": usage})
         if self.metrics is not None:
             self.metrics.request_finished(status, latency if status == "ok" else None)
+
+
+    def _kept_tokens(self, req: GenRequest) -> int:
+        """Generated tokens that count: after a stop string, not those past the end of the kept text."""
+        n = len(req.generated)
+        if req.finish_reason != "stop" or not req.generated or req.generated[-1] == self.tokenizer.eos_id:
+            return n
+        while n > 0 and len(self.tokenizer.decode(req.generated[:n])) > len(req.text):
+            n -= 1
+        return n
 
 
 def prompt_room(model: LM, limits: ServeLimits) -> int:
