@@ -367,6 +367,9 @@ class KeyMap:
         self.block_inverse = {v: k for k, v in self.block.items()}
         assert lm_config.moe is not None
         self.F = lm_config.moe.expert_hidden
+        # DeepSeek-V3 checkpoints store their multi-token-prediction layers after the LM's layers.
+        self.extra_layers = int(getattr(hf_config, "num_mtp_layers", 0) or 0) \
+            if self.fam.model_type == "deepseek_v3" else 0
 
     def to_moekit(self, key: str) -> tuple[str, tuple[Any, ...]] | None:
         """(parameter name, index) for an HF key; None for keys to skip (e.g. extra MTP layers)."""
@@ -379,6 +382,9 @@ class KeyMap:
         if m is None:
             raise CheckpointError(f"unexpected tensor {key!r} for model_type={self.fam.model_type!r}")
         layer, sub = int(m.group(1)), m.group(2)
+        if layer >= self.cfg.n_layers + self.extra_layers:
+            raise CheckpointError(f"tensor {key!r} is for layer {layer}, but config.json gives num_hidden_layers="
+                                  f"{self.cfg.n_layers}; the config does not match the checkpoint")
         if layer >= self.cfg.n_layers:
             return None  # multi-token-prediction layers (DeepSeek-V3) are not part of the LM
         sub = sub.replace("block_sparse_moe.", "mlp.", 1)
@@ -449,7 +455,10 @@ def load_hf_weights(model: LM, files: list[Path], key_map: KeyMap) -> list[str]:
     filled = dict.fromkeys(targets, 0)
     skipped, seen = [], set()
     for file, handle, key in iter_checkpoint(files):
-        mapped = key_map.to_moekit(key)
+        try:
+            mapped = key_map.to_moekit(key)
+        except CheckpointError as err:
+            raise CheckpointError(f"{file}: {err}") from None
         if mapped is None:
             skipped.append(key)
             continue
