@@ -20,7 +20,7 @@ GROUP_SCORES = ("top2_sum", "max")
 DROP_POLICIES = ("probability", "position")
 EXPERT_KINDS = ("swiglu", "mlp")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-AUX_CONVENTIONS = ("moekit", "switch", "megatron", "mixtral")
+AUX_CONVENTIONS = ("moekit", "switch", "switch_group", "megatron", "mixtral")
 BACKENDS = ("auto", "grouped_mm", "loop", "reference")
 
 
@@ -134,14 +134,15 @@ class BalanceConfig:
     probabilities, or sigmoid scores divided by their per-token sum; counts are taken before
     capacity drops. aux_loss_convention picks f and the scope:
 
-      ==========  =========================================  =============  ================
-      convention  f_i                                        scope          value at balance
-      ==========  =========================================  =============  ================
-      moekit      count_i / (k*T), the layer's top-k picks   per layer      1 for any k
-      switch      count_i / T, top-1 of the plain scores     per layer      1
-      megatron    count_i / (k*T), top-k of plain scores     per layer      1
-      mixtral     count_i / T, top-k of plain scores         layers pooled  k
-      ==========  =========================================  =============  ================
+      ============  =========================================  =============  ================
+      convention    f_i                                        scope          value at balance
+      ============  =========================================  =============  ================
+      moekit        count_i / (k*T), the layer's top-k picks   per layer      1 for any k
+      switch        count_i / T, top-1 of the plain scores     per layer      1
+      switch_group  count_i / S, top-1 of the plain scores     per sequence   1
+      megatron      count_i / (k*T), top-k of plain scores     per layer      1
+      mixtral       count_i / T, top-k of plain scores         layers pooled  k
+      ============  =========================================  =============  ================
 
     "Plain scores" are the router distribution without selection bias or group limit (masked
     experts excluded), as Switch (Fedus et al. 2021, eq. 4-6), Megatron-Core and transformers
@@ -156,6 +157,11 @@ class BalanceConfig:
     constant offsets, the minimiser is still balance over the unmasked experts.
     z_loss_coef: ST-MoE router z-loss. cv_loss_coef: Shazeer et al. 2017 importance + load CV^2.
     seq_aux_loss_coef: DeepSeek-V3 complementary sequence-wise balance loss.
+    ``switch_group`` is transformers' SwitchTransformers load_balancing_loss_func: f and P within
+    each sequence (its groups are the batch rows), E * sum_i f_i * P_i averaged over sequences.
+    cv_unbiased: CV^2 with the sample variance (divide by E - 1, as torch.var) instead of the
+    population variance (divide by E, as Shazeer et al.'s tensor2tensor code).
+    With a token mask (padding), T, S and every mean and count run over the valid tokens only.
     """
 
     aux_loss_coef: float = 0.01
@@ -163,9 +169,11 @@ class BalanceConfig:
     z_loss_coef: float = 0.0
     cv_loss_coef: float = 0.0
     seq_aux_loss_coef: float = 0.0
+    cv_unbiased: bool = False
 
     def __post_init__(self) -> None:
         _one_of("balance.aux_loss_convention", self.aux_loss_convention, AUX_CONVENTIONS)
+        _check(isinstance(self.cv_unbiased, bool), f"balance.cv_unbiased={self.cv_unbiased!r} must be a bool")
         for name in ("aux_loss_coef", "z_loss_coef", "cv_loss_coef", "seq_aux_loss_coef"):
             value = getattr(self, name)
             _check(_is_number(value) and math.isfinite(value) and value >= 0,
@@ -205,8 +213,9 @@ class MoEConfig:
     shared: SharedExpertConfig = field(default_factory=SharedExpertConfig)
     # Grouped-product implementation; "auto" picks the fastest correct one for the device/dtype.
     backend: str = "auto"
-    # Raise on NaN/Inf input, and name any expert whose output is not finite.
-    check_finite: bool = True
+    # Raise on NaN/Inf input, and name any expert whose output is not finite (two host syncs per
+    # forward). None (default): on in eval mode (serving, evaluation), off in training mode.
+    check_finite: bool | None = None
     # Keep routing statistics (cheap, no host sync).
     track_stats: bool = True
     # An expert that gets no token for this many forward passes is reported dead.

@@ -8,11 +8,20 @@ R rows after dispatch (grouped by expert).
 
 Balancing losses are computed in training and kept on the layer (``layer.aux_loss``); routing
 statistics are kept in buffers (``layer.stats``). Nothing here syncs with the host on the hot
-path except the grouped-product fallback and the finite checks (``check_finite=False`` skips them).
+path except the grouped-product fallback and the finite checks (on in eval mode by default,
+``check_finite`` sets them).
+
+Padding: ``forward(x, token_mask)`` takes a mask of x's leading shape (1/True = real token).
+Padding tokens count in no loss, statistic or bias-update count. Dropless token choice still
+routes and computes them (static shapes, no host sync; their outputs are meaningless but
+finite); with a capacity (or expert choice, whose picks depend on the whole batch) only the
+real tokens are routed, so padding takes no capacity: one host sync, and padding tokens get a
+zero routed output (plus the shared experts').
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -74,6 +83,8 @@ class MoE(nn.Module):
         self.last_routing: Routing | None = None
         self.last_plan: DispatchPlan | None = None
         self._pooled_routing: Routing | None = None
+        self._pooled_valid_T: torch.Tensor | None = None
+        self.last_valid_T: torch.Tensor | None = None
 
     @staticmethod
     def _build_experts(cfg: MoEConfig, experts: Sequence[nn.Module] | nn.Module | None) -> nn.Module:
@@ -89,9 +100,29 @@ class MoE(nn.Module):
         return module
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., D) -> (..., D); ``token_mask`` (...) marks real tokens (see the module docstring)."""
         shape = x.shape
         x_TD = self._tokens(x)
+        if token_mask is None:
+            routing, plan, out_TD = self._route_and_run(x_TD)
+            valid_T = None
+        else:
+            valid_T = self._valid_tokens(token_mask, shape)
+            if self.config.router.capacity_factor is None:
+                routing, plan, out_TD = self._route_and_run(x_TD)
+                plan = _valid_counts_plan(plan, routing, valid_T, self.num_experts)
+            else:
+                routing, plan, out_TD = self._route_and_run_valid(x_TD, valid_T)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+
+        batch = math.prod(shape[:-2]) if len(shape) >= 3 else 1
+        self._record(routing, plan, batch, valid_T)
+        return out_TD.view(shape)
+
+    def _route_and_run(self, x_TD: torch.Tensor) -> tuple[Routing, DispatchPlan, torch.Tensor]:
+        """Router -> plan -> routed experts -> combine, for all T tokens."""
         available_E = self.available_E if self._any_masked else None
         routing = self.router(x_TD, available_E)
         if routing.is_token_choice:
@@ -99,14 +130,28 @@ class MoE(nn.Module):
                                      self.config.router.drop_policy)
         else:
             plan = plan_expert_choice(routing, available_E)
-        check = self._check_expert_outputs if self.config.check_finite else None
-        out_TD = run_experts(x_TD, plan, self.experts, check)
-        if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+        check = self._check_expert_outputs if self.checks_finite else None
+        return routing, plan, run_experts(x_TD, plan, self.experts, check)
 
-        batch = math.prod(shape[:-2]) if len(shape) >= 3 else 1
-        self._record(routing, plan, batch)
-        return out_TD.view(shape)
+    def _route_and_run_valid(self, x_TD: torch.Tensor,
+                             valid_T: torch.Tensor) -> tuple[Routing, DispatchPlan, torch.Tensor]:
+        """Route only the V real tokens (capacity from V, as for the batch without padding); the
+        routing and plan come back in T-token indexing, padding rows zero and counted nowhere."""
+        idx_V = torch.nonzero(valid_T).squeeze(1)
+        if idx_V.numel() == 0:
+            raise ValueError(f"{self.layer_name}: token_mask marks no token as real")
+        routing_V, plan_V, out_VD = self._route_and_run(x_TD.index_select(0, idx_V))
+        out_TD = out_VD.new_zeros(x_TD.shape[0], out_VD.shape[1]).index_copy(0, idx_V, out_VD)
+        return _scatter_routing(routing_V, idx_V, x_TD.shape[0]), _scatter_plan(plan_V, idx_V, x_TD.shape[0]), out_TD
+
+    def _valid_tokens(self, token_mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """token_mask (...) -> bool (T,), checked against x's leading shape."""
+        if tuple(token_mask.shape) != tuple(shape[:-1]):
+            raise ValueError(f"{self.layer_name}: token_mask of shape {tuple(token_mask.shape)} does not match "
+                             f"the input's leading shape {tuple(shape[:-1])}")
+        if token_mask.dtype != torch.bool and (token_mask.is_floating_point() or token_mask.is_complex()):
+            raise TypeError(f"{self.layer_name}: token_mask must be bool or integer 0/1, got dtype {token_mask.dtype}")
+        return token_mask.reshape(-1).to(device=self.available_E.device, dtype=torch.bool)
 
     def _tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (T, D) after checking x and re-arming the freeze hooks (every forward)."""
@@ -123,8 +168,13 @@ class MoE(nn.Module):
                              f"{x.shape[-1] if x.dim() else None}, expected dim={self.dim}")
         if x.numel() == 0:
             raise ValueError(f"{self.layer_name}: input of shape {tuple(x.shape)} has no tokens")
-        if self.config.check_finite and not bool(torch.isfinite(x).all()):
+        if self.checks_finite and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{self.layer_name}: input contains NaN or Inf values")
+
+    @property
+    def checks_finite(self) -> bool:
+        """config.check_finite, or where it is None: on in eval mode, off in training."""
+        return (not self.training) if self.config.check_finite is None else self.config.check_finite
 
     def _check_expert_outputs(self, y_RD: torch.Tensor, plan: DispatchPlan) -> None:
         bad_R = ~torch.isfinite(y_RD).all(dim=-1)
@@ -135,39 +185,43 @@ class MoE(nn.Module):
             raise ExpertNonFiniteError(self.layer_name, bad)
 
     # ------------------------------------------------------------------ losses and statistics
-    def _record(self, routing: Routing, plan: DispatchPlan, batch: int) -> None:
+    def _record(self, routing: Routing, plan: DispatchPlan, batch: int, valid_T: torch.Tensor | None = None) -> None:
         cfg = self.config
         self.last_routing = _detached(routing)
         self.last_plan = plan
+        self.last_valid_T = valid_T
         if cfg.track_stats:
-            self.stats.update(routing, plan)
+            self.stats.update(routing, plan, valid_T)
         if self.training and self.router.selection_bias is not None and cfg.router.bias_update_rate is not None:
             self.bias_load_E += plan.routed_E
         if self.training and torch.is_grad_enabled():
-            self.aux_loss, self.last_losses = self._losses(routing, batch)
+            self.aux_loss, self.last_losses = self._losses(routing, batch, valid_T)
             pooled = (cfg.balance.aux_loss_convention == "mixtral" and cfg.balance.aux_loss_coef > 0
                       and routing.is_token_choice)
             self._pooled_routing = routing if pooled else None
+            self._pooled_valid_T = valid_T if pooled else None
         else:
-            self.aux_loss, self.last_losses, self._pooled_routing = routing.logits_TE.new_zeros(()), {}, None
+            self.aux_loss, self.last_losses = routing.logits_TE.new_zeros(()), {}
+            self._pooled_routing = self._pooled_valid_T = None
 
-    def _losses(self, routing: Routing, batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _losses(self, routing: Routing, batch: int,
+                valid_T: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Weighted sum of this layer's balancing losses, and each unweighted term (detached)."""
         b, E, K = self.config.balance, self.num_experts, self.top_k
         total = routing.logits_TE.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
         token_choice = routing.is_token_choice
         if b.aux_loss_coef > 0 and token_choice and b.aux_loss_convention != "mixtral":
-            terms["aux"] = value = L.switch_aux_loss(routing, E, b.aux_loss_convention)
+            terms["aux"] = value = L.switch_aux_loss(routing, E, b.aux_loss_convention, valid_T, batch)
             total = total + b.aux_loss_coef * value
         if b.z_loss_coef > 0:
-            terms["z"] = value = L.z_loss(routing.logits_TE)
+            terms["z"] = value = L.z_loss(routing.logits_TE, valid_T)
             total = total + b.z_loss_coef * value
         if b.cv_loss_coef > 0 and token_choice:
-            terms["cv"] = value = L.cv_squared_loss(routing, E, K)
+            terms["cv"] = value = L.cv_squared_loss(routing, E, K, valid_T, b.cv_unbiased)
             total = total + b.cv_loss_coef * value
         if b.seq_aux_loss_coef > 0 and token_choice:
-            terms["seq_aux"] = value = L.sequence_aux_loss(routing, E, batch)
+            terms["seq_aux"] = value = L.sequence_aux_loss(routing, E, batch, valid_T)
             total = total + b.seq_aux_loss_coef * value
         return total, {k: v.detach() for k, v in terms.items()}
 
@@ -287,6 +341,44 @@ class MoE(nn.Module):
         r = self.config.router
         cap = "dropless" if r.capacity_factor is None else f"capacity_factor={r.capacity_factor}"
         return f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, router={r.kind}, {cap}"
+
+
+def _valid_counts_plan(plan: DispatchPlan, routing: Routing, valid_T: torch.Tensor, num_experts: int) -> DispatchPlan:
+    """A dropless plan whose counts (for statistics and the bias rule) skip padding tokens."""
+    counts_E = L.expert_counts(routing.topk_idx_TK, num_experts, torch.long, valid_T.long())
+    return dataclasses.replace(plan, counts_E=counts_E, routed_E=counts_E)
+
+
+def _scatter_rows(x_VX: torch.Tensor | None, idx_V: torch.Tensor, T: int, fill: float = 0.0) -> torch.Tensor | None:
+    """(V, ...) -> (T, ...): row v goes to row idx_V[v], other rows hold ``fill`` (differentiable)."""
+    if x_VX is None:
+        return None
+    return x_VX.new_full((T, *x_VX.shape[1:]), fill).index_copy(0, idx_V, x_VX)
+
+
+def _scatter_routing(routing_V: Routing, idx_V: torch.Tensor, T: int) -> Routing:
+    """The routing of V real tokens in T-token indexing; padding rows: logits and scores 0, expert 0
+    with weight 0, noise scale 1 (finite everywhere; the losses and statistics skip them)."""
+    ec_idx = None if routing_V.ec_token_idx_EC is None else idx_V[routing_V.ec_token_idx_EC]
+    return dataclasses.replace(
+        routing_V,
+        logits_TE=_scatter_rows(routing_V.logits_TE, idx_V, T),
+        scores_TE=_scatter_rows(routing_V.scores_TE, idx_V, T),
+        topk_idx_TK=_scatter_rows(routing_V.topk_idx_TK, idx_V, T),
+        topk_weight_TK=_scatter_rows(routing_V.topk_weight_TK, idx_V, T),
+        ec_token_idx_EC=ec_idx,
+        noise_std_TE=_scatter_rows(routing_V.noise_std_TE, idx_V, T, 1.0),
+        noisy_logits_TE=_scatter_rows(routing_V.noisy_logits_TE, idx_V, T),
+    )
+
+
+def _scatter_plan(plan_V: DispatchPlan, idx_V: torch.Tensor, T: int) -> DispatchPlan:
+    """The plan of V real tokens with its token and slot ids in T-token indexing."""
+    slot = plan_V.slot_idx_R
+    if slot is not None:
+        K = plan_V.top_k
+        slot = idx_V[torch.div(slot, K, rounding_mode="floor")] * K + slot % K
+    return dataclasses.replace(plan_V, token_idx_R=idx_V[plan_V.token_idx_R], slot_idx_R=slot, num_tokens=T)
 
 
 def _detached(routing: Routing) -> Routing:

@@ -26,7 +26,8 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of every MoE layer's weighted balancing losses from the last forward pass.
 
     Add it to the task loss before backward. Layers configured with the ``mixtral`` convention
-    are pooled across layers first, as transformers' load_balancing_loss_func does.
+    are pooled across layers first, as transformers' load_balancing_loss_func does (padding
+    left out when the layers were given a token mask, as with its ``attention_mask``).
     """
     total: torch.Tensor | None = None
     pooled: dict[tuple[int, float], list] = {}
@@ -34,11 +35,12 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
         total = layer.aux_loss if total is None else total + layer.aux_loss
         if layer._pooled_routing is not None:
             key = (layer.num_experts, layer.config.balance.aux_loss_coef)
-            pooled.setdefault(key, []).append(layer._pooled_routing)
+            pooled.setdefault(key, []).append((layer._pooled_routing, getattr(layer, "_pooled_valid_T", None)))
     if total is None:
         return torch.zeros(())
-    for (num_experts, coef), routings in pooled.items():
-        total = total + coef * pooled_mixtral_aux_loss(routings, num_experts)
+    for (num_experts, coef), entries in pooled.items():
+        routings, valid_Ts = [r for r, _ in entries], [v for _, v in entries]
+        total = total + coef * pooled_mixtral_aux_loss(routings, num_experts, valid_Ts)
     return total
 
 

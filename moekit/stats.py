@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .balance.losses import entropy, normalized_scores
+from .balance.losses import entropy, normalized_scores, token_weights
 from .dispatch.plan import DispatchPlan
 from .router.routing import Routing
 
@@ -59,7 +59,16 @@ class RoutingStats(nn.Module):
         self.register_buffer("coactivation_EE", torch.zeros(E, E, dtype=torch.float64), persistent=False)
         self.register_buffer("idle_steps_E", torch.zeros(E, dtype=torch.long), persistent=False)
         self.register_buffer("nonfinite_E", torch.zeros(E, dtype=torch.bool), persistent=False)
-        self.forward_passes = 0
+        # A buffer, not a Python int: a compiled forward would recompile on every new int value.
+        self.register_buffer("passes", torch.zeros((), dtype=torch.long), persistent=False)
+
+    @property
+    def forward_passes(self) -> int:
+        return int(self.passes)
+
+    @forward_passes.setter
+    def forward_passes(self, value: int) -> None:
+        self.passes.fill_(int(value))
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # Counts and sums stay float64 when the model is cast (bf16 counts stop at 256).
@@ -70,18 +79,29 @@ class RoutingStats(nn.Module):
         return self
 
     @torch.no_grad()
-    def update(self, routing: Routing, plan: DispatchPlan) -> None:
-        self.forward_passes += 1
+    def update(self, routing: Routing, plan: DispatchPlan, valid_T: torch.Tensor | None = None) -> None:
+        """Add one forward pass. With ``valid_T`` (T,) the per-token sums (entropy, z, tokens,
+        co-activation) skip padding; the plan's counts must already exclude it (MoE does that)."""
+        self.passes += 1
         self.tokens_E += plan.counts_E
         self.routed_E += plan.routed_E
         self.dropped += plan.num_dropped
         probs_TE = normalized_scores(routing)
-        self.entropy_sum += entropy(probs_TE).sum()
-        self.z_sum += torch.logsumexp(routing.logits_TE, dim=-1).square().sum()
-        self.num_tokens += routing.num_tokens
+        entropy_T = entropy(probs_TE)
+        z_T = torch.logsumexp(routing.logits_TE, dim=-1).square()
+        w_T = token_weights(valid_T, routing.logits_TE)
+        if w_T is None:
+            self.entropy_sum += entropy_T.sum()
+            self.z_sum += z_T.sum()
+            self.num_tokens += routing.num_tokens
+        else:
+            self.entropy_sum += (entropy_T * w_T).sum()
+            self.z_sum += (z_T * w_T).sum()
+            self.num_tokens += w_T.sum()
         if routing.topk_idx_TK is not None:
             hit_TE = torch.zeros_like(routing.logits_TE).scatter_(1, routing.topk_idx_TK, 1.0)
-            self.coactivation_EE += (hit_TE.t() @ hit_TE).double()
+            hit_w_TE = hit_TE if w_T is None else hit_TE * w_T.unsqueeze(1)
+            self.coactivation_EE += (hit_w_TE.t() @ hit_TE).double()
         used_E = plan.counts_E > 0
         self.idle_steps_E.add_(1).masked_fill_(used_E, 0)
 

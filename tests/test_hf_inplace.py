@@ -83,3 +83,27 @@ def test_patch_errors() -> None:
                                                                    num_attention_heads=2, intermediate_size=32))
     with pytest.raises(moekit.hf.UnsupportedArchitectureError, match="llama"):
         patch_model(llama)
+
+
+@pytest.mark.parametrize("family,hooks_first", [("mixtral", False), ("mixtral", True), ("qwen2_moe", True),
+                                                ("qwen3_moe", False), ("olmoe", True), ("gpt_oss", False)])
+def test_output_router_logits_after_patching(family: str, hooks_first: bool) -> None:
+    """transformers' own aux_loss (load_balancing_loss_func with attention_mask) sees the patched
+    layers' router logits, whether its capture hooks were installed before patching or not."""
+    model = tiny_hf_model(family, std=0.3).train()
+    ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = (torch.arange(7)[None, :] < torch.tensor([[7], [4], [2]])).long()
+    # transformers installs its capture hooks on the first call that asks for them: before patching
+    # (on the HF routers, which then no longer run), or after (they find no HF router).
+    reference = model if hooks_first else tiny_hf_model(family, std=0.3).train()
+    ref = reference(ids, attention_mask=mask, output_router_logits=True, labels=ids)
+    names = patch_model(model)
+    out = model(ids, attention_mask=mask, output_router_logits=True, labels=ids)
+    assert len(out.router_logits) == len(ref.router_logits) == len(names)
+    # The same logits up to float32 rounding (moekit's expert kernels sum in another order).
+    for ours, theirs in zip(out.router_logits, ref.router_logits):
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=1e-4, atol=2e-5)
+    assert abs(float(out.aux_loss.detach()) - float(ref.aux_loss.detach())) < 1e-5
+    out.aux_loss.backward()
+    layer = model.get_submodule(names[0])
+    assert layer.router.weight.grad is not None and float(layer.router.weight.grad.abs().sum()) > 0

@@ -5,21 +5,29 @@ Shape legend: T tokens, E experts, K top-k, B sequences of S tokens (T = B*S).
 * switch_aux_loss: Fedus et al. 2021 (Switch) / Lepikhin et al. 2020 (GShard):
   E * sum_i f_i * P_i, f_i the share of routing decisions that picked expert i (before capacity
   drops), P_i the mean full-distribution router probability of i (normalized_scores). The
-  conventions (f from the layer's picks or from the plain top-1/top-k, per layer or pooled,
-  1 or k at balance) are tabled in moekit.config.BalanceConfig.
-* cv_squared_loss: Shazeer et al. 2017: CV(importance)^2 + CV(load)^2, CV^2 = var / mean^2
-  (population variance), importance = sum over tokens of the sparse gates, load = the smooth
-  estimator sum_t Phi((clean_ti - kth_excluding(noisy_t, k, i)) / noise_std_ti) when noise is
-  on (training), else the counts of top-k picks.
+  conventions (f from the layer's picks or from the plain top-1/top-k, per layer, per sequence
+  or pooled, 1 or k at balance) are tabled in moekit.config.BalanceConfig.
+* cv_squared_loss: Shazeer et al. 2017: CV(importance)^2 + CV(load)^2, CV^2 = var / mean^2,
+  importance = sum over tokens of the sparse gates, load = the smooth estimator
+  sum_t Phi((clean_ti - kth_excluding(noisy_t, k, i)) / noise_std_ti) when noise is on
+  (training), else the counts of top-k picks. The paper does not say which variance: its
+  authors' code (tensor2tensor's cv_squared) divides by E (population, the default here); the
+  PyTorch port most projects copy calls ``x.var()``, which divides by E - 1 (``unbiased=True``).
 * z_loss: Zoph et al. 2022 (ST-MoE): mean over tokens of logsumexp(logits)^2.
 * sequence_aux_loss: DeepSeek-V3 (arXiv 2412.19437) complementary sequence-wise loss: per
   sequence, sum_i f_i * P_i with f_i = E/(K*S) * count_i, count_i over the top-K of the plain
   scores s (eq. 18: no selection bias, no group limit), and P_i the mean of the scores
   normalised per token to sum to 1; mean over the B sequences.
+
+Padding: every function takes an optional ``valid_T`` (bool or 0/1, shape (T,)); tokens where it
+is 0 count nowhere: means, counts, T and S become sums over the valid tokens only, as in
+transformers' ``load_balancing_loss_func(..., attention_mask=...)``. A sequence with no valid
+token is left out of the per-sequence means. Without ``valid_T`` no extra op runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
 import torch
 
@@ -33,9 +41,36 @@ def normalized_scores(routing: Routing) -> torch.Tensor:
     return routing.scores_TE
 
 
-def expert_counts(idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(E,) number of top-k picks of each expert."""
-    return torch.bincount(idx_TK.reshape(-1), minlength=num_experts).to(dtype)
+def token_weights(valid_T: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    """(T,) float weights (1 valid, 0 padding) in ``like``'s dtype and device, or None."""
+    if valid_T is None:
+        return None
+    if valid_T.dim() != 1 or valid_T.shape[0] != like.shape[0]:
+        raise ValueError(f"valid_T of shape {tuple(valid_T.shape)} does not match {like.shape[0]} tokens")
+    return valid_T.to(device=like.device, dtype=like.dtype)
+
+
+def token_mean(x_TX: torch.Tensor, w_T: torch.Tensor | None) -> torch.Tensor:
+    """Mean over the (valid) tokens of x (T, ...) -> (...); 0 when no token is valid."""
+    if w_T is None:
+        return x_TX.mean(dim=0)
+    w = w_T.view(-1, *([1] * (x_TX.dim() - 1)))
+    return (x_TX * w).sum(dim=0) / w_T.sum().clamp_min(1.0)
+
+
+def num_valid(idx_TK: torch.Tensor, w_T: torch.Tensor | None) -> torch.Tensor | int:
+    """T, or the number of valid tokens (a tensor: no host sync)."""
+    return idx_TK.shape[0] if w_T is None else w_T.sum().clamp_min(1.0)
+
+
+def expert_counts(idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32,
+                  w_T: torch.Tensor | None = None) -> torch.Tensor:
+    """(E,) number of top-k picks of each expert (of valid tokens when weights ``w_T`` are given)."""
+    if w_T is None:
+        return torch.bincount(idx_TK.reshape(-1), minlength=num_experts).to(dtype)
+    w_TK = w_T.to(dtype).unsqueeze(1).expand(idx_TK.shape)
+    return torch.zeros(num_experts, dtype=dtype, device=idx_TK.device).scatter_add_(0, idx_TK.reshape(-1),
+                                                                                  w_TK.reshape(-1))
 
 
 def plain_topk(routing: Routing, k: int) -> torch.Tensor:
@@ -44,63 +79,89 @@ def plain_topk(routing: Routing, k: int) -> torch.Tensor:
     return routing.scores_TE.detach().topk(k, dim=-1).indices
 
 
-def switch_aux_loss(routing: Routing, num_experts: int, convention: str = "moekit") -> torch.Tensor:
-    """Unweighted switch/GShard loss of one layer (1 at perfect balance, k for ``mixtral``)."""
+def switch_aux_loss(routing: Routing, num_experts: int, convention: str = "moekit",
+                    valid_T: torch.Tensor | None = None, batch: int = 1) -> torch.Tensor:
+    """Unweighted switch/GShard loss of one layer (1 at perfect balance, k for ``mixtral``).
+
+    ``batch`` splits the T tokens into sequences, used by ``switch_group`` only."""
     if not routing.is_token_choice:
         raise ValueError("the switch aux loss needs a token-choice router (expert choice is balanced by design)")
     T, K = routing.topk_idx_TK.shape
-    P_E = normalized_scores(routing).mean(dim=0)
+    probs_TE = normalized_scores(routing)
+    w_T = token_weights(valid_T, probs_TE)
+    if convention == "switch_group":
+        return _per_sequence(routing, probs_TE, plain_topk(routing, 1), num_experts, batch, w_T, 1)
+    P_E = token_mean(probs_TE, w_T)
+    n = num_valid(routing.topk_idx_TK, w_T)
     if convention == "moekit":
-        counts_E = expert_counts(routing.topk_idx_TK, num_experts, P_E.dtype)
-        return num_experts * (counts_E / (K * T) * P_E).sum()
+        counts_E = expert_counts(routing.topk_idx_TK, num_experts, P_E.dtype, w_T)
+        return num_experts * (counts_E / (K * n) * P_E).sum()
     if convention == "switch":
-        f_E = expert_counts(plain_topk(routing, 1), num_experts, P_E.dtype) / T
+        f_E = expert_counts(plain_topk(routing, 1), num_experts, P_E.dtype, w_T) / n
         return num_experts * (f_E * P_E).sum()
     if convention == "megatron":
         # Megatron-Core writes this as E / (K * T^2) * sum_i (sum_t p_ti) * count_i.
-        counts_E = expert_counts(plain_topk(routing, K), num_experts, P_E.dtype)
-        return num_experts / (K * T * T) * ((P_E * T) * counts_E).sum()
+        counts_E = expert_counts(plain_topk(routing, K), num_experts, P_E.dtype, w_T)
+        return num_experts / (K * n * n) * ((P_E * n) * counts_E).sum()
     if convention == "mixtral":
-        f_E = expert_counts(plain_topk(routing, K), num_experts, P_E.dtype) / T
+        f_E = expert_counts(plain_topk(routing, K), num_experts, P_E.dtype, w_T) / n
         return num_experts * (f_E * P_E).sum()
     raise ValueError(f"aux_loss_convention={convention!r} is not known")
 
 
-def pooled_mixtral_aux_loss(routings: list[Routing], num_experts: int) -> torch.Tensor:
-    """transformers' load_balancing_loss_func: every layer's tokens pooled before f and P."""
+def pooled_mixtral_aux_loss(routings: list[Routing], num_experts: int,
+                            valid_Ts: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """transformers' load_balancing_loss_func: every layer's tokens pooled before f and P.
+
+    ``valid_Ts`` gives each routing's token mask (its ``attention_mask`` flattened), or None."""
     idx = torch.cat([plain_topk(r, r.topk_idx_TK.shape[1]) for r in routings], dim=0)
     probs = torch.cat([normalized_scores(r) for r in routings], dim=0)
-    f_E = expert_counts(idx, num_experts, probs.dtype) / idx.shape[0]
-    return num_experts * (f_E * probs.mean(dim=0)).sum()
+    if valid_Ts is None or all(v is None for v in valid_Ts):
+        f_E = expert_counts(idx, num_experts, probs.dtype) / idx.shape[0]
+        return num_experts * (f_E * probs.mean(dim=0)).sum()
+    if len(valid_Ts) != len(routings):
+        raise ValueError(f"got {len(valid_Ts)} token masks for {len(routings)} routings")
+    w_T = torch.cat([torch.ones(r.num_tokens, dtype=probs.dtype, device=probs.device) if v is None
+                     else token_weights(v, r.logits_TE).to(probs.dtype) for r, v in zip(routings, valid_Ts)])
+    f_E = expert_counts(idx, num_experts, probs.dtype, w_T) / num_valid(idx, w_T)
+    return num_experts * (f_E * token_mean(probs, w_T)).sum()
 
 
-def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(logits_TE, dim=-1).square().mean()
+def z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    return token_mean(torch.logsumexp(logits_TE, dim=-1).square(), token_weights(valid_T, logits_TE))
 
 
-def cv_squared(x_E: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+def cv_squared(x_E: torch.Tensor, eps: float = 1e-10, unbiased: bool = False) -> torch.Tensor:
+    """var(x) / mean(x)^2; var divides by E, or by E - 1 when ``unbiased`` (torch.var's default)."""
     if x_E.numel() <= 1:
         return x_E.new_zeros(())
     mean = x_E.mean()
-    return ((x_E - mean).square().mean()) / (mean.square() + eps)
+    sq = (x_E - mean).square()
+    var = sq.sum() / (x_E.numel() - 1) if unbiased else sq.mean()
+    return var / (mean.square() + eps)
 
 
-def importance(routing: Routing, num_experts: int) -> torch.Tensor:
-    """(E,) sum over tokens of the sparse gate values."""
-    gates_TE = routing.logits_TE.new_zeros(routing.num_tokens, num_experts).scatter(1, routing.topk_idx_TK, routing.topk_weight_TK)
+def importance(routing: Routing, num_experts: int, valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    """(E,) sum over (valid) tokens of the sparse gate values."""
+    w_TK = routing.topk_weight_TK
+    w_T = token_weights(valid_T, w_TK)
+    if w_T is not None:
+        w_TK = w_TK * w_T.unsqueeze(1)
+    gates_TE = routing.logits_TE.new_zeros(routing.num_tokens, num_experts).scatter(1, routing.topk_idx_TK, w_TK)
     return gates_TE.sum(dim=0)
 
 
-def smooth_load(routing: Routing, num_experts: int, top_k: int) -> torch.Tensor:
+def smooth_load(routing: Routing, num_experts: int, top_k: int, valid_T: torch.Tensor | None = None) -> torch.Tensor:
     """(E,) Shazeer's differentiable load estimate, or plain counts when no noise was drawn.
 
     P(t, i) = Phi((clean_ti - kth_excluding(noisy_t, k, i)) / noise_std_ti), where the threshold is
     the k-th largest noisy logit of the other experts: the (k+1)-th if i is in the top-k, else the k-th.
     Masked experts (noisy logit -inf) have load 0; when only k experts are left, each of them is
-    certain to be picked (threshold -inf, P = 1).
+    certain to be picked (threshold -inf, P = 1). Padding tokens (``valid_T`` 0) add nothing.
     """
+    w_T = token_weights(valid_T, routing.logits_TE)
     if routing.noise_std_TE is None or routing.noisy_logits_TE is None or top_k >= num_experts:
-        return expert_counts(routing.topk_idx_TK, num_experts, routing.logits_TE.dtype)
+        return expert_counts(routing.topk_idx_TK, num_experts, routing.logits_TE.dtype, w_T)
     noisy_TE, clean_TE, std_TE = routing.noisy_logits_TE, routing.logits_TE, routing.noise_std_TE
     top_TK1 = noisy_TE.topk(top_k + 1, dim=-1).values
     kth_in_T1 = top_TK1[:, top_k:top_k + 1]
@@ -113,25 +174,47 @@ def smooth_load(routing: Routing, num_experts: int, top_k: int) -> torch.Tensor:
     z_TE = z_TE.masked_fill(~finite_TE, float("inf"))
     normal = torch.distributions.Normal(0.0, 1.0)
     prob_TE = normal.cdf(z_TE).masked_fill(noisy_TE == float("-inf"), 0.0)
+    if w_T is not None:
+        prob_TE = prob_TE * w_T.unsqueeze(1)
     return prob_TE.sum(dim=0)
 
 
-def cv_squared_loss(routing: Routing, num_experts: int, top_k: int) -> torch.Tensor:
-    return cv_squared(importance(routing, num_experts)) + cv_squared(smooth_load(routing, num_experts, top_k))
+def cv_squared_loss(routing: Routing, num_experts: int, top_k: int, valid_T: torch.Tensor | None = None,
+                    unbiased: bool = False) -> torch.Tensor:
+    return (cv_squared(importance(routing, num_experts, valid_T), unbiased=unbiased)
+            + cv_squared(smooth_load(routing, num_experts, top_k, valid_T), unbiased=unbiased))
 
 
-def sequence_aux_loss(routing: Routing, num_experts: int, batch: int) -> torch.Tensor:
-    T, K = routing.topk_idx_TK.shape
-    idx_TK = plain_topk(routing, K)
+def sequence_aux_loss(routing: Routing, num_experts: int, batch: int,
+                      valid_T: torch.Tensor | None = None) -> torch.Tensor:
+    K = routing.topk_idx_TK.shape[1]
+    probs_TE = normalized_scores(routing)
+    return _per_sequence(routing, probs_TE, plain_topk(routing, K), num_experts, batch,
+                         token_weights(valid_T, probs_TE), K)
+
+
+def _per_sequence(routing: Routing, probs_TE: torch.Tensor, idx_TK: torch.Tensor, num_experts: int, batch: int,
+                  w_T: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Mean over sequences of E/k * sum_i (count_i / S) * P_i, counts of ``idx_TK`` and P over
+    each sequence's (valid) tokens; sequences without a valid token are left out."""
+    T, K = idx_TK.shape
     if T % batch != 0:
         raise ValueError(f"{T} tokens do not split into {batch} sequences")
     S = T // batch
-    probs_BSE = normalized_scores(routing).view(batch, S, num_experts)
-    onehot_BSE = probs_BSE.new_zeros(batch, S, num_experts)
-    onehot_BSE.scatter_add_(2, idx_TK.view(batch, S, K), probs_BSE.new_ones(batch, S, K))
-    f_BE = onehot_BSE.sum(dim=1) * (num_experts / (K * S))
-    P_BE = probs_BSE.mean(dim=1)
-    return (f_BE * P_BE).sum(dim=-1).mean()
+    E = num_experts
+    probs_BSE = probs_TE.view(batch, S, E)
+    hits_BSK = probs_BSE.new_ones(batch, S, K)
+    if w_T is None:
+        counts_BE = probs_BSE.new_zeros(batch, E).scatter_add_(1, idx_TK.view(batch, S * K), hits_BSK.view(batch, -1))
+        return (counts_BE * (E / (k * S)) * probs_BSE.mean(dim=1)).sum(dim=-1).mean()
+    w_BS = w_T.view(batch, S)
+    hits_BSK = hits_BSK * w_BS.unsqueeze(-1)
+    counts_BE = probs_BSE.new_zeros(batch, E).scatter_add_(1, idx_TK.view(batch, S * K), hits_BSK.view(batch, -1))
+    n_B = w_BS.sum(dim=1)
+    P_BE = (probs_BSE * w_BS.unsqueeze(-1)).sum(dim=1) / n_B.clamp_min(1.0).unsqueeze(-1)
+    per_seq_B = (counts_BE * P_BE).sum(dim=-1) * E / (k * n_B.clamp_min(1.0))
+    has_B = (n_B > 0).to(per_seq_B.dtype)
+    return (per_seq_B * has_B).sum() / has_B.sum().clamp_min(1.0)
 
 
 def entropy(probs_TE: torch.Tensor) -> torch.Tensor:
@@ -145,4 +228,4 @@ def perfect_balance_value(convention: str, top_k: int) -> float:
 
 __all__ = ["switch_aux_loss", "pooled_mixtral_aux_loss", "plain_topk", "z_loss", "cv_squared", "cv_squared_loss",
            "importance", "smooth_load", "sequence_aux_loss", "entropy", "normalized_scores",
-           "perfect_balance_value"]
+           "perfect_balance_value", "token_weights", "token_mean", "expert_counts"]

@@ -10,8 +10,10 @@ own ``generate`` runs through moekit's dispatch, routing statistics and expert m
     moekit.routing_report(model)
 
 Each replacement keeps its block's call convention: (B, S, D) -> (B, S, D), or for gpt-oss
-(B, S, D) -> ((B, S, D), router weights (T, K)). transformers' ``output_router_logits`` records
-router outputs by HF router class, so it sees nothing after patching: use ``moekit.aux_loss``.
+(B, S, D) -> ((B, S, D), router weights (T, K)). transformers 5 records ``output_router_logits``
+with forward hooks on its router classes, which no longer run after patching; each patched layer
+hands its raw router logits (T, E), float32, to the same collector instead, so the model's own
+``aux_loss`` (load_balancing_loss_func, with its attention_mask) still works.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ import torch
 from torch import nn
 
 from ..layer import MoE
+from ..router import Routing
 from .blocks import family_of, moe_from_hf_block
+
+try:  # transformers >= 5: the context-local collector its output-capturing hooks append to.
+    from transformers.utils.output_capturing import _active_collector
+except ImportError:  # releases without this module: patched layers record no router logits
+    _active_collector = None
 
 
 class PatchedMoE(MoE):
@@ -37,6 +45,12 @@ class PatchedMoE(MoE):
             assert self.last_routing is not None and self.last_routing.topk_weight_TK is not None
             return out, self.last_routing.topk_weight_TK.to(out.dtype)
         return out
+
+    def _record(self, routing: Routing, plan: Any, batch: int, valid_T: torch.Tensor | None = None) -> None:
+        super()._record(routing, plan, batch, valid_T)
+        collected = None if _active_collector is None else _active_collector.get()
+        if collected is not None and "router_logits" in collected:
+            collected["router_logits"].append(routing.logits_TE)
 
 
 def text_config(hf_config: Any) -> Any:
