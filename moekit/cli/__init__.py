@@ -1,11 +1,15 @@
 """The ``moekit`` command line. Each subcommand lives in its own module under moekit/cli/
-and exposes ``register(subparsers)``; add a module to COMMANDS to add a subcommand."""
+and exposes ``register(subparsers)``; add a module to COMMANDS to add a subcommand.
+
+``main`` is the one error handler: the known error types (bad input, bad files, a missing
+package, a diverged run) become ``moekit <command>: error: <one line>`` on stderr and exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 COMMANDS = [
     "moekit.cli.version",
@@ -23,21 +27,64 @@ COMMANDS = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``moekit eval: error: argument --tokens: ...``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch")
+    from .. import __version__
+
+    parser = Parser(prog="moekit", description="Mixture-of-Experts toolkit for PyTorch")
+    parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).register(subparsers)
     return parser
 
 
+def known_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or a bad environment, printed as one line; any other is a bug
+    and keeps its traceback. ValueError covers ConfigError, DataError, CheckpointError and
+    CorruptExpertError; FloatingPointError covers ExpertNonFiniteError and a diverged step;
+    OSError covers missing files, full disks and network failures."""
+    from safetensors import SafetensorError
+
+    from ..parallel.errors import MoekitDistributedError
+
+    return (ValueError, FloatingPointError, OSError, ImportError, SafetensorError, MoekitDistributedError)
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a KeyError's repr quotes; nested lines are joined)."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    if isinstance(err, ImportError) and err.name and err.name not in text:
+        text = f"{text} (module {err.name})"
+    return text or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input ends with one line on stderr and exit status 2, never a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 0
-    return int(args.func(args) or 0)
+        print("moekit: error: a command is required", file=sys.stderr)
+        return 2
+    # The action of a command with sub-commands (data build, recipe upcycle) names it fully.
+    words = ["moekit", args.command] + [getattr(args, k) for k in ("data_command", "recipe") if getattr(args, k, None)]
+    prog = " ".join(words)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except known_errors() as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,29 +4,10 @@ Hugging Face dataset) into the data directory and print its sizes and per-label 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
-
-def friendly_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Print bad-input errors (config, data, checkpoint) as one line on stderr and return 2."""
-
-    @functools.wraps(run)
-    def wrapper(args: argparse.Namespace) -> int:
-        from ..config import ConfigError
-        from ..data.sources import DataError
-        from ..train.checkpoint import CheckpointError
-
-        try:
-            return run(args)
-        except (ConfigError, DataError, CheckpointError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-
-    return wrapper
+from .common import NONNEGATIVE_INT, POSITIVE_INT, number_in
 
 
 def print_report(report: dict, where: Path) -> None:
@@ -45,11 +26,13 @@ def print_report(report: dict, where: Path) -> None:
         print(f"  note: {note}")
 
 
-@friendly_errors
 def run_build(args: argparse.Namespace) -> int:
     from ..data.corpus import build_from_source, build_polyglot
+    from ..data.sources import DataError
 
     data_dir = Path(args.data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder")
     if args.source == "polyglot":
         report = build_polyglot(data_dir, max_bytes_per_label=args.max_bytes_per_label,
                                 val_fraction=args.val_fraction, seed=args.seed, use_apt=not args.no_apt,
@@ -65,11 +48,16 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from ..data.sources import DataError
+
     path = Path(args.corpus) / "report.json"
     if not path.is_file():
-        print(f"error: {path} does not exist; build the corpus with `moekit data build`")
-        return 2
-    print_report(json.loads(path.read_text(encoding="utf-8")), Path(args.corpus))
+        raise DataError(f"{path} does not exist; build the corpus with `moekit data build`")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        print_report(report, Path(args.corpus))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise DataError(f"{path} is not a corpus report ({type(err).__name__}: {err}); rebuild the corpus") from None
     return 0
 
 
@@ -82,9 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "per label, a .jsonl file, or hf:<dataset name>")
     b.add_argument("--data-dir", default="data_cache")
     b.add_argument("--name", default=None, help="corpus name under the data directory (default: from the source)")
-    b.add_argument("--max-bytes-per-label", type=int, default=400_000)
-    b.add_argument("--val-fraction", type=float, default=0.05)
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--max-bytes-per-label", type=POSITIVE_INT, default=400_000)
+    b.add_argument("--val-fraction", type=number_in(0.0, 1.0, low_open=True, high_open=True), default=0.05)
+    b.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     b.add_argument("--no-apt", action="store_true", help="polyglot: skip Debian packages (stdlib fallback)")
     b.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     b.add_argument("--text-field", default="text")

@@ -17,7 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .data import friendly_errors
+from .common import NONNEGATIVE_INT, NONNEGATIVE_NUMBER, POSITIVE_INT
+
+# What a previous demo leaves in its --out-dir; anything else there is not ours to delete.
+DEMO_OUTPUTS = {"dense", "moe", "summary.json", "report.html", "report.html.tmp"}
 
 SIZES: dict[str, dict[str, Any]] = {
     # About ten minutes on two CPU cores, corpus build included.
@@ -32,13 +35,14 @@ SIZES: dict[str, dict[str, Any]] = {
 def demo_configs(size: str, out_dir: Path, data_dir: str, num_experts: int, top_k: int, steps: int | None,
                  aux_loss_coef: float, seed: int) -> dict[str, Any]:
     """{"dense": TrainConfig, "moe": TrainConfig} with equal active parameters per token."""
-    from ..config import moe_config
+    from ..config import ConfigError, moe_config
     from ..lm.config import LMConfig
     from ..train.trainer import TrainConfig
 
     s = SIZES[size]
     if s["ffn_hidden"] % top_k:
-        raise ValueError(f"ffn_hidden={s['ffn_hidden']} is not divisible by top_k={top_k}")
+        raise ConfigError(f"--top-k {top_k} does not divide the {size} size's ffn_hidden={s['ffn_hidden']} "
+                          f"(expert hidden = ffn_hidden / top_k)")
     expert_hidden = s["ffn_hidden"] // top_k
     common_model = {k: s[k] for k in ("dim", "n_layers", "n_heads", "ffn_hidden")}
     common_train = {k: s[k] for k in ("seq_len", "batch_size", "eval_every", "eval_tokens", "lr", "warmup_steps")}
@@ -209,16 +213,26 @@ def run_demo(out_dir: str | Path = "runs/demo", data_dir: str = "data_cache", si
     from ..data.tokenizer import ByteTokenizer
     from .data import print_report
 
+    from ..config import ConfigError
+
     start = time.perf_counter()
+    out_dir = Path(out_dir)
+    cfgs = demo_configs(size, out_dir, data_dir, num_experts, top_k, steps, aux_loss_coef, seed)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} is a file, not a folder")
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise ConfigError(f"--data-dir {data_dir} is a file, not a folder")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in DEMO_OUTPUTS) if out_dir.is_dir() else []
+    if foreign:
+        raise ConfigError(f"--out-dir {out_dir} holds files that are not a demo's ({', '.join(foreign[:3])}); "
+                          f"the demo replaces its folder, so give a new or empty one")
     if threads:
         torch.set_num_threads(threads)
-    out_dir = Path(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
     corpus = build_polyglot(data_dir, use_apt=use_apt)
     print_report(corpus, Path(data_dir) / "polyglot")
     data = load_tokens(Path(data_dir) / "polyglot", ByteTokenizer())
-    cfgs = demo_configs(size, out_dir, data_dir, num_experts, top_k, steps, aux_loss_coef, seed)
     runs = []
     for name, cfg in cfgs.items():
         cfg.progress = progress
@@ -268,7 +282,6 @@ def print_summary(runs: list[dict[str, Any]], comparison: dict[str, Any], total:
     print(f"\ndemo finished in {total:.0f} s; wrote {out_dir / 'summary.json'} and {report}")
 
 
-@friendly_errors
 def run(args: argparse.Namespace) -> int:
     run_demo(args.out_dir, args.data_dir, args.size, args.steps, args.num_experts, args.top_k, args.aux_loss_coef,
              args.seed, use_apt=not args.no_apt, progress=not args.no_progress, threads=args.threads)
@@ -280,14 +293,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default="runs/demo")
     p.add_argument("--data-dir", default="data_cache")
     p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--steps", type=int, default=None, help="override the size's step count")
+    p.add_argument("--steps", type=POSITIVE_INT, default=None, help="override the size's step count")
     # Fine-grained experts (16 of hidden F/4, top-4) beat 8 of hidden F/2, top-2 clearly at the
     # demo's 1.2 M tokens; see docs/training.md.
-    p.add_argument("--num-experts", type=int, default=16)
-    p.add_argument("--top-k", type=int, default=4, help="experts per token; expert hidden = ffn_hidden / top_k")
-    p.add_argument("--aux-loss-coef", type=float, default=0.01)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--num-experts", type=POSITIVE_INT, default=16)
+    p.add_argument("--top-k", type=POSITIVE_INT, default=4, help="experts per token; expert hidden = ffn_hidden / top_k")
+    p.add_argument("--aux-loss-coef", type=NONNEGATIVE_NUMBER, default=0.01)
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
+    p.add_argument("--threads", type=POSITIVE_INT, default=2)
     p.add_argument("--no-apt", action="store_true", help="skip Debian packages (Python stdlib fallback corpus)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)

@@ -5,26 +5,24 @@ from __future__ import annotations
 import argparse
 import json
 
-from .data import friendly_errors
+from .common import POSITIVE_INT, load_run
 
 
-@friendly_errors
 def run(args: argparse.Namespace) -> int:
-    from ..train.trainer import Trainer, load_trained, prepare_data
+    from ..config import ConfigError
+    from ..train.trainer import Trainer
 
-    model, cfg, _ = load_trained(args.checkpoint)
+    loaded = load_run(args.checkpoint, args.data_dir)
+    model, cfg = loaded.model, loaded.cfg
     if args.mask_experts:
-        from ..config import ConfigError
         from ..health import parse_mask_spec
         from ..model_ops import mask_experts
 
         try:
             mask_experts(model, parse_mask_spec(args.mask_experts))
         except (ValueError, KeyError, IndexError) as err:
-            raise ConfigError(f"--mask-experts: {err}") from None
-    if args.data_dir:
-        cfg.data_dir = args.data_dir
-    trainer = Trainer(cfg, prepare_data(cfg), model=model)
+            raise ConfigError(f"--mask-experts: {err.args[0] if err.args else err}") from None
+    trainer = Trainer(cfg, loaded.data(), model=model)
     result = trainer.evaluate(max_tokens=args.tokens, routing_by_label=False)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -41,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("eval", help="validation loss overall and per label of a checkpoint")
     p.add_argument("checkpoint", help="checkpoint file, or a run folder (uses its latest checkpoint)")
-    p.add_argument("--tokens", type=int, default=None, help="validation tokens to use (default: the config's)")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--tokens", type=POSITIVE_INT, default=None, help="validation tokens to use (default: the config's)")
+    p.add_argument("--data-dir", default=None,
+                   help="folder holding the run's corpus (default: found relative to the run folder; never built)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--mask-experts", action="append", default=[], metavar="[LAYER:]IDS",
                    help="mask experts before evaluating: '3,5' in every MoE layer, or 'layers.1.mlp:3,5' (repeatable)")

@@ -9,21 +9,24 @@ import json
 import sys
 from pathlib import Path
 
-from .recipe import recipe_errors
+from .common import POSITIVE_INT, Run, load_run
 
 
-@recipe_errors
 def run_explain(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
     from ..data.tokenizer import load_tokenizer
     from ..explain import explain_text, label_affinity, render_html, render_terminal
-    from ..train.trainer import Trainer, load_trained, prepare_data
+    from ..train.trainer import Trainer
 
-    model, cfg, _ = load_trained(args.checkpoint)
-    if args.data_dir:
-        cfg.data_dir = args.data_dir
+    if args.html and not Path(args.html).parent.is_dir():
+        raise ConfigError(f"--html {args.html}: folder {Path(args.html).parent} does not exist")
+    loaded = load_run(args.checkpoint, args.data_dir)
+    model, cfg = loaded.model, loaded.cfg
+    if not args.text:
+        raise ConfigError("TEXT is empty; give the text to explain")
     expl = explain_text(model, load_tokenizer(cfg.tokenizer), args.text)
     if args.labels:
-        data = prepare_data(cfg)
+        data = loaded.data()
         counts = Trainer(cfg, data, model=model).evaluate(max_tokens=args.tokens, routing_by_label=True)
         expl.affinity = label_affinity(counts["routing_by_label"], data.label_names)
     if args.json:
@@ -36,25 +39,27 @@ def run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _val_batches(cfg, tokens: int):
-    from ..train.trainer import eval_batches, prepare_data
+def _val_batches(loaded: Run, tokens: int) -> list:
+    from ..train.trainer import eval_batches
 
-    return eval_batches(prepare_data(cfg).val, cfg.batch_size, cfg.seq_len, tokens)
+    cfg = loaded.cfg
+    return eval_batches(loaded.data().val, cfg.batch_size, cfg.seq_len, tokens)
 
 
-@recipe_errors
 def run_diagnose(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
     from ..explain import format_latency, latency_breakdown, per_expert_loss, routing_change, weight_drift
-    from ..train.trainer import load_trained
+    from ..model_ops import moe_layers
 
-    model, cfg, _ = load_trained(args.checkpoint)
-    if args.data_dir:
-        cfg.data_dir = args.data_dir
-    batches = _val_batches(cfg, args.tokens)
+    if args.what == "stability" and not args.other:
+        raise ConfigError("diagnose stability needs --other CHECKPOINT to compare with")
+    loaded = load_run(args.checkpoint, args.data_dir)
+    model = loaded.model
+    if not moe_layers(model):
+        raise ConfigError(f"{loaded.path} has no MoE layers to diagnose")
+    batches = _val_batches(loaded, args.tokens)
     if args.what == "stability":
-        if not args.other:
-            raise ValueError("diagnose stability needs --other CHECKPOINT to compare with")
-        other, _, _ = load_trained(args.other)
+        other = load_run(args.other).model
         result = {"routing_change": routing_change(model, other, [b.input_ids for b in batches]),
                   "weight_drift": weight_drift(model, other)}
         lines = [f"{layer}: top-1 changed for {r['top1_changed']:.1%} of {r['tokens']} tokens, "
@@ -81,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("text")
     p.add_argument("--html", help="also write an HTML view to this file")
     p.add_argument("--labels", action="store_true", help="also show which labels each expert serves (runs eval)")
-    p.add_argument("--tokens", type=int, default=16384, help="validation tokens for --labels")
+    p.add_argument("--tokens", type=POSITIVE_INT, default=16384, help="validation tokens for --labels")
     p.add_argument("--no-color", action="store_true")
     p.add_argument("--color", action="store_true", help="colour even when stdout is not a terminal")
     p.add_argument("--json", action="store_true")
@@ -92,8 +97,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("what", choices=["stability", "expert-loss", "latency"])
     p.add_argument("checkpoint", help="checkpoint file or run folder")
     p.add_argument("--other", help="stability: the checkpoint to compare with")
-    p.add_argument("--tokens", type=int, default=8192, help="validation tokens to use")
-    p.add_argument("--repeats", type=int, default=5, help="latency: timed repeats")
+    p.add_argument("--tokens", type=POSITIVE_INT, default=8192, help="validation tokens to use")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=5, help="latency: timed repeats")
     p.add_argument("--json", action="store_true")
     p.add_argument("--data-dir", dest="data_dir")
     p.set_defaults(func=run_diagnose)

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import argparse
 
-from .data import friendly_errors
+from .common import NONNEGATIVE_INT, NONNEGATIVE_NUMBER, POSITIVE_INT, load_run, number_in
 
 
-@friendly_errors
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..config import ConfigError
     from ..data.tokenizer import load_tokenizer
     from ..lm.generate import generate
-    from ..train.trainer import load_trained
 
-    model, cfg, _ = load_trained(args.checkpoint)
+    loaded = load_run(args.checkpoint)
+    model, cfg = loaded.model, loaded.cfg
     tok = load_tokenizer(cfg.tokenizer)
     ids = tok.encode(args.prompt) or [tok.eos_id]
+    if len(ids) >= model.config.max_seq_len:
+        raise ConfigError(f"--prompt is {len(ids)} tokens; the model's context max_seq_len="
+                          f"{model.config.max_seq_len} leaves no room for a new token")
     prompt = torch.tensor([ids], dtype=torch.long)
     out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    seed=args.seed, stop_token=tok.eos_id if args.stop_at_eos else None)
@@ -29,9 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("generate", help="generate text from a checkpoint (greedy or sampled)")
     p.add_argument("checkpoint", help="checkpoint file, or a run folder (uses its latest checkpoint)")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=200,
+                   help="at most this many (fewer where the context ends)")
+    p.add_argument("--temperature", type=NONNEGATIVE_NUMBER, default=0.8, help="0 = greedy")
+    p.add_argument("--top-p", type=number_in(0.0, 1.0, low_open=True), default=0.95)
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--stop-at-eos", action="store_true")
     p.set_defaults(func=run)

@@ -8,28 +8,27 @@ import argparse
 import json
 from pathlib import Path
 
-from .recipe import recipe_errors
+from .common import NONNEGATIVE_INT, POSITIVE_INT, load_run
 
 
-@recipe_errors
 def run_health(args: argparse.Namespace) -> int:
     import torch
 
     from ..health import Quarantine, findings_to_dicts, health_report, quarantine_experts, scan_weights
     from ..model_ops import reset_routing_stats
-    from ..train.trainer import eval_batches, load_trained, prepare_data
+    from ..train.trainer import eval_batches
 
-    model, cfg, _ = load_trained(args.checkpoint)
-    if args.data_dir:
-        cfg.data_dir = args.data_dir
+    loaded = load_run(args.checkpoint, args.data_dir, check_weights=False)
+    model, cfg = loaded.model, loaded.cfg
     findings = scan_weights(model)
     events = []
     if args.tokens > 0:
+        val = loaded.data().val
         if findings:
             quarantine_experts(model, findings)
         reset_routing_stats(model)
         with Quarantine(model) as q, torch.no_grad():
-            for b in eval_batches(prepare_data(cfg).val, cfg.batch_size, cfg.seq_len, args.tokens):
+            for b in eval_batches(val, cfg.batch_size, cfg.seq_len, args.tokens):
                 model(b.input_ids)
             events = [vars(e) for e in q.events]
     report = health_report(model, findings)
@@ -48,17 +47,26 @@ def run_health(args: argparse.Namespace) -> int:
     return 0 if bad == 0 else 1
 
 
-@recipe_errors
 def run_sweep(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
     from ..health import mask_sweep, plot_mask_sweep
-    from ..train.trainer import Trainer, load_trained, prepare_data
+    from ..model_ops import moe_layers
+    from ..train.trainer import Trainer
 
-    model, cfg, _ = load_trained(args.checkpoint)
-    if args.data_dir:
-        cfg.data_dir = args.data_dir
-    trainer = Trainer(cfg, prepare_data(cfg), model=model)
-    curves = {s: mask_sweep(trainer, args.max_masked, s, args.repeats, args.tokens) for s in args.strategy}
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    loaded = load_run(args.checkpoint, args.data_dir)
+    model, cfg = loaded.model, loaded.cfg
+    layers = moe_layers(model)
+    if not layers:
+        raise ConfigError(f"{loaded.path} has no MoE layers to mask")
+    most = layers[0][1].num_experts - layers[0][1].top_k
+    if args.max_masked is not None and args.max_masked > most:
+        raise ConfigError(f"--max-masked {args.max_masked} is more than num_experts - top_k = {most}, the most "
+                          f"that can be masked")
+    trainer = Trainer(cfg, loaded.data(), model=model)
+    curves = {s: mask_sweep(trainer, args.max_masked, s, args.repeats, args.tokens) for s in args.strategy}
     out.mkdir(parents=True, exist_ok=True)
     (out / "mask_sweep.json").write_text(json.dumps(curves, indent=2))
     (out / "mask_sweep.png").write_bytes(plot_mask_sweep(curves))
@@ -71,7 +79,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("health", help="report each expert's state; exit 1 if any is corrupt")
     p.add_argument("checkpoint", help="checkpoint file or run folder")
-    p.add_argument("--tokens", type=int, default=4096, help="validation tokens to run (0: weights only)")
+    p.add_argument("--tokens", type=NONNEGATIVE_INT, default=4096, help="validation tokens to run (0: weights only)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--data-dir", dest="data_dir")
     p.set_defaults(func=run_health)
@@ -79,9 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("mask-sweep", help="validation loss with 0, 1, 2, ... experts masked per layer")
     p.add_argument("checkpoint", help="checkpoint file or run folder")
     p.add_argument("--out", required=True, help="folder for mask_sweep.json and mask_sweep.png")
-    p.add_argument("--max-masked", type=int, default=None, help="default: num_experts - top_k")
+    p.add_argument("--max-masked", type=NONNEGATIVE_INT, default=None, help="default (and most): num_experts - top_k")
     p.add_argument("--strategy", nargs="+", choices=["random", "most_used"], default=["random", "most_used"])
-    p.add_argument("--repeats", type=int, default=3, help="random draws per point")
-    p.add_argument("--tokens", type=int, default=16384, help="validation tokens per evaluation")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=3, help="random draws per point")
+    p.add_argument("--tokens", type=POSITIVE_INT, default=16384, help="validation tokens per evaluation")
     p.add_argument("--data-dir", dest="data_dir")
     p.set_defaults(func=run_sweep)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from .common import NONNEGATIVE_INT
+
 
 def run(args: argparse.Namespace) -> int:
     import torch
@@ -67,6 +69,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("layer-demo", help="train one MoE layer on toy data and show its routing")
     p.add_argument("--router", default="softmax_topk",
                    choices=["softmax_topk", "noisy_topk", "sigmoid_topk", "expert_choice"])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=NONNEGATIVE_INT, default=200)
+    p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.set_defaults(func=run)

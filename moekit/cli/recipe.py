@@ -7,42 +7,43 @@ import argparse
 import dataclasses
 import functools
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .data import friendly_errors
+from .common import NONNEGATIVE_INT, NONNEGATIVE_NUMBER, POSITIVE_INT, POSITIVE_NUMBER, load_run
 
 
 def recipe_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Like ``friendly_errors``, and also bad recipe arguments (ValueError, KeyError, IndexError)."""
+    """Bad expert ids and labels in recipe arguments (the KeyError and IndexError of the recipes)
+    become ConfigErrors, which ``moekit.cli.main`` prints as one line."""
 
     @functools.wraps(run)
     def wrapper(args: argparse.Namespace) -> int:
+        from ..config import ConfigError
+
         try:
-            return friendly_errors(run)(args)
-        except (ValueError, KeyError, IndexError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return run(args)
+        except (KeyError, IndexError) as err:
+            raise ConfigError(err.args[0] if err.args else type(err).__name__) from None
 
     return wrapper
 
 
 def _load(args: argparse.Namespace, path: str) -> tuple[Any, Any, Any]:
     """(model, TrainConfig with --data-dir/--lr/--out overrides, TokenData) of a checkpoint."""
-    from ..train.trainer import load_trained, prepare_data
+    from ..config import ConfigError
 
-    model, cfg, _ = load_trained(path)
-    changes: dict[str, Any] = {"progress": True, "tensorboard": False}
-    if getattr(args, "data_dir", None):
-        changes["data_dir"] = args.data_dir
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
+    loaded = load_run(path, getattr(args, "data_dir", None))
+    data = loaded.data()
+    changes: dict[str, Any] = {"progress": True, "tensorboard": False, "out_dir": args.out}
     if getattr(args, "lr", None):
         changes["lr"] = args.lr
-    if getattr(args, "out", None):
-        changes["out_dir"] = args.out
-    cfg = dataclasses.replace(cfg, **changes)
-    return model, cfg, prepare_data(cfg)
+    cfg = dataclasses.replace(loaded.cfg, **changes)
+    return loaded.model, cfg, data
 
 
 def _ids(text: str) -> list[int]:
@@ -59,6 +60,8 @@ def _experts_arg(specs: list[str]) -> list[int] | dict[int, list[int]]:
     for spec in specs:
         block, sep, ids = spec.rpartition(":")
         if sep:
+            if not block.isdigit():
+                raise ValueError(f"--experts {spec!r}: block {block!r} is not a block number")
             per_block.setdefault(int(block), []).extend(_ids(ids))
         else:
             everywhere.extend(_ids(ids))
@@ -170,31 +173,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         q.add_argument("--out", required=True, help="output run folder")
         q.add_argument("--data-dir", dest="data_dir")
         if train:
-            q.add_argument("--lr", type=float)
+            q.add_argument("--lr", type=POSITIVE_NUMBER)
 
     q = sub.add_parser("upcycle", help="dense checkpoint -> MoE (Komatsuzaki et al. 2022), then continue training")
     common(q)
-    q.add_argument("--experts", type=int, default=8)
-    q.add_argument("--top-k", type=int, default=2)
-    q.add_argument("--noise", type=float, default=0.0, help="relative noise on each expert copy")
+    q.add_argument("--experts", type=POSITIVE_INT, default=8)
+    q.add_argument("--top-k", type=POSITIVE_INT, default=2)
+    q.add_argument("--noise", type=NONNEGATIVE_NUMBER, default=0.0, help="relative noise on each expert copy")
     q.add_argument("--layers", default="", help="blocks to upcycle, e.g. 1,3 (default all)")
-    q.add_argument("--aux-loss-coef", type=float, default=0.01)
-    q.add_argument("--steps", type=int, default=200, help="training steps after upcycling (0: just save)")
+    q.add_argument("--aux-loss-coef", type=NONNEGATIVE_NUMBER, default=0.01)
+    q.add_argument("--steps", type=NONNEGATIVE_INT, default=200, help="training steps after upcycling (0: just save)")
     q.set_defaults(func=run_upcycle)
 
     q = sub.add_parser("btx", help="Branch-Train-MiX (Sukhbaatar et al. 2024) from a dense seed checkpoint")
     common(q)
     q.add_argument("--group", action="append", required=True, help="labels of one branch, e.g. de,fr (repeat)")
-    q.add_argument("--branch-steps", type=int, default=100)
-    q.add_argument("--mix-steps", type=int, default=50)
+    q.add_argument("--branch-steps", type=POSITIVE_INT, default=100)
+    q.add_argument("--mix-steps", type=POSITIVE_INT, default=50)
     q.add_argument("--finetune", choices=["router", "all", "none"], default="router")
-    q.add_argument("--top-k", type=int, default=2)
+    q.add_argument("--top-k", type=POSITIVE_INT, default=2)
     q.set_defaults(func=run_btx)
 
     q = sub.add_parser("supervised", help="continue training with the label-routing auxiliary loss")
     common(q)
-    q.add_argument("--coef", type=float, default=0.1)
-    q.add_argument("--steps", type=int, default=100)
+    q.add_argument("--coef", type=NONNEGATIVE_NUMBER, default=0.1)
+    q.add_argument("--steps", type=POSITIVE_INT, default=100)
     q.set_defaults(func=run_supervised)
 
     q = sub.add_parser("finetune-experts", help="fine-tune only chosen experts (others stay bit-identical)")
@@ -203,15 +206,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="experts to train: '1,3' in every MoE block or '2:1,3' for block 2 (repeatable)")
     q.add_argument("--labels", default="", help="train only on these labels, e.g. fr,it")
     q.add_argument("--router", action="store_true", help="train the routers too")
-    q.add_argument("--steps", type=int, default=50)
+    q.add_argument("--steps", type=POSITIVE_INT, default=50)
     q.set_defaults(func=run_finetune)
 
     q = sub.add_parser("surgery", help="add, remove or merge experts")
     common(q, train=False)
     q.add_argument("action", choices=["add", "remove", "merge"])
-    q.add_argument("--n", type=int, default=1, help="add: experts to add per layer")
-    q.add_argument("--noise", type=float, default=0.0, help="add: relative noise on the copies")
-    q.add_argument("--bias-update-rate", type=float, default=None,
+    q.add_argument("--n", type=POSITIVE_INT, default=1, help="add: experts to add per layer")
+    q.add_argument("--noise", type=NONNEGATIVE_NUMBER, default=0.0, help="add: relative noise on the copies")
+    q.add_argument("--bias-update-rate", type=NONNEGATIVE_NUMBER, default=None,
                    help="add: aux-loss-free balancing rate that lets later training reach the new experts")
     q.add_argument("--experts", action="append", default=[], metavar="[BLOCK:]IDS", help="remove: expert ids")
     q.add_argument("--groups", nargs="+", default=[], metavar="A+B", help="merge: groups like 0+3 1+2")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
-from .data import friendly_errors
+from .common import NONNEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER
 
 
 def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
@@ -31,21 +32,21 @@ def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
     return data
 
 
-@friendly_errors
 def run(args: argparse.Namespace) -> int:
+    from ..config import ConfigError
     from ..lm.config import read_json
     from ..train.trainer import TrainConfig, Trainer, prepare_data
 
     data = read_json(args.config)
     if not isinstance(data, dict):
-        from ..config import ConfigError
-
         raise ConfigError(f"{args.config}: expected a JSON object")
     for flag in ("out_dir", "steps", "lr", "data_dir", "corpus", "seed", "batch_size"):
         value = getattr(args, flag)
         if value is not None:
             data[flag] = value
     cfg = TrainConfig.from_dict(apply_overrides(data, args.set), where=args.config)
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise ConfigError(f"out_dir={cfg.out_dir!r} is a file, not a folder")
     parallel = None
     if args.expert_parallel is not None:
         from ..parallel.training import start_parallel
@@ -74,6 +75,7 @@ def _fit(args: argparse.Namespace, cfg: Any, trainer: Any, main: bool, where: st
             found = trainer.resume(found.parent)
             for line in trainer.resume_skipped:
                 say(f"warning: {line}")
+            _refuse_corrupt_experts(args, trainer.model, found)
             say(f"resumed from {found} at step {trainer.step}")
     s = trainer.model.param_summary()
     say(f"model: {s['total_params']:,} parameters{where}, {s['active_params']:,} active per token, "
@@ -100,6 +102,21 @@ def _fit(args: argparse.Namespace, cfg: Any, trainer: Any, main: bool, where: st
     return 130 if trainer.interrupted else 0
 
 
+def _refuse_corrupt_experts(args: argparse.Namespace, model: Any, path: Any) -> None:
+    """Resuming from experts with NaN/Inf weights would train on garbage: a CorruptExpertError
+    naming each layer and expert (unless --quarantine masks them)."""
+    from ..health import CorruptExpertError, quarantine_experts, scan_weights
+    from ..model_ops import moe_layers
+
+    # Experts masked in the checkpoint were quarantined by the run that saved it: they stay masked.
+    masked = {name: set(layer.masked_experts) for name, layer in moe_layers(model)}
+    findings = [f for f in scan_weights(model) if f.expert not in masked.get(f.layer, set())]
+    if findings and not getattr(args, "quarantine", False):
+        raise CorruptExpertError(findings, str(path))
+    if findings:
+        quarantine_experts(model, findings)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a language model from a config file")
     p.add_argument("config", help="TrainConfig JSON (see configs/)")
@@ -109,18 +126,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="mask an expert whose outputs turn NaN/Inf and go on training with the others "
                         "(masks are saved in checkpoints and restored by --resume)")
     p.add_argument("--out-dir", dest="out_dir")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--steps", type=POSITIVE_INT)
+    p.add_argument("--lr", type=POSITIVE_NUMBER)
+    p.add_argument("--batch-size", dest="batch_size", type=POSITIVE_INT)
     p.add_argument("--data-dir", dest="data_dir")
     p.add_argument("--corpus")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=NONNEGATIVE_INT)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set model.moe.router.top_k=1")
-    p.add_argument("--expert-parallel", dest="expert_parallel", type=int, metavar="P",
+    p.add_argument("--expert-parallel", dest="expert_parallel", type=POSITIVE_INT, metavar="P",
                    help="shard experts over P ranks (run under torchrun; the world size must be a multiple "
                         "of P, the rest is data parallelism)")
-    p.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=300.0, metavar="SECONDS",
+    p.add_argument("--dist-timeout", dest="dist_timeout", type=POSITIVE_NUMBER, default=300.0, metavar="SECONDS",
                    help="with --expert-parallel: a rank that fails or hangs makes every rank exit with an "
                         "error after this many seconds (default 300)")
     p.set_defaults(func=run)

@@ -153,7 +153,11 @@ def load_hf(name: str, split: str = "train", text_field: str = "text", label_fie
     except ImportError:
         raise DataError("loading a Hugging Face dataset needs the 'datasets' package: "
                         "pip install 'moekit[data]'") from None
-    ds = datasets.load_dataset(name, split=split, **load_kwargs)
+    try:
+        ds = datasets.load_dataset(name, split=split, **load_kwargs)
+    except (OSError, ValueError) as err:  # ConnectionError offline, DatasetNotFoundError, a bad split
+        raise DataError(f"cannot load Hugging Face dataset {name!r} (split {split!r}): "
+                        f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
     if text_field not in ds.column_names:
         raise DataError(f"dataset {name!r} has no column {text_field!r}; columns: {ds.column_names}")
     names = None

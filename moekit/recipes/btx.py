@@ -84,10 +84,11 @@ def btx(seed: LM, cfg: TrainConfig, data: TokenData, groups: Sequence[Sequence[s
     out = Path(out_dir or cfg.out_dir)
     record: dict[str, Any] = {"groups": [list(g) for g in groups], "branches": []}
     branches = []
+    branch_data = [filter_labels(data, list(labels)) for labels in groups]  # a bad label fails before training
     for j, labels in enumerate(groups):
         branch = copy.deepcopy(seed)
         bcfg = dataclasses.replace(cfg, model=seed.config, steps=branch_steps, out_dir=str(out / f"branch{j}"))
-        trainer = Trainer(bcfg, filter_labels(data, list(labels)), model=branch)
+        trainer = Trainer(bcfg, branch_data[j], model=branch)
         trainer.fit()
         branches.append(trainer.model)
         record["branches"].append({"labels": list(labels), "final_eval": _strip(trainer.evals[-1])})
