@@ -12,7 +12,11 @@ p50/p99 time to first token; ratios compare batching on with off at the same cli
 the same process. The machine may be shared: compare ratios, not absolute numbers.
 
 Run ``python benchmarks/serve_load.py`` (``--quick`` for fewer requests); prints a table and
-writes benchmarks/results/serve_load.json.
+writes benchmarks/results/serve_load.json. ``--hf mixtral`` (or qwen3_moe, deepseek_v3, ...) serves
+a converted Hugging Face checkpoint instead: a random-init transformers model of that family at
+``--dim``/``--layers`` (other sizes as in ``moekit.hf.testing``), saved with a byte-level BPE
+tokenizer trained here and converted with ``moekit convert --from-hf``; it writes
+serve_load_hf_<family>.json.
 """
 
 from __future__ import annotations
@@ -50,6 +54,20 @@ def write_checkpoint(folder: Path, args: argparse.Namespace) -> Path:
     return folder
 
 
+def write_hf_checkpoint(folder: Path, args: argparse.Namespace) -> Path:
+    """A converted Hugging Face checkpoint of family ``args.hf`` with its own tokenizer files."""
+    from moekit.hf.convert import convert_folder
+    from moekit.hf.testing import tiny_hf_model, tiny_tokenizer
+
+    tok = tiny_tokenizer(folder / "hf", vocab_size=512)
+    end = tok.token_to_id("<|im_end|>")
+    model = tiny_hf_model(args.hf, vocab_size=tok.get_vocab_size(), hidden_size=args.dim,
+                          num_hidden_layers=args.layers, eos_token_id=end, bos_token_id=tok.token_to_id("<s>"),
+                          pad_token_id=tok.token_to_id("<|endoftext|>"))
+    model.save_pretrained(folder / "hf")
+    return convert_folder(folder / "hf", folder / "converted")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
@@ -57,7 +75,7 @@ def percentile(values: list[float], q: float) -> float:
 
 async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> dict[str, float]:
     body = {"prompt": f"Request {i}: the quick brown fox", "max_tokens": max_tokens, "temperature": 1.0,
-            "seed": i, "stream": True}
+            "seed": i, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
     tokens = 0
@@ -67,9 +85,9 @@ async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> dic
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if first is None and event["choices"][0].get("token_ids"):
+            if first is None and event["choices"] and event["choices"][0].get("token_ids"):
                 first = time.perf_counter()
-            if "usage" in event:
+            if event.get("usage"):  # the last chunk (OpenAI's include_usage); earlier chunks have None
                 tokens = event["usage"]["completion_tokens"]
     return {"latency": time.perf_counter() - t0, "ttft": (first or time.perf_counter()) - t0, "tokens": tokens}
 
@@ -128,6 +146,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="server torch threads")
     parser.add_argument("--quick", action="store_true", help="16 requests of 16 tokens")
+    parser.add_argument("--hf", default=None, metavar="FAMILY", help="serve a converted HF model of this family")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = parser.parse_args()
     if args.quick:
@@ -137,7 +156,7 @@ def main() -> None:
     runs = []
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = write_checkpoint(Path(tmp) / "ckpt", args)
+        checkpoint = write_hf_checkpoint(Path(tmp), args) if args.hf else write_checkpoint(Path(tmp) / "ckpt", args)
         servers = {}
         try:
             for mode, max_batch in modes.items():
@@ -169,6 +188,8 @@ def main() -> None:
               "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": runs}
     out = Path(args.out)
+    if args.hf and args.out == parser.get_default("out"):
+        out = out.with_name(f"serve_load_hf_{args.hf}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print(f"1-minute load average: {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after (shared machine)")
