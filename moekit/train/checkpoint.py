@@ -37,7 +37,7 @@ import torch
 FORMAT = "moekit-checkpoint-v2"
 LEGACY_FORMATS = ("moekit-checkpoint-v1",)
 STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
-TEMP_FILE = re.compile(r"^\.(?:step_\d+\.safetensors|latest)\.(\d+)\.tmp$")
+TEMP_FILE = re.compile(r"^\.(?:step_\d+\.safetensors|latest|metrics\.jsonl|config\.json)\.(\d+)\.tmp$")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -133,7 +133,8 @@ def append_line(path: Path, line: str) -> None:
 
 
 def remove_stale_temp(folder: str | Path) -> list[Path]:
-    """Remove ``.step_*.tmp`` / ``.latest.*.tmp`` files whose writer process is gone (or is this one,
+    """Remove temporary files of ``atomic_write_bytes`` (checkpoint, ``latest``, ``metrics.jsonl``,
+    ``config.json``) whose writer process is gone (or is this one,
     which has no write in progress when this is called); returns what was removed."""
     folder = Path(folder)
     removed = []
