@@ -6,19 +6,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .data import friendly_errors
+from .common import POSITIVE_INT, int_at_least
 
 
-@friendly_errors
 def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
         from ..serve.app import create_app
     except ImportError as err:
-        print(f"error: `moekit serve` needs the serve extra ({err}); install it with "
-              f"pip install 'moekit[serve]'", file=sys.stderr)
-        return 2
+        raise ImportError(f"`moekit serve` needs the serve extra ({err}); install it with "
+                          f"pip install 'moekit[serve]'") from None
     import torch
 
     from ..serve.engine import ServeLimits
@@ -44,14 +42,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, help="'byte', or a tokenizer folder / tokenizer.json (default: the "
                                                      "run's tokenizer, or the model folder's own)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-batch", type=int, default=8, help="running sequences per decode step (1: no batching)")
-    p.add_argument("--queue-size", type=int, default=64, help="waiting requests before answering 429")
-    p.add_argument("--max-tokens", type=int, default=256, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context - 1)")
-    p.add_argument("--retry-after", type=int, default=1, help="seconds sent in Retry-After with a 429")
+    p.add_argument("--port", type=int_at_least(0, 65535), default=8000)
+    p.add_argument("--max-batch", type=POSITIVE_INT, default=8, help="running sequences per decode step (1: no batching)")
+    p.add_argument("--queue-size", type=POSITIVE_INT, default=64, help="waiting requests before answering 429")
+    p.add_argument("--max-tokens", type=POSITIVE_INT, default=256, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-prompt-tokens", type=POSITIVE_INT, default=None,
+                   help="longest prompt (default: the context - 1)")
+    p.add_argument("--retry-after", type=POSITIVE_INT, default=1, help="seconds sent in Retry-After with a 429")
     p.add_argument("--admin-token", default=None, help="bearer token the /admin endpoints require")
     p.add_argument("--model-name", default=None, help="name reported in responses (default: the checkpoint's)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=run)
