@@ -83,19 +83,30 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
             self.model = LMConfig.from_dict(self.model, where="model")
+        _check(isinstance(self.model, LMConfig), f"model={self.model!r} must be an LMConfig or a JSON object of its "
+                                                 f"fields")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_every", "eval_tokens", "ckpt_every",
-                     "log_every"):
+                     "log_every", "keep_checkpoints", "warmup_steps", "seed", "threads"):
+            value, low = getattr(self, name), 0 if name in ("warmup_steps", "seed") else 1
+            _check((value is None and name == "threads")
+                   or (isinstance(value, int) and not isinstance(value, bool) and value >= low),
+                   f"{name}={value!r} must be an int >= {low}" + (" or null" if name == "threads" else ""))
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "grad_clip"):
             value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                   f"{name}={value!r} must be an int >= 1")
-        _check(self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0")
-        _check(self.lr > 0 and math.isfinite(self.lr), f"lr={self.lr} must be a positive number")
+            _check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                   f"{name}={value!r} must be a finite number")
+        for name in ("corpus", "data_dir", "tokenizer", "out_dir"):
+            _check(isinstance(getattr(self, name), str) and getattr(self, name) != "",
+                   f"{name}={getattr(self, name)!r} must be a non-empty string")
+        for name in ("tensorboard", "progress"):
+            _check(isinstance(getattr(self, name), bool), f"{name}={getattr(self, name)!r} must be true or false")
+        # AdamW moves every weight by about lr per step, so lr > 1 only ever diverges.
+        _check(0 < self.lr <= 1, f"lr={self.lr} must be in (0, 1]")
         _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
         _check(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"beta1={self.beta1}, beta2={self.beta2} must be in [0, 1)")
         _check(self.grad_clip >= 0, f"grad_clip={self.grad_clip} must be >= 0 (0 disables clipping)")
         _check(self.autocast in AUTOCAST, f"autocast={self.autocast!r} is not one of {list(AUTOCAST)}")
-        _check(self.keep_checkpoints >= 1, f"keep_checkpoints={self.keep_checkpoints} must be >= 1")
         _check(self.seq_len <= self.model.max_seq_len,
                f"seq_len={self.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
 
@@ -381,11 +392,14 @@ class Trainer:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         append_line(self.out_dir / "metrics.jsonl", json.dumps(record))
-        if self.cfg.tensorboard:
+        if self.cfg.tensorboard and self._tb is not False:
             if self._tb is None:
-                from torch.utils.tensorboard import SummaryWriter
+                from ..report.optional import tensorboard_writer
 
-                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+                # False: tensorboard is not installed (noted once), so the run logs metrics.jsonl only.
+                self._tb = tensorboard_writer(self.out_dir / "tensorboard") or False
+            if self._tb is False:
+                return
             prefix = record.get("kind", "train")
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("step", "kind"):
@@ -474,7 +488,7 @@ class Trainer:
                 bar.close()
             if installed:
                 signal.signal(signal.SIGINT, previous)
-            if self._tb is not None:
+            if self._tb:
                 self._tb.flush()
 
     def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -512,27 +526,37 @@ def _stat_restore(layer: torch.nn.Module, snap: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------- run helpers
-def prepare_data(cfg: TrainConfig) -> TokenData:
+def prepare_data(cfg: TrainConfig, build: bool = True) -> TokenData:
     """Build (once, cached) and load the corpus ``cfg.corpus`` names, tokenised with ``cfg.tokenizer``.
 
     "polyglot" is the demo corpus; a folder, .jsonl file or ``hf:<name>`` is built under data_dir;
-    any other name must be a corpus already built under data_dir.
+    any other name must be a corpus already built under data_dir. ``build=False`` only loads
+    (a corpus not built is a DataError).
     """
     from ..data.corpus import build_from_source, build_polyglot, load_tokens
     from ..data.tokenizer import load_tokenizer
 
     data_dir = Path(cfg.data_dir)
-    if cfg.corpus == "polyglot":
+    folder = corpus_dir(cfg, data_dir)
+    if build and cfg.corpus == "polyglot":
         build_polyglot(data_dir)
-        corpus_dir = data_dir / "polyglot"
-    elif cfg.corpus.startswith("hf:") or Path(cfg.corpus).exists():
-        name = Path(cfg.corpus.removeprefix("hf:")).stem.replace("/", "_")
-        corpus_dir = data_dir / name
-        if not (corpus_dir / "report.json").is_file():
-            build_from_source(cfg.corpus, data_dir, name=name)
-    else:
-        corpus_dir = data_dir / cfg.corpus
-    return load_tokens(corpus_dir, load_tokenizer(cfg.tokenizer))
+    elif build and _is_source(cfg.corpus) and not (folder / "report.json").is_file():
+        build_from_source(cfg.corpus, data_dir, name=folder.name)
+    return load_tokens(folder, load_tokenizer(cfg.tokenizer))
+
+
+def corpus_dir(cfg: TrainConfig, data_dir: str | Path) -> Path:
+    """The folder under ``data_dir`` that holds (or will hold) the corpus ``cfg.corpus`` names."""
+    if _is_source(cfg.corpus):
+        return Path(data_dir) / Path(cfg.corpus.removeprefix("hf:")).stem.replace("/", "_")
+    return Path(data_dir) / cfg.corpus
+
+
+def _is_source(corpus: str) -> bool:
+    """A user source to build (a folder, .jsonl file or hf:<name>) rather than a corpus name; a
+    path with folders or a .jsonl suffix is one even when it does not exist from here."""
+    return (corpus.startswith("hf:") or corpus.endswith(".jsonl") or Path(corpus).name != corpus
+            or (corpus != "polyglot" and Path(corpus).exists()))
 
 
 def load_trained(path: str | Path) -> tuple[LM, TrainConfig, dict[str, Any]]:
