@@ -28,7 +28,7 @@ $(CHROMIUM_STAMP): $(STAMP)
 	else echo "chromium is missing and we are not root: the dashboard test will skip"; fi
 
 demo: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m moekit demo
+	$(PY) -m moekit demo
 
 test: $(STAMP) $(CHROMIUM_STAMP)
 	$(PY) -m pytest -q -n $(WORKERS) --durations=15

@@ -129,9 +129,13 @@ class Quarantine:
         if not self._layers:
             raise ValueError("the model has no MoE layers to guard")
         self._calls = 0
+        self._auto: list[MoE] = []
         for name, layer in self._layers:
-            if not layer.config.check_finite:
+            if layer.config.check_finite is False:
                 raise ValueError(f"{name}: check_finite=False, so non-finite expert outputs cannot be detected")
+            if layer.config.check_finite is None:  # auto is off in training; the guard needs the checks
+                layer.config.check_finite = True
+                self._auto.append(layer)
             layer.forward = self._guarded(layer)
 
     def _guarded(self, layer: MoE):
@@ -152,6 +156,9 @@ class Quarantine:
     def close(self) -> None:
         for _, layer in self._layers:
             layer.__dict__.pop("forward", None)
+        for layer in self._auto:
+            layer.config.check_finite = None
+        self._auto = []
 
     def __enter__(self) -> Quarantine:
         return self

@@ -38,8 +38,11 @@ def test_non_finite_input(bad):
     x = torch.randn(4, D)
     x[2, 5] = bad
     with pytest.raises(ValueError, match="input contains NaN or Inf values"):
-        _layer()(x)
-    layer = MoE(dim=D, num_experts=4, expert_hidden=8, top_k=2, check_finite=False)
+        _layer().eval()(x)  # check_finite=None: on in eval mode (serving)
+    with pytest.raises(ValueError, match="input contains NaN or Inf values"):
+        _layer(check_finite=True).train()(x)
+    assert not bool(torch.isfinite(_layer().train()(x)).all())  # off in training: no host sync
+    layer = MoE(dim=D, num_experts=4, expert_hidden=8, top_k=2, check_finite=False).eval()
     layer(torch.randn(4, D))  # the check can be turned off; finite input still runs
 
 

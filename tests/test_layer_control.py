@@ -238,6 +238,7 @@ def test_nonfinite_expert_is_named_with_its_layer():
     model = nn.ModuleDict({"block0": _layer(num_experts=4, top_k=2), "block1": MoE(
         moe_config(dim=D, num_experts=4, expert_hidden=1, top_k=3), experts=experts)})
     moekit.moe_layers(model)
+    model.eval()  # check_finite=None: the checks run in eval mode (serving), not in training
     y = model["block0"](torch.randn(20, D))
     with pytest.raises(ExpertNonFiniteError, match=r"block1: expert\(s\) \[2\] produced NaN/Inf") as info:
         model["block1"](y)
@@ -306,7 +307,7 @@ def test_torch_compile_inductor_matches_eager():
 
 @pytest.mark.parametrize("backend", ["auto", "loop", "reference"])
 def test_nonfinite_stacked_expert_is_named(backend):
-    layer = _layer(num_experts=4, top_k=2, backend=backend)
+    layer = _layer(num_experts=4, top_k=2, backend=backend, check_finite=True)
     with torch.no_grad():
         layer.experts.down_proj[1, 0, 0] = float("inf")
     x = torch.randn(40, D)
