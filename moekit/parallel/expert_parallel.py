@@ -118,6 +118,9 @@ class ExpertParallelMoE(MoE):
             raise ConfigError("balance.aux_loss_convention='mixtral' pools routings across layers in "
                               "moekit.aux_loss, which is not all-reduced; use 'moekit' or 'switch' under "
                               "expert parallelism")
+        if cfg.balance.aux_loss_convention == "switch_group" and cfg.balance.aux_loss_coef > 0:
+            raise ConfigError("balance.aux_loss_convention='switch_group' is not all-reduced under expert "
+                              "parallelism; use 'moekit' or 'switch'")
         if cfg.num_experts % groups.ep_size != 0:
             raise ConfigError(f"num_experts={cfg.num_experts} is not divisible by expert_parallel={groups.ep_size}")
         # Adopt the layer's modules, buffers and state (the module dicts are copied, not shared).
@@ -143,7 +146,10 @@ class ExpertParallelMoE(MoE):
         self.profile[name] = self.profile.get(name, 0.0) + time.perf_counter() - start
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if token_mask is not None:
+            raise NotImplementedError(f"{self.layer_name}: token_mask (padding) is not supported under expert "
+                                      f"parallelism yet; pack sequences without padding instead")
         shape = x.shape
         x_TD = self._tokens(x)
         with self._phase("routing"):
@@ -284,7 +290,8 @@ class ExpertParallelMoE(MoE):
         if b.cv_loss_coef > 0:
             importance_E = global_sum(L.importance(routing, E), None, g.timeout_s)
             load_E = global_sum(L.smooth_load(routing, E, K), None, g.timeout_s)
-            terms["cv"] = value = L.cv_squared(importance_E) + L.cv_squared(load_E)
+            terms["cv"] = value = (L.cv_squared(importance_E, unbiased=b.cv_unbiased)
+                                   + L.cv_squared(load_E, unbiased=b.cv_unbiased))
             total = total + b.cv_loss_coef * value
         if b.seq_aux_loss_coef > 0:
             local = L.sequence_aux_loss(routing, E, batch) * batch
