@@ -21,7 +21,9 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from moekit.cli import main as cli_main  # noqa: E402
-from moekit.hf import CheckpointError, from_hf, load_moekit, save_moekit, to_hf  # noqa: E402
+from moekit.config import ConfigError  # noqa: E402
+from moekit.hf import (CheckpointError, UnsupportedArchitectureError, from_hf, load_moekit,  # noqa: E402
+                       save_moekit, to_hf)
 from moekit.hf.convert import INDEX_NAME, OutputFolderError, convert_folder, lm_tensors  # noqa: E402
 from moekit.hf.testing import tiny_hf_model  # noqa: E402
 
@@ -266,3 +268,25 @@ def test_missing_tensor_names_the_hf_key_and_file(src: Path, tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match=rf"sharded/{re.escape(INDEX_NAME)} lacks tensor\(s\) "
                                               rf"\['{re.escape(key)}'\]"):
         from_hf(tmp_path / "sharded")
+
+
+@pytest.mark.parametrize("text,error,match", [
+    ('{"model_type": "mixtral", "hidden_size": ', CheckpointError,
+     r"ckpt/config\.json: invalid JSON at line 1 column 42"),
+    ('{"hidden_size": 32}', CheckpointError, r"ckpt/config\.json has no model_type"),
+    ('{"model_type": "no_such_model"}', UnsupportedArchitectureError,
+     r"ckpt/config\.json: model_type='no_such_model' is unknown to this transformers; whole-model conversion "
+     r"supports \['mixtral'"),
+])
+def test_bad_config_json_names_the_file(src: Path, tmp_path: Path, text: str, error: type, match: str) -> None:
+    folder = _copy(src, tmp_path)
+    (folder / "config.json").write_text(text)
+    with pytest.raises(error, match=match):
+        from_hf(folder)
+
+
+def test_bad_moekit_hf_config_names_the_file(models, tmp_path: Path) -> None:
+    save_moekit(models[0], tmp_path / "mk")
+    (tmp_path / "mk" / "hf_config.json").write_text("{")
+    with pytest.raises(ConfigError, match=r"mk/hf_config\.json: invalid JSON at line 1"):
+        load_moekit(tmp_path / "mk")

@@ -22,11 +22,11 @@ from .blocks import (
     moe_config_from_hf,
     moe_from_hf_block,
 )
-from .convert import CheckpointError, from_hf, lm_config_from_hf, load_moekit, save_moekit
+from .convert import CheckpointError, OutputFolderError, from_hf, lm_config_from_hf, load_moekit, save_moekit
 from .export import infer_family, to_hf
 from .inplace import PatchedMoE, patch_model, unpatch_model
 
-__all__ = ["FAMILIES", "ClampedSwiGLUExperts", "UnsupportedArchitectureError", "CheckpointError", "block_key_map",
-           "build_moe", "copy_moe_to_hf_block", "family_of", "moe_config_from_hf", "moe_from_hf_block", "from_hf",
-           "lm_config_from_hf", "load_moekit", "save_moekit", "to_hf", "infer_family", "PatchedMoE", "patch_model",
-           "unpatch_model"]
+__all__ = ["FAMILIES", "ClampedSwiGLUExperts", "UnsupportedArchitectureError", "CheckpointError", "OutputFolderError",
+           "block_key_map", "build_moe", "copy_moe_to_hf_block", "family_of", "moe_config_from_hf", "moe_from_hf_block",
+           "from_hf", "lm_config_from_hf", "load_moekit", "save_moekit", "to_hf", "infer_family", "PatchedMoE",
+           "patch_model", "unpatch_model"]

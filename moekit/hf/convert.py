@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..lm import LM, LMConfig
+from ..lm.config import read_json
 from .blocks import ClampedSwiGLUExperts, UnsupportedArchitectureError, block_key_map, family_of, moe_config_from_hf
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -172,6 +173,19 @@ def load_hf_config(folder: str | Path) -> Any:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no config.json")
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    if not isinstance(fields, dict) or not isinstance(fields.get("model_type"), str):
+        raise CheckpointError(f"{path} has no model_type (not a transformers model config)")
+    from transformers import CONFIG_MAPPING
+
+    if fields["model_type"] not in CONFIG_MAPPING:
+        raise UnsupportedArchitectureError(f"{path}: model_type={fields['model_type']!r} is unknown to this "
+                                           f"transformers; whole-model conversion supports {list(CONVERTIBLE)}")
     return AutoConfig.from_pretrained(str(folder))
 
 
@@ -545,7 +559,7 @@ def load_moekit(folder: str | Path) -> LM:
     folder = Path(folder)
     cfg = LMConfig.load(folder / MOEKIT_CONFIG)
     hf_path = folder / "hf_config.json"
-    hf_config = json.loads(hf_path.read_text()) if hf_path.is_file() else None
+    hf_config = read_json(hf_path) if hf_path.is_file() else None
     model = build_lm(cfg, hf_config)
     targets = lm_tensors(model)
     path = folder / "model.safetensors"
