@@ -251,7 +251,9 @@ def test_served_over_http_with_chat_template(checkpoints, tok) -> None:
     from moekit.serve import BackgroundServer, create_app
 
     hf, _, converted = checkpoints["mixtral"]
-    engine = load_engine(converted, ServeLimits(max_batch=2, max_tokens=16), model_name="tiny-mixtral")
+    engine = load_engine(converted, ServeLimits(max_batch=2, max_tokens=16), model_name="tiny-mixtral",
+                         max_context=64)
+    assert engine.model.config.max_seq_len == 64 and hf.config.max_position_embeddings == 256
     with BackgroundServer(create_app(engine)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
         body = {"model": "tiny-mixtral", "prompt": PROMPTS[1], "max_tokens": MAX_TOKENS, "temperature": 0}
         r = client.post("/v1/completions", json=body)
@@ -270,9 +272,13 @@ def test_served_over_http_with_chat_template(checkpoints, tok) -> None:
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["message"]["content"] == tok.decode([i for i in ref if i != EOS])
         assert r.json()["usage"]["prompt_tokens"] == len(tok.encode(rendered))
+        r = client.post("/v1/completions", json={**body, "max_tokens": 16, "prompt": "x" * 60})
+        assert r.status_code == 400 and "64" in r.json()["error"]["message"], r.text  # a 64-position context
 
 
-def test_tokenizer_override_and_load_errors(checkpoints, tmp_path: Path) -> None:
+def test_tokenizer_override_and_load_errors(checkpoints, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from moekit.cli import main
+
     _, _, converted = checkpoints["qwen3_moe"]
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -280,6 +286,10 @@ def test_tokenizer_override_and_load_errors(checkpoints, tmp_path: Path) -> None
         (bare / name).write_bytes((converted / name).read_bytes())
     with pytest.raises(FileNotFoundError, match="holds no tokenizer .*--tokenizer PATH"):
         load_engine(bare)
+    assert main(["serve", str(bare)]) == 2
+    assert "holds no tokenizer" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", str(bare), "--max-context", "1"])
     assert isinstance(load_engine(bare, tokenizer="byte").tokenizer, ByteTokenizer)
     lone = tmp_path / "lone"  # a tokenizer.json with no tokenizer_config.json beside it
     lone.mkdir()

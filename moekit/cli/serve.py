@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     limits = ServeLimits(max_batch=args.max_batch, queue_size=args.queue_size, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, retry_after_s=args.retry_after,
                          admin_token=args.admin_token)
-    engine = load_engine(args.checkpoint, limits, model_name=args.model_name, tokenizer=args.tokenizer)
+    engine = load_engine(args.checkpoint, limits, model_name=args.model_name, tokenizer=args.tokenizer,
+                         max_context=args.max_context)
     app = create_app(engine)
     print(f"moekit serve: {engine.model_name} on http://{args.host}:{args.port} "
           f"(dashboard: /dashboard, metrics: /metrics)", file=sys.stderr)
@@ -41,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                       "`moekit convert --from-hf`, or a Hugging Face checkpoint folder")
     p.add_argument("--tokenizer", default=None, help="'byte', or a tokenizer folder / tokenizer.json (default: the "
                                                      "run's tokenizer, or the model folder's own)")
+    p.add_argument("--max-context", type=int_at_least(2), default=None,
+                   help="positions served per sequence (default: the model's; KV caches for --max-batch sequences "
+                        "are preallocated at this length)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int_at_least(0, 65535), default=8000)
     p.add_argument("--max-batch", type=POSITIVE_INT, default=8, help="running sequences per decode step (1: no batching)")

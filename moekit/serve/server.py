@@ -4,6 +4,7 @@ folder or a Hugging Face checkpoint folder), and running the app with uvicorn in
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import threading
 import time
@@ -15,13 +16,21 @@ from .engine import Engine, ServeLimits
 
 
 def load_engine(checkpoint: str | Path, limits: ServeLimits | None = None, model_name: str | None = None,
-                tokenizer: str | Path | None = None) -> Engine:
+                tokenizer: str | Path | None = None, max_context: int | None = None) -> Engine:
     """Engine over a model with its tokenizer (see ``load_model``); not started yet.
+
+    ``max_context`` caps the positions served per sequence below the model's ``max_seq_len``: the
+    KV caches of ``max_batch`` sequences are preallocated at that length, and Hugging Face models
+    declare 32k-160k positions.
 
     The weights are scanned on load (``moekit.health.scan_weights``): experts with NaN/Inf weights
     are quarantined (masked) before the first request and reported as such.
     """
     model, tok, findings = load_model(checkpoint, tokenizer)
+    if max_context is not None:
+        if not isinstance(max_context, int) or max_context < 2:
+            raise ValueError(f"max_context={max_context!r} must be an int >= 2")
+        model.config = dataclasses.replace(model.config, max_seq_len=min(max_context, model.config.max_seq_len))
     name = model_name or Path(checkpoint).resolve().name
     engine = Engine(model, tok, limits, model_name=name)
     for finding in findings:
