@@ -236,3 +236,76 @@ def test_fewer_rows_than_experts_matches_float64_loop(dtype):
         assert _rel(got.grad, want.grad) < tol, f"{name}: rel err {_rel(got.grad, want.grad):.2e}"
     empty = (counts == 0).nonzero().squeeze(1)
     assert float(leaves[1].grad[empty].abs().sum()) == 0.0 and float(leaves[2].grad[empty].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["swiglu", "gelu"])
+def test_sort_free_decode_path_matches_float64_reference(kind, dtype):
+    """Few slots against many experts (T*K = 6 <= E/2 = 16): run_experts takes the sort-free gather
+    path (each token's K experts' weights gathered, as gpt-fast does). Output and every gradient
+    (x, both weights, combine weights) against a float64 per-slot loop; larger batches do not."""
+    from moekit.dispatch.run import use_gather_path
+
+    torch.manual_seed(0)
+    T, Kd, Ee, Dd, Fd = 2, 3, 32, 16, 8
+    experts = (SwiGLUExperts(Ee, Dd, Fd) if kind == "swiglu" else MLPExperts(Ee, Dd, Fd, kind)).to(dtype)
+    w1_name = "gate_up_proj" if kind == "swiglu" else "up_proj"
+    x = torch.randn(T, Dd).to(dtype).requires_grad_(True)
+    logits = torch.randn(T, Ee, requires_grad=True)
+    scores = logits.softmax(-1)
+    w_TK, idx_TK = scores.topk(Kd, dim=-1)
+    routing = Routing(logits_TE=logits, scores_TE=scores, topk_idx_TK=idx_TK, topk_weight_TK=w_TK)
+    plan = plan_token_choice(routing, Ee, None)
+    w1, w2 = getattr(experts, w1_name), experts.down_proj
+    assert use_gather_path(plan, w1, w2, x)
+    big = Routing(logits_TE=torch.randn(40, Ee), scores_TE=torch.rand(40, Ee),
+                  topk_idx_TK=torch.randint(0, Ee, (40, Kd)), topk_weight_TK=torch.rand(40, Kd))
+    assert not use_gather_path(plan_token_choice(big, Ee, None), w1, w2, torch.zeros(40, Dd))
+    dout = torch.randn(T, Dd).to(dtype)
+    out = run_experts(x, plan, experts)
+    (out.float() * dout.float()).sum().backward()
+
+    ref = copy.deepcopy(experts).double()
+    xr = x.detach().double().requires_grad_(True)
+    lr = logits.detach().double().requires_grad_(True)
+    wr_TK = lr.softmax(-1).gather(1, idx_TK)
+    ref_out = torch.stack([sum(wr_TK[t, j] * ref.expert_forward(int(idx_TK[t, j]), xr[t:t + 1])[0]
+                               for j in range(Kd)) for t in range(T)])
+    (ref_out * dout.double()).sum().backward()
+    tol = TOL[dtype]
+    assert out.dtype == dtype and _rel(out.detach(), ref_out.detach()) < tol
+    pairs = [("x", x.grad, xr.grad), ("logits", logits.grad, lr.grad),
+             *[(n, p.grad, dict(ref.named_parameters())[n].grad) for n, p in experts.named_parameters()]]
+    for name, got, want in pairs:
+        assert _rel(got, want) < tol, f"{name}: rel err {_rel(got, want):.2e}"
+
+
+def test_decode_layer_output_equals_reference_backend():
+    """The whole layer at decode size (1 token, E=16, k=4: the gather path) against the same layer
+    with backend="reference" (sort, permute, per-expert products, combine)."""
+    torch.manual_seed(0)
+    layer = MoE(moe_config(dim=D, num_experts=16, expert_hidden=F, top_k=4)).eval()
+    ref = copy.deepcopy(layer)
+    ref.experts.backend = "reference"
+    with torch.no_grad():
+        for T in (1, 2):
+            x = torch.randn(T, D)
+            torch.testing.assert_close(layer(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native_bf16", "fp32_compute"])
+def test_bf16_blocks_with_and_without_native_bf16_products(native, monkeypatch):
+    """Both CPU bf16 kernel choices (native bf16 products, or float32 compute stored back in bf16)
+    give the float64 reference's output and gradients, whichever this CPU has."""
+    from moekit.dispatch import kernels
+
+    found = kernels.cpu_kernels()
+    monkeypatch.setitem(kernels._CACHE, torch.get_num_threads(),
+                        kernels.CPUKernels(**{**vars(found), "native_bf16": native}))
+    experts = _experts("swiglu", "loop").to(torch.bfloat16)
+    x_TD, logits_TE, dout_TD = _inputs(100, torch.bfloat16, seed=5)
+    out, grads, _ = _run(experts, x_TD, logits_TE, dout_TD, None)
+    ref_out, ref_grads, _ = _loop_reference(experts, x_TD, logits_TE, dout_TD, None)
+    assert _rel(out, ref_out) < TOL[torch.bfloat16]
+    for name, g in grads.items():
+        assert _rel(g, ref_grads[name]) < TOL[torch.bfloat16], name
