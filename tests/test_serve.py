@@ -204,7 +204,7 @@ BAD_BODIES = [
     (b'{"prompt": "hi", "temperature": -1}', "temperature", "greater than or equal to 0"),
     (b'{"prompt": "hi", "temperature": NaN}', "temperature", "finite number"),
     (b'{"prompt": "hi", "top_p": 0}', "top_p", "greater than 0"),
-    (b'{"prompt": "hi", "seed": -3}', "seed", "greater than or equal to 0"),
+    (b'{"prompt": "hi", "seed": 1.5}', "seed", "seed: "),
     (b'{"prompt": "hi", "stream": "yes"}', "stream", "valid boolean"),
     (b'{"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}', "stop", "at most 4 items"),
     (b'{"prompt": "hi", "stop": [""]}', "stop", "at least 1 character"),

@@ -28,9 +28,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -93,6 +93,18 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     # Union members add the member type to the location (stop.str); name the field itself.
     field_name = loc[0]
     return f"{field_name}: {first['msg']}", field_name
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    """Whether ``tokenizer.render_chat`` renders a conversation (ValueError: the model has no template)."""
+    render = getattr(tokenizer, "render_chat", None)
+    if not callable(render):
+        return False
+    try:
+        render([{"role": "user", "content": "hi"}])
+    except ValueError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------- the guard (pure ASGI)
@@ -189,7 +201,7 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
     context = model_cfg.max_seq_len
     room = prompt_room(engine.model, limits)
     max_tokens_limit = min(limits.max_tokens, context - 1)
-    has_chat = callable(getattr(tokenizer, "render_chat", None))
+    has_chat = _has_chat_template(tokenizer)
     admin_on = limits.admin_token is not None
     created_at = int(time.time())
     field_limits = FieldLimits(
@@ -279,7 +291,7 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
                            "model", code="model_not_found")
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> dict[str, Any]:
+    async def model(model_id: Annotated[str, Path(examples=[engine.model_name])]) -> dict[str, Any]:
         check_model(model_id)
         return model_card()
 
@@ -597,6 +609,11 @@ _ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error"
                    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
 
 
+# One server-sent event of a stream (stream: true): its data is a JSON chunk, an error object, or [DONE].
+_SSE_EVENT = {"type": "object", "required": ["data"], "description": "one server-sent event",
+              "properties": {"data": {"type": "string", "description": "a JSON chunk, {\"error\": ...}, or [DONE]"}}}
+
+
 def _openapi(app: FastAPI, protected: Callable[[str], bool]) -> dict[str, Any]:
     """FastAPI's schema made true: errors are 400 (never 422) in OpenAI's shape, 404/405/413/429/500
     where they happen, streams and Prometheus text documented with their media types, the admin token
@@ -623,8 +640,7 @@ def _openapi(app: FastAPI, protected: Callable[[str], bool]) -> dict[str, Any]:
                 responses["404"] = err("Unknown model (code model_not_found)")
                 responses["429"] = err("Queue full", headers={"Retry-After": {"schema": {"type": "string"}}})
                 responses["500"] = err("The request's sequence failed")
-                responses["200"]["content"]["text/event-stream"] = {
-                    "schema": {"type": "string", "description": "server-sent events (stream: true)"}}
+                responses["200"]["content"]["text/event-stream"] = {"schema": _SSE_EVENT}
             if path.startswith("/v1/models/"):
                 responses["404"] = err("Unknown model (code model_not_found)")
             if path.startswith("/admin/experts/"):

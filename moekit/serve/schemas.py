@@ -12,9 +12,9 @@ length in tokens, prompt + ``max_tokens`` within the context) are checked in ``m
 """
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 # Longest model name and ``user`` string, and most logit_bias entries (OpenAI's limit is 300).
 MAX_NAME_CHARS = 256
@@ -27,6 +27,19 @@ MAX_TOP_LOGPROBS = 20
 UNSUPPORTED = frozenset({"best_of", "suffix", "tools", "tool_choice", "functions", "function_call",
                          "response_format", "parallel_tool_calls", "audio", "modalities", "prediction",
                          "reasoning_effort", "service_tier", "store", "metadata", "web_search_options"})
+
+
+def _whole(value: object) -> object:
+    """JSON Schema counts 83.0 as an integer; strict pydantic would not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def whole(**bounds: int) -> Any:
+    """A strict int within ``bounds`` (Field's ge/gt/le/lt) that also takes a whole float, as the schema's
+    "integer" does; the bounds sit inside the validator so the schema shows them."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
 
 
 class _Strict(BaseModel):
@@ -70,7 +83,7 @@ def id_pattern(n: int) -> str:
 def request_models(lim: FieldLimits) -> tuple[type[BaseModel], type[BaseModel]]:
     """(CompletionRequest, ChatRequest) bounded by ``lim``."""
     Text = Annotated[str, Field(min_length=1, max_length=lim.prompt_chars)]
-    TokenId = Annotated[int, Field(ge=0, lt=lim.vocab_size)]
+    TokenId = whole(ge=0, lt=lim.vocab_size)
     Tokens = Annotated[list[TokenId], Field(min_length=1, max_length=lim.prompt_tokens)]
     StopText = Annotated[str, Field(min_length=1, max_length=lim.max_stop_chars)]
     BiasKey = Annotated[str, StringConstraints(pattern=id_pattern(lim.vocab_size))]
@@ -78,11 +91,12 @@ def request_models(lim: FieldLimits) -> tuple[type[BaseModel], type[BaseModel]]:
 
     class _Sampling(_Strict):
         model: str | None = Field(None, max_length=MAX_NAME_CHARS)
-        max_tokens: int | None = Field(None, ge=1, le=lim.max_tokens)
+        max_tokens: whole(ge=1, le=lim.max_tokens) | None = None
         temperature: float | None = Field(None, ge=0.0, le=2.0)
         top_p: float | None = Field(None, gt=0.0, le=1.0)
-        n: int | None = Field(None, ge=1, le=lim.max_choices)
-        seed: int | None = Field(None, ge=0, lt=2**63)
+        n: whole(ge=1, le=lim.max_choices) | None = None
+        # Any integer (OpenAI's API takes any); the engine seeds with it modulo 2**63.
+        seed: whole() | None = None
         stop: StopText | Annotated[list[StopText], Field(max_length=lim.max_stop)] | None = None
         stream: bool | None = None
         stream_options: StreamOptions | None = None
@@ -101,7 +115,7 @@ def request_models(lim: FieldLimits) -> tuple[type[BaseModel], type[BaseModel]]:
     class CompletionRequest(_Sampling):
         prompt: (Text | Annotated[list[Text], Field(min_length=1, max_length=lim.max_prompts)] | Tokens
                  | Annotated[list[Tokens], Field(min_length=1, max_length=lim.max_prompts)])
-        logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+        logprobs: whole(ge=0, le=MAX_LOGPROBS) | None = None
         echo: bool | None = None
 
     class TextPart(_Strict):
@@ -118,18 +132,18 @@ def request_models(lim: FieldLimits) -> tuple[type[BaseModel], type[BaseModel]]:
 
     class ChatRequest(_Sampling):
         messages: list[ChatMessage] = Field(min_length=1, max_length=lim.max_messages)
-        max_completion_tokens: int | None = Field(None, ge=1, le=lim.max_tokens)
+        max_completion_tokens: whole(ge=1, le=lim.max_tokens) | None = None
         logprobs: bool | None = None
-        top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+        top_logprobs: whole(ge=0, le=MAX_TOP_LOGPROBS) | None = None
 
     return CompletionRequest, ChatRequest
 
 
 def admin_models(lim: FieldLimits) -> tuple[type[BaseModel], type[BaseModel]]:
     """(MaskRequest, UnmaskRequest): expert ids below the largest layer's expert count."""
-    Expert = Annotated[int, Field(ge=0, lt=lim.num_experts)]
+    Expert = whole(ge=0, lt=lim.num_experts)
     # An MoE layer's qualified name ("layers.1.mlp") or its block index (1).
-    Layer = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | Annotated[int, Field(ge=0)]
+    Layer = Annotated[str, Field(min_length=1, max_length=MAX_NAME_CHARS)] | whole(ge=0)
 
     class MaskRequest(_Strict):
         layer: Layer
