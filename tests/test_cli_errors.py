@@ -501,3 +501,35 @@ def test_data_build_hf_offline_is_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 and re.search(r"cannot load Hugging Face dataset 'nosuch/dataset'", lines[0]), proc.stderr
+
+
+def test_missing_optional_package_names_its_extra(root, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name in [m for m in sys.modules if m == "transformers" or m.startswith("transformers.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ModuleNotFoundError
+    code, err = _run(["convert", "--from-hf", str(root / "hf"), "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert re.match(r"moekit convert: error: .*transformers.*pip install 'moekit\[hf\]'", err), err
+    assert list(tmp_path.iterdir()) == []
+    from moekit.cli import one_line
+
+    missing = ModuleNotFoundError("No module named 'uvicorn'", name="uvicorn")
+    assert one_line(missing) == "uvicorn is not installed; this needs pip install 'moekit[serve]'"
+    assert one_line(ValueError("two\n  lines")) == "two lines"
+
+
+def test_training_without_tensorboard_notes_it_once(root, tmp_path, monkeypatch, capsys):
+    from moekit.report.optional import note_missing
+
+    note_missing.cache_clear()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.chdir(root)
+    cfg = _train_config(str(tmp_path / "run"), tensorboard=True, steps=1)
+    Trainer(cfg, prepare_data(cfg)).fit()
+    Trainer(cfg, prepare_data(cfg)).fit(steps=2)
+    err = capsys.readouterr().err
+    assert err.count("note: TensorBoard logging skipped: tensorboard is not installed (pip install "
+                     "'moekit[train]')") == 1
+    assert not (tmp_path / "run" / "tensorboard").exists() and (tmp_path / "run" / "metrics.jsonl").is_file()
+    note_missing.cache_clear()

@@ -57,13 +57,19 @@ def known_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, FloatingPointError, OSError, ImportError, SafetensorError, MoekitDistributedError)
 
 
+# The extra (pyproject optional-dependencies) that installs each optional package.
+EXTRA_OF = {"transformers": "hf", "huggingface_hub": "hf", "tensorboard": "train", "datasets": "data",
+            "tokenizers": "data", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+            "httpx": "serve"}
+
+
 def one_line(err: BaseException) -> str:
-    """The error's message on one line (a KeyError's repr quotes; nested lines are joined)."""
-    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
-    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
-    if isinstance(err, ImportError) and err.name and err.name not in text:
-        text = f"{text} (module {err.name})"
-    return text or type(err).__name__
+    """The error's message on one line (nested lines joined); a missing optional package names its extra."""
+    top = (getattr(err, "name", None) or "").split(".")[0]
+    if isinstance(err, ModuleNotFoundError) and top in EXTRA_OF:
+        return f"{top} is not installed; this needs pip install 'moekit[{EXTRA_OF[top]}]'"
+    text = str(err)
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(err).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
