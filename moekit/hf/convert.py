@@ -321,6 +321,10 @@ def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as f:
             os.fsync(f.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -357,6 +361,7 @@ def output_folder(out_dir: str | Path, owned: Callable[[Path, str], bool], overw
             if old is not None:
                 old.rename(out)
             raise
+        _fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
