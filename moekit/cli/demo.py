@@ -297,7 +297,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # Fine-grained experts (16 of hidden F/4, top-4) beat 8 of hidden F/2, top-2 clearly at the
     # demo's 1.2 M tokens; see docs/training.md.
     p.add_argument("--num-experts", type=POSITIVE_INT, default=16)
-    p.add_argument("--top-k", type=POSITIVE_INT, default=4, help="experts per token; expert hidden = ffn_hidden / top_k")
+    p.add_argument("--top-k", type=POSITIVE_INT, default=4,
+                   help="experts per token; expert hidden = ffn_hidden / top_k")
     p.add_argument("--aux-loss-coef", type=NONNEGATIVE_NUMBER, default=0.01)
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
     p.add_argument("--threads", type=POSITIVE_INT, default=2)
