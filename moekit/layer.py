@@ -85,6 +85,9 @@ class MoE(nn.Module):
         self._pooled_routing: Routing | None = None
         self._pooled_valid_T: torch.Tensor | None = None
         self.last_valid_T: torch.Tensor | None = None
+        # Router replay (moekit.replay): expert ids (..., K) long, of the input's leading shape, chosen
+        # in place of the router's top-k; the weights still come from the router's scores.
+        self.replay_topk_idx: torch.Tensor | None = None
 
     @staticmethod
     def _build_experts(cfg: MoEConfig, experts: Sequence[nn.Module] | nn.Module | None) -> nn.Module:
@@ -104,16 +107,17 @@ class MoE(nn.Module):
         """x (..., D) -> (..., D); ``token_mask`` (...) marks real tokens (see the module docstring)."""
         shape = x.shape
         x_TD = self._tokens(x)
+        forced_TK = None if self.replay_topk_idx is None else self._replayed_experts(shape)
         if token_mask is None:
-            routing, plan, out_TD = self._route_and_run(x_TD)
+            routing, plan, out_TD = self._route_and_run(x_TD, forced_TK)
             valid_T = None
         else:
             valid_T = self._valid_tokens(token_mask, shape)
             if self.config.router.capacity_factor is None:
-                routing, plan, out_TD = self._route_and_run(x_TD)
+                routing, plan, out_TD = self._route_and_run(x_TD, forced_TK)
                 plan = _valid_counts_plan(plan, routing, valid_T, self.num_experts)
             else:
-                routing, plan, out_TD = self._route_and_run_valid(x_TD, valid_T)
+                routing, plan, out_TD = self._route_and_run_valid(x_TD, valid_T, forced_TK)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
 
@@ -121,10 +125,13 @@ class MoE(nn.Module):
         self._record(routing, plan, batch, valid_T)
         return out_TD.view(shape)
 
-    def _route_and_run(self, x_TD: torch.Tensor) -> tuple[Routing, DispatchPlan, torch.Tensor]:
-        """Router -> plan -> routed experts -> combine, for all T tokens."""
+    def _route_and_run(self, x_TD: torch.Tensor,
+                       forced_TK: torch.Tensor | None = None) -> tuple[Routing, DispatchPlan, torch.Tensor]:
+        """Router -> plan -> routed experts -> combine, for all T tokens (with ``forced_TK``, those experts)."""
         available_E = self.available_E if self._any_masked else None
         routing = self.router(x_TD, available_E)
+        if forced_TK is not None:
+            routing = self.router.replay(routing, forced_TK)
         if routing.is_token_choice:
             plan = plan_token_choice(routing, self.num_experts, self.config.router.capacity_factor,
                                      self.config.router.drop_policy)
@@ -133,16 +140,27 @@ class MoE(nn.Module):
         check = self._check_expert_outputs if self.checks_finite else None
         return routing, plan, run_experts(x_TD, plan, self.experts, check)
 
-    def _route_and_run_valid(self, x_TD: torch.Tensor,
-                             valid_T: torch.Tensor) -> tuple[Routing, DispatchPlan, torch.Tensor]:
+    def _route_and_run_valid(self, x_TD: torch.Tensor, valid_T: torch.Tensor,
+                             forced_TK: torch.Tensor | None = None) -> tuple[Routing, DispatchPlan, torch.Tensor]:
         """Route only the V real tokens (capacity from V, as for the batch without padding); the
         routing and plan come back in T-token indexing, padding rows zero and counted nowhere."""
         idx_V = torch.nonzero(valid_T).squeeze(1)
         if idx_V.numel() == 0:
             raise ValueError(f"{self.layer_name}: token_mask marks no token as real")
-        routing_V, plan_V, out_VD = self._route_and_run(x_TD.index_select(0, idx_V))
+        forced_VK = None if forced_TK is None else forced_TK.index_select(0, idx_V)
+        routing_V, plan_V, out_VD = self._route_and_run(x_TD.index_select(0, idx_V), forced_VK)
         out_TD = out_VD.new_zeros(x_TD.shape[0], out_VD.shape[1]).index_copy(0, idx_V, out_VD)
         return _scatter_routing(routing_V, idx_V, x_TD.shape[0]), _scatter_plan(plan_V, idx_V, x_TD.shape[0]), out_TD
+
+    def _replayed_experts(self, shape: torch.Size) -> torch.Tensor:
+        """``replay_topk_idx`` as (T, K), checked against the input's leading shape (or its T)."""
+        idx = self.replay_topk_idx
+        assert idx is not None
+        lead = tuple(shape[:-1])
+        if tuple(idx.shape[:-1]) != lead and not (len(lead) == 1 and idx[..., 0].numel() == lead[0]):
+            raise ValueError(f"{self.layer_name}: the replayed routing covers tokens of shape {tuple(idx.shape[:-1])}, "
+                             f"but this forward's input has {lead}")
+        return idx.reshape(-1, idx.shape[-1])
 
     def _valid_tokens(self, token_mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """token_mask (...) -> bool (T,), checked against x's leading shape."""

@@ -19,6 +19,8 @@ near-ties and loses small probabilities, which changes which experts are chosen.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +63,23 @@ class TopKRouter(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
 
+    def gate_weights(self, scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor) -> torch.Tensor:
+        """The chosen experts' weights (T, K): their scores, normalised over the k (unless switch or
+        norm_topk_prob is off), times routed_scaling_factor."""
+        cfg = self.config
+        weight_TK = scores_TE.gather(1, topk_idx_TK)
+        if cfg.norm_topk_prob and cfg.kind != "switch":
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        if cfg.routed_scaling_factor != 1.0:
+            weight_TK = weight_TK * cfg.routed_scaling_factor
+        return weight_TK
+
+    def replay(self, routing: Routing, topk_idx_TK: torch.Tensor) -> Routing:
+        """``routing`` with the given experts (router replay, ``moekit.replay``) instead of its own
+        top-k; their weights come from this forward's scores, so gradients reach the router."""
+        return dataclasses.replace(routing, topk_idx_TK=topk_idx_TK,
+                                   topk_weight_TK=self.gate_weights(routing.scores_TE, topk_idx_TK))
+
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # The selection bias moves by steps of bias_update_rate (~1e-3): in bfloat16 such steps
         # round away, so it keeps its precision when the module is cast to a 16-bit dtype.
@@ -102,16 +121,11 @@ class TopKRouter(nn.Module):
             keep_TE = group_limited_mask(choice_TE, cfg.n_group, cfg.topk_group, cfg.group_score)
             choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
         topk_idx_TK = choice_TE.topk(self.top_k, dim=-1).indices
-        weight_TK = scores_TE.gather(1, topk_idx_TK)
-        if cfg.norm_topk_prob and cfg.kind != "switch":
-            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
-        if cfg.routed_scaling_factor != 1.0:
-            weight_TK = weight_TK * cfg.routed_scaling_factor
         return Routing(
             logits_TE=logits_TE,
             scores_TE=scores_TE,
             topk_idx_TK=topk_idx_TK,
-            topk_weight_TK=weight_TK,
+            topk_weight_TK=self.gate_weights(scores_TE, topk_idx_TK),
             noise_std_TE=noise_std_TE,
             noisy_logits_TE=noisy_TE,
             score_func=self.score_func,
