@@ -138,15 +138,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=None, help="interleaved repeats (median ratio reported)")
     p.add_argument("--steps", type=int, default=3, help="steps per model per repeat")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's own choice, as a user gets it)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "lm_step.json"))
     args = p.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 9)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     info = cpu_info()
     info["loadavg_start"] = os.getloadavg()
     started = time.time()
-    rows = [measure(False, repeats, args.steps)]
-    if not (args.quick or args.no_compile):
-        rows.append(measure(True, repeats, args.steps))
+    rows = []
+    for compiled in (False, True) if not (args.quick or args.no_compile) else (False,):
+        rows.append(measure(compiled, repeats, args.steps))
+        print(f"{rows[-1]['mode']}: moe/dense {rows[-1]['moe_over_dense']}", flush=True)
     info["loadavg_end"] = os.getloadavg()
     if len(rows) == 2:
         for kind in ("dense", "moe"):

@@ -33,6 +33,8 @@ Run ``python benchmarks/moe_layer.py`` (full) or ``--quick`` (256 tokens, short 
 moekit_unfused, hf_batched_mm, and hf_eager in forward+backward; every shape x dtype x mode stays);
 ``--device cuda`` runs bf16 at GPU sizes. ``--threads 1`` is the fair setting on a loaded machine
 (2-thread OpenMP regions stall on descheduled threads, which hurts many small products most).
+The JSON records the CPU flags, torch's CPU capability, threads, the OpenMP environment and
+moekit's run-time kernel probe (``moekit.dispatch.kernels``).
 Prints a table, writes JSON (rewritten after every shape, ``complete`` false until the end).
 """
 
@@ -112,6 +114,7 @@ def machine_info(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "loadavg_start": os.getloadavg(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "openmp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "KMP_", "GOMP_", "MKL_"))},
         "torch_config": [line.strip(" -") for line in torch.__config__.show().splitlines()
                          if re.search(r"Math Kernel|MKL-DNN|OpenMP|CPU capability", line)],
     }
@@ -133,6 +136,9 @@ def machine_info(device: str) -> dict:
     if mem.exists():
         total = re.search(r"MemTotal:\s+(\d+)", mem.read_text())
         info["mem_total_gb"] = round(int(total.group(1)) / 2**20, 1) if total else None
+    if device == "cpu":
+        from moekit.dispatch.kernels import cpu_kernels
+        info["moekit_cpu_kernels"] = vars(cpu_kernels())  # native bf16, op latency, matmul rate
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         info["gpu"] = props.name
