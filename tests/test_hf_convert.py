@@ -119,7 +119,7 @@ def test_deepseek_with_yarn_rope(family: str, tmp_path: Path) -> None:
 def test_rotary_tables_match_transformers(rope: dict) -> None:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from moekit.hf.rope import rotary_inv_freq
+    from moekit.lm.rope import rotary_inv_freq
 
     config = transformers.GptOssConfig(hidden_size=64, num_attention_heads=4, head_dim=32,
                                        max_position_embeddings=4096 * 40, rope_parameters=dict(rope))

@@ -47,20 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def known_errors() -> tuple[type[BaseException], ...]:
     """Errors that mean bad input or a bad environment, printed as one line; any other is a bug
-    and keeps its traceback. ValueError covers ConfigError, DataError, CheckpointError and
-    CorruptExpertError; FloatingPointError covers ExpertNonFiniteError and a diverged step;
-    OSError covers missing files, full disks and network failures."""
+    and keeps its traceback. CheckpointError (moekit.errors) is every bad checkpoint or model folder;
+    ValueError also covers ConfigError, DataError and CorruptExpertError; FloatingPointError covers
+    ExpertNonFiniteError and a diverged step; OSError covers missing files, full disks and network
+    failures."""
     from safetensors import SafetensorError
 
+    from ..errors import CheckpointError
     from ..parallel.errors import MoekitDistributedError
 
-    return (ValueError, FloatingPointError, OSError, ImportError, SafetensorError, MoekitDistributedError)
+    return (ValueError, CheckpointError, FloatingPointError, OSError, ImportError, SafetensorError,
+            MoekitDistributedError)
 
 
 # The extra (pyproject optional-dependencies) that installs each optional package.
 EXTRA_OF = {"transformers": "hf", "huggingface_hub": "hf", "tensorboard": "train", "datasets": "data",
-            "tokenizers": "data", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
-            "httpx": "serve"}
+            "tokenizers": "data", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve"}
 
 
 def one_line(err: BaseException) -> str:

@@ -1,19 +1,19 @@
-"""Hugging Face transformers interop.
+"""Hugging Face transformers interop: conversion only. The model code it converts to lives in
+``moekit.lm`` (gpt-oss attention and experts in ``lm.gpt_oss``, YaRN rotary tables in
+``lm.rope``); this package imports ``lm``, never the reverse (docs/architecture.md).
 
   blocks   HF sparse MoE block <-> moekit MoE (config mapping, weight sharing or copying).
   inplace  ``patch_model``: swap a loaded transformers model's MoE blocks for moekit layers.
   convert  ``from_hf``: HF checkpoint folder or hub id -> moekit LM, streamed shard by shard.
   export   ``to_hf``: moekit LM -> HF checkpoint folder that transformers loads.
-  gpt_oss  gpt-oss attention (sinks, sliding window) as a moekit.lm attention kind.
-  rope     rotary frequency tables of HF ``rope_parameters`` (default, YaRN).
   testing  tiny random transformers models of every family (tests, docs, benchmarks).
 
 Importing this package does not import transformers; the functions that need it import it.
 """
 
+from ..lm.gpt_oss import ClampedSwiGLUExperts
 from .blocks import (
     FAMILIES,
-    ClampedSwiGLUExperts,
     UnsupportedArchitectureError,
     block_key_map,
     build_moe,

@@ -9,7 +9,7 @@ Shape legend: T tokens, D model dim, E experts, F expert hidden, K top-k, R rout
 Expert weights: transformers 5.x keeps experts as ``gate_up_proj`` (E, 2F, D) and ``down_proj``
 (E, D, F), the layout of moekit's SwiGLUExperts, so a block's tensors become the moekit layer's
 parameters as they are. gpt-oss keeps them transposed, gate/up interleaved and with biases;
-``ClampedSwiGLUExperts`` below computes that expert as stored.
+``moekit.lm.gpt_oss.ClampedSwiGLUExperts`` computes that expert as stored.
 
 Router semantics, and where they meet moekit's TopKRouter:
   mixtral, qwen2_moe, qwen3_moe, olmoe  softmax over E, top-k, optional renormalisation.
@@ -27,7 +27,6 @@ and the experts; moekit's jitter_eps scales only the router input.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +34,8 @@ import torch
 from torch import nn
 
 from ..config import MoEConfig, RouterConfig, SharedExpertConfig
-from ..dispatch.grouped import grouped_matmul
 from ..layer import MoE
+from ..lm.gpt_oss import ClampedSwiGLUExperts
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -148,46 +147,6 @@ def moe_config_from_hf(hf_config: Any, **overrides: Any) -> MoEConfig:
     kwargs.update(overrides)
     return MoEConfig(dim=D, num_experts=E, expert_hidden=F, activation=_activation(hf_config), router=router,
                      shared=shared, **kwargs)
-
-
-class ClampedSwiGLUExperts(nn.Module):
-    """gpt-oss experts, computed as transformers stores them.
-
-    gate_up = x @ gate_up_proj[e] + gate_up_proj_bias[e], with gate = gate_up[..., 0::2] and
-    up = gate_up[..., 1::2] (interleaved); gate clamped above at ``limit``, up to [-limit, limit];
-    h = (up + 1) * gate * sigmoid(alpha * gate); y = h @ down_proj[e] + down_proj_bias[e].
-    gate_up_proj (E, D, 2F), gate_up_proj_bias (E, 2F), down_proj (E, F, D), down_proj_bias (E, D).
-    """
-
-    def __init__(self, num_experts: int, dim: int, hidden: int, alpha: float = 1.702, limit: float = 7.0,
-                 backend: str = "auto") -> None:
-        super().__init__()
-        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
-        self.alpha, self.limit, self.backend = alpha, limit, backend
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
-        self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * hidden))
-        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
-        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, dim))
-        nn.init.normal_(self.gate_up_proj, std=1.0 / math.sqrt(dim))
-        nn.init.normal_(self.down_proj, std=1.0 / math.sqrt(hidden))
-
-    def _glu(self, gate_up_RF2: torch.Tensor) -> torch.Tensor:
-        gate_RF = gate_up_RF2[..., 0::2].clamp(max=self.limit)
-        up_RF = gate_up_RF2[..., 1::2].clamp(min=-self.limit, max=self.limit)
-        return (up_RF + 1) * gate_RF * torch.sigmoid(gate_RF * self.alpha)
-
-    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        dt = x_RD.dtype
-        h_RF2 = grouped_matmul(x_RD, self.gate_up_proj.to(dt), counts_E, self.backend)
-        h_RF2 = h_RF2 + torch.repeat_interleave(self.gate_up_proj_bias.to(dt), counts_E, dim=0,
-                                                output_size=x_RD.shape[0])
-        y_RD = grouped_matmul(self._glu(h_RF2), self.down_proj.to(dt), counts_E, self.backend)
-        return y_RD + torch.repeat_interleave(self.down_proj_bias.to(dt), counts_E, dim=0, output_size=x_RD.shape[0])
-
-    def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
-        dt = x_ND.dtype
-        h_NF2 = x_ND @ self.gate_up_proj[e].to(dt) + self.gate_up_proj_bias[e].to(dt)
-        return self._glu(h_NF2) @ self.down_proj[e].to(dt) + self.down_proj_bias[e].to(dt)
 
 
 def build_moe(hf_config: Any, cls: type[MoE] = MoE, **overrides: Any) -> MoE:

@@ -11,7 +11,7 @@ tensors are taken as they are.
 
 Families: mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, deepseek_v3, gpt_oss (see
 ``blocks.py`` for their routers; gpt-oss attention with sinks, sliding-window layers and YaRN
-rotary scaling is ``gpt_oss.py``, its experts ``blocks.ClampedSwiGLUExperts``; DeepSeek's YaRN
+rotary scaling and its clamped SwiGLU experts are ``moekit.lm.gpt_oss``; DeepSeek's YaRN
 scaling is handled by ``moekit.lm.mla``). Mixtral's and Qwen3-MoE's ``sliding_window`` (every layer
 windowed) becomes ``attention_options.sliding_window`` of moekit's ``mha`` attention; per-layer
 windows elsewhere (Qwen2-MoE's ``layer_types``) and scaled rotary embeddings outside the YaRN
@@ -37,9 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..lm import LM, LMConfig
 from ..lm.config import read_json
-from .blocks import ClampedSwiGLUExperts, UnsupportedArchitectureError, block_key_map, family_of, moe_config_from_hf
+from ..lm.gpt_oss import ClampedSwiGLUExperts
+from .blocks import UnsupportedArchitectureError, block_key_map, family_of, moe_config_from_hf
 
 INDEX_NAME = "model.safetensors.index.json"
 # Families whose YaRN-scaled rotary embeddings moekit.lm computes (others: default rope only).
@@ -49,10 +51,6 @@ CONVERTIBLE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "dee
 # Tokenizer and generation files copied beside converted weights when present.
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
               "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or tensor does not fit; the message names the file and tensor."""
 
 
 class OutputFolderError(CheckpointError):

@@ -174,7 +174,7 @@ def _gpt_oss_config(model: LM, source: dict[str, Any]) -> Any:
     """gpt-oss exports only as it was converted: its source config, checked against the model."""
     import transformers
 
-    from .blocks import ClampedSwiGLUExperts
+    from ..lm.gpt_oss import ClampedSwiGLUExperts
 
     cfg = model.config
     _require(source.get("model_type") == "gpt_oss" and cfg.attention == "gpt_oss", "gpt_oss",

@@ -27,10 +27,15 @@ from ..layer import MoE
 from ..router import Routing
 from .blocks import family_of, moe_from_hf_block
 
-try:  # transformers >= 5: the context-local collector its output-capturing hooks append to.
-    from transformers.utils.output_capturing import _active_collector
-except ImportError:  # releases without this module: patched layers record no router logits
-    _active_collector = None
+def router_logit_collector() -> Any:
+    """transformers >= 5: the context-local collector its output-capturing hooks append to; None for
+    releases without it (patched layers then record no router logits). Imported when a model is
+    patched, so that importing moekit does not import transformers."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:
+        return None
+    return _active_collector
 
 
 class PatchedMoE(MoE):
@@ -38,6 +43,7 @@ class PatchedMoE(MoE):
 
     returns_tuple: bool = False
     hf_block: nn.Module | None = None
+    collector: Any = None
 
     def forward(self, x: torch.Tensor) -> Any:  # type: ignore[override]
         out = super().forward(x)
@@ -48,7 +54,7 @@ class PatchedMoE(MoE):
 
     def _record(self, routing: Routing, plan: Any, batch: int, valid_T: torch.Tensor | None = None) -> None:
         super()._record(routing, plan, batch, valid_T)
-        collected = None if _active_collector is None else _active_collector.get()
+        collected = None if self.collector is None else self.collector.get()
         if collected is not None and "router_logits" in collected:
             collected["router_logits"].append(routing.logits_TE)
 
@@ -71,10 +77,12 @@ def patch_model(hf_model: nn.Module, **overrides: Any) -> list[str]:
     if not targets:
         raise ValueError(f"{type(hf_model).__name__} (model_type={fam.model_type!r}) has no {fam.block_class} "
                          f"to replace; was it patched already?")
+    collector = router_logit_collector()
     for name, block in targets:
         moe = moe_from_hf_block(block, config, share=True, cls=PatchedMoE, **overrides)
         assert isinstance(moe, PatchedMoE)
         moe.returns_tuple = fam.returns_tuple
+        moe.collector = collector
         # Kept outside the module tree so parameters are not listed twice.
         object.__setattr__(moe, "hf_block", block)
         moe.layer_name = name

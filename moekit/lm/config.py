@@ -23,7 +23,7 @@ from ..config import ConfigError, MoEConfig
 ATTENTION_REGISTRY: dict[str, str] = {
     "mha": "moekit.lm.model:Attention",
     "mla": "moekit.lm.mla:MLAttention",
-    "gpt_oss": "moekit.hf.gpt_oss:GptOssAttention",
+    "gpt_oss": "moekit.lm.gpt_oss:GptOssAttention",
 }
 QK_NORMS = ("none", "head", "full")
 

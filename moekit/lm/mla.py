@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ..hf.rope import rotary_inv_freq, yarn_mscale
 from .config import LMConfig
 from .model import KVCache, RMSNorm, causal_mask
+from .rope import rotary_inv_freq, yarn_mscale
 
 _REQUIRED = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 _OPTIONAL: dict[str, Any] = {"q_lora_rank": None, "rope_interleave": True, "attention_bias": False, "rope": None}

@@ -34,15 +34,13 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckpointError
+
 FORMAT = "moekit-checkpoint-v2"
 LEGACY_FORMATS = ("moekit-checkpoint-v1",)
 STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
 TEMP_FILE = re.compile(r"^\.(?:step_\d+\.safetensors|latest|metrics\.jsonl|config\.json)\.(\d+)\.tmp$")
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be used; the message names the file."""
 
 
 class ChecksumError(CheckpointError):

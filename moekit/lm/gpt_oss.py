@@ -1,5 +1,6 @@
-"""gpt-oss attention for ``moekit.lm`` (attention kind ``"gpt_oss"``), following OpenAI's gpt-oss
-model card (arXiv 2508.10925) as implemented by transformers' GptOssAttention.
+"""gpt-oss model parts for ``moekit.lm``: its attention (attention kind ``"gpt_oss"``) and its
+clamped SwiGLU experts, following OpenAI's gpt-oss model card (arXiv 2508.10925) as implemented
+by transformers' GptOssAttention and GptOssExperts.
 
 Grouped-query attention with q/k/v/o biases and rotary positions (rotate-half layout; default
 or YaRN frequencies, see ``rope.py``), plus two differences from Llama:
@@ -7,25 +8,28 @@ or YaRN frequencies, see ``rope.py``), plus two differences from Llama:
                    p_j = exp(s_j) / (exp(sink_h) + sum_j' exp(s_j')), so rows may sum to < 1.
   sliding window   layers whose ``layer_types`` entry is "sliding_attention" let query i see
                    keys j with i - window < j <= i; "full_attention" layers see every j <= i.
-The MoE feed-forward is moekit's MoE with ``blocks.ClampedSwiGLUExperts`` and a router bias.
+The MoE feed-forward is moekit's MoE with ``ClampedSwiGLUExperts`` (below) and a router bias.
 
 Options (``LMConfig.attention_options``): layer_types (list, one entry per layer),
 sliding_window (int), rope (an HF ``rope_parameters`` dict), attention_bias (True).
 
-Shape legend: B batch, S new positions, P cached positions, L = P + S key positions, D model dim,
-H query heads, G key/value heads, Hd head dim.
+Shape letters (docs/architecture.md): B batch, S new positions, P cached positions, L = P + S key
+positions, D model dim, H query heads, G key/value heads, Hd head dim; experts: R rows grouped by
+expert, E experts, F expert hidden, U = 2F gate/up width, N one expert's rows.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..lm.config import LMConfig
-from ..lm.model import KVCache, apply_rotary
+from ..dispatch.grouped import grouped_matmul
+from .config import LMConfig
+from .model import KVCache, apply_rotary
 from .rope import rotary_inv_freq
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -108,3 +112,43 @@ class GptOssAttention(nn.Module):
         probs_BHSL = torch.softmax(torch.cat([scores_BHSL, sinks_BHS1], dim=-1), dim=-1)[..., :-1]
         y_BHSHd = probs_BHSL.to(v_BHLHd.dtype) @ v_BHLHd
         return self.o_proj(y_BHSHd.transpose(1, 2).reshape(B, S, H * Hd))
+
+
+class ClampedSwiGLUExperts(nn.Module):
+    """gpt-oss experts, computed as transformers stores them.
+
+    gate_up = x @ gate_up_proj[e] + gate_up_proj_bias[e], with gate = gate_up[..., 0::2] and
+    up = gate_up[..., 1::2] (interleaved); gate clamped above at ``limit``, up to [-limit, limit];
+    h = (up + 1) * gate * sigmoid(alpha * gate); y = h @ down_proj[e] + down_proj_bias[e].
+    gate_up_proj (E, D, U), gate_up_proj_bias (E, U), down_proj (E, F, D), down_proj_bias (E, D).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, alpha: float = 1.702, limit: float = 7.0,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.alpha, self.limit, self.backend = alpha, limit, backend
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(num_experts, 2 * hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, dim))
+        nn.init.normal_(self.gate_up_proj, std=1.0 / math.sqrt(dim))
+        nn.init.normal_(self.down_proj, std=1.0 / math.sqrt(hidden))
+
+    def _glu(self, gate_up_RU: torch.Tensor) -> torch.Tensor:
+        gate_RF = gate_up_RU[..., 0::2].clamp(max=self.limit)
+        up_RF = gate_up_RU[..., 1::2].clamp(min=-self.limit, max=self.limit)
+        return (up_RF + 1) * gate_RF * torch.sigmoid(gate_RF * self.alpha)
+
+    def forward(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        dt = x_RD.dtype
+        h_RU = grouped_matmul(x_RD, self.gate_up_proj.to(dt), counts_E, self.backend)
+        h_RU = h_RU + torch.repeat_interleave(self.gate_up_proj_bias.to(dt), counts_E, dim=0,
+                                              output_size=x_RD.shape[0])
+        y_RD = grouped_matmul(self._glu(h_RU), self.down_proj.to(dt), counts_E, self.backend)
+        return y_RD + torch.repeat_interleave(self.down_proj_bias.to(dt), counts_E, dim=0, output_size=x_RD.shape[0])
+
+    def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        dt = x_ND.dtype
+        h_NU = x_ND @ self.gate_up_proj[e].to(dt) + self.gate_up_proj_bias[e].to(dt)
+        return self._glu(h_NU) @ self.down_proj[e].to(dt) + self.down_proj_bias[e].to(dt)
