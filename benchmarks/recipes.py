@@ -291,10 +291,10 @@ def _json(v: Any) -> Any:
 
 
 def _plot_upcycle(out: Path, curves: dict[str, list]) -> None:
-    from moekit.report.plots import _plt, _png
+    from moekit.report.plots import new_figure, png
 
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure((6, 4))
+    ax = fig.subplots()
     for name, pts in curves.items():
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
     ax.set_xlabel("continuation tokens")
@@ -302,7 +302,7 @@ def _plot_upcycle(out: Path, curves: dict[str, list]) -> None:
     ax.set_title("sparse upcycling vs dense continued")
     ax.grid(alpha=0.3)
     ax.legend()
-    (out / "upcycle_curves.png").write_bytes(_png(fig))
+    (out / "upcycle_curves.png").write_bytes(png(fig))
 
 
 def print_table(s: dict[str, Any]) -> None:

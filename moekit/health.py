@@ -266,10 +266,10 @@ def mask_sweep(trainer: Any, max_masked: int | None = None, strategy: str = "ran
 
 def plot_mask_sweep(curves: dict[str, list[dict[str, Any]]]) -> bytes:
     """PNG: validation loss against experts masked per layer, one line per curve name."""
-    from .report.plots import _plt, _png
+    from .report.plots import new_figure, png
 
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = new_figure((6, 4))
+    ax = fig.subplots()
     for name, rows in curves.items():
         xs = [r["masked"] for r in rows]
         ys = [r["loss"] for r in rows]
@@ -279,4 +279,4 @@ def plot_mask_sweep(curves: dict[str, list[dict[str, Any]]]) -> bytes:
     ax.set_title("degradation under expert masking")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _png(fig)
+    return png(fig)

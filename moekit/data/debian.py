@@ -1,21 +1,20 @@
 """Real text from Debian packages: fortune cookie files and translated manual pages.
 
 Packages are fetched with ``apt-get download`` (no root needed once the package lists exist;
-as root, a missing list triggers one ``apt-get update``) and unpacked with ``dpkg -x`` into a
-cache folder, or by a small reader of the .deb format (an ``ar`` archive holding
-``data.tar.{xz,gz,bz2}``) where dpkg is absent. Parsers turn fortune files (entries separated by
-lines holding ``%``) and roff manual pages into plain-text documents.
+as root, a missing list triggers one ``apt-get update``) and unpacked with ``dpkg-deb -x`` into a
+cache folder. dpkg (which holds dpkg-deb) is an Essential package on every Debian-based system,
+so each machine with apt-get has it; a machine without both reports the packages as unavailable
+and the corpus build falls back to its Python-only corpus. Parsers turn fortune files (entries
+separated by lines holding ``%``) and roff manual pages into plain-text documents.
 """
 
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import re
 import shutil
 import subprocess
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +37,16 @@ def fetch_debs(packages: list[str], dest: str | Path) -> FetchResult:
     """Download ``packages`` as .deb files into ``dest`` (kept as a cache; present files are reused).
 
     Tries ``apt-get download``; if it fails because package lists are missing and we are root,
-    runs ``apt-get update`` once and retries. Packages still missing are returned with the reason.
+    runs ``apt-get update`` once and retries. Packages still missing are returned with the reason;
+    without ``dpkg-deb`` (needed to unpack them) every package is missing, cached or not.
     """
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
+    if shutil.which("dpkg-deb") is None:
+        why = ("apt-get is not available on this machine" if shutil.which("apt-get") is None
+               else "dpkg-deb is not available on this machine (needed to unpack .deb files)")
+        return FetchResult({}, {p: why for p in packages}, notes)
     debs = {p: d for p in packages if (d := _find_deb(dest, p)) is not None}
     todo = [p for p in packages if p not in debs]
     missing: dict[str, str] = {}
@@ -81,7 +85,7 @@ def _last_line(text: str) -> str:
 
 
 def unpack_deb(deb: str | Path, dest: str | Path) -> Path:
-    """Extract a .deb's files into ``dest`` (``dpkg -x``, or the built-in reader); returns dest.
+    """Extract a .deb's files into ``dest`` with ``dpkg-deb -x``; returns dest.
 
     Extraction goes to a temporary sibling folder that is renamed into place at the end, so a
     half-unpacked package is never taken for a complete one.
@@ -89,39 +93,17 @@ def unpack_deb(deb: str | Path, dest: str | Path) -> Path:
     deb, dest = Path(deb), Path(dest)
     if dest.is_dir():
         return dest
+    if shutil.which("dpkg-deb") is None:
+        raise DataError(f"cannot unpack {deb}: dpkg-deb is not installed (it comes with dpkg on Debian-based systems)")
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if shutil.which("dpkg-deb") is not None:
-        result = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True, text=True)
-        if result.returncode != 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"cannot unpack {deb}: {_last_line(result.stderr)}")
-    else:
-        _unpack_deb_python(deb, tmp)
+    result = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True, text=True)
+    if result.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"cannot unpack {deb}: {_last_line(result.stderr)}")
     os.replace(tmp, dest)
     return dest
-
-
-def _unpack_deb_python(deb: Path, dest: Path) -> None:
-    data = deb.read_bytes()
-    if not data.startswith(b"!<arch>\n"):
-        raise DataError(f"{deb} is not a Debian package (no ar archive header)")
-    pos = 8
-    while pos + 60 <= len(data):
-        header = data[pos:pos + 60]
-        name = header[:16].decode("ascii", "replace").strip().rstrip("/")
-        size = int(header[48:58].decode("ascii").strip())
-        body = data[pos + 60:pos + 60 + size]
-        if name.startswith("data.tar"):
-            try:
-                with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-                    tar.extractall(dest, filter="data")
-            except tarfile.TarError as err:
-                raise DataError(f"{deb}: cannot read {name}: {err}") from None
-            return
-        pos += 60 + size + (size % 2)
-    raise DataError(f"{deb} has no data.tar member")
 
 
 # ---------------------------------------------------------------------- parsers
