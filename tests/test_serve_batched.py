@@ -269,3 +269,60 @@ def test_engine_survives_a_failing_step():
         assert events[0][-1]["type"] == "done"
     finally:
         engine.stop()
+
+
+ATTENTION_KINDS = {
+    "mla": {"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8},
+    "gpt_oss": {"layer_types": ["sliding_attention", "full_attention"], "sliding_window": 3,
+                "rope": {"rope_type": "default", "rope_theta": 10000.0}},
+}
+
+
+@pytest.mark.parametrize("kind", ["list", "pool"])
+@pytest.mark.parametrize("attention", sorted(ATTENTION_KINDS))
+def test_steps_serve_every_attention_kind_through_lm_forward(attention, kind):
+    """The cache protocol carries MLA's latent cache and gpt-oss's sinks and per-layer window:
+    packed prefill and batched decode (past the window) equal LM.forward on each whole sequence."""
+    torch.manual_seed(0)
+    model = tiny_lm(attention=attention, attention_options=ATTENTION_KINDS[attention], n_kv_heads=2)
+    if attention == "gpt_oss":
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.self_attn.sinks.normal_()
+    history = torch.randint(0, 257, (1, 4))
+    caches = new_caches(model, 3, kind)
+    with torch.no_grad():
+        model(history, cache=caches[2])
+    prompts = [torch.randint(0, 257, (n,)) for n in (5, 1, 3)]
+    seqs = [prompts[0].tolist(), prompts[1].tolist(), history[0].tolist() + prompts[2].tolist()]
+    logits_BV, _ = prefill_step(model, prompts, caches)
+    with torch.no_grad():
+        for step in range(4):
+            for b, seq in enumerate(seqs):
+                torch.testing.assert_close(logits_BV[b], model(torch.tensor([seq]))[0, -1], rtol=1e-4, atol=1e-5)
+            tokens_B = torch.tensor([3 + step, 50 + step, 100 + step])
+            logits_BV = decode_step(model, tokens_B, caches)
+            for b, seq in enumerate(seqs):
+                seq.append(int(tokens_B[b]))
+    assert [c.length for c in caches] == [len(s) for s in seqs]
+
+
+def test_lm_forward_takes_per_row_positions():
+    model = tiny_lm(attention_options={"sliding_window": 4})
+    ids = torch.randint(0, 257, (3, 7))
+    with torch.no_grad():
+        ref = model(ids)
+        # Rotary scores depend on relative positions only: shifting each row's positions keeps the logits.
+        shifted = torch.arange(7)[None] + torch.tensor([[0], [5], [30]])
+        torch.testing.assert_close(model(ids, positions=shifted), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(ids, positions=torch.arange(7)), ref, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids, logits_at=torch.tensor([6, 2])), ref[:, [6, 2]], rtol=0, atol=0)
+        # Positions order the keys: a row given descending positions sees only itself and later tokens.
+        reverse = model(ids[:1].flip(1), positions=torch.arange(7).flip(0))
+        torch.testing.assert_close(reverse[0, 0], ref[0, -1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="pass positions or a cache, not both"):
+        model(ids, cache=KVCache(2), positions=torch.arange(7))
+    with pytest.raises(ValueError, match=r"positions must be \(B, S\) or \(S,\) long >= 0"):
+        model(ids, positions=torch.arange(6))
+    with pytest.raises(ValueError, match="65 positions exceed max_seq_len=64"):
+        model(ids, positions=torch.arange(7) + 58)

@@ -29,7 +29,7 @@ from torch import nn
 from ..config import ConfigError
 from ..dispatch.grouped import grouped_matmul
 from .config import LMConfig
-from .model import KVCache, apply_rotary
+from .model import Cache, NoCache, apply_rotary, attend_visible, causal_mask
 from .rope import rotary_inv_freq
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -55,7 +55,7 @@ def gpt_oss_options(cfg: LMConfig) -> dict[str, Any]:
 
 
 class GptOssAttention(nn.Module):
-    """forward(x_BSD, positions_S, cache) -> y_BSD; caches keys and values (all positions)."""
+    """forward(x_BSD, positions_BS, cache) -> y_BSD; caches keys and values (all positions)."""
 
     def __init__(self, cfg: LMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -76,42 +76,40 @@ class GptOssAttention(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.scale = Hd ** -0.5
 
-    def _cos_sin(self, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs_SHd2 = positions_S.float()[:, None] * self.inv_freq[None, :]
-        emb_SHd = torch.cat([freqs_SHd2, freqs_SHd2], dim=-1)
-        return emb_SHd.cos() * self.rope_scale, emb_SHd.sin() * self.rope_scale
+    def _cos_sin(self, positions_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, S) -> cos, sin (B, 1, S, Hd), times the rope scale."""
+        freqs_BSHd2 = positions_BS.float()[..., None] * self.inv_freq
+        emb_B1SHd = torch.cat([freqs_BSHd2, freqs_BSHd2], dim=-1)[:, None]
+        return emb_B1SHd.cos() * self.rope_scale, emb_B1SHd.sin() * self.rope_scale
 
-    def _mask(self, S: int, P: int, device: torch.device) -> torch.Tensor:
-        """Bool (S, L): query P + s sees key j."""
-        query_S1 = torch.arange(P, P + S, device=device)[:, None]
-        key_1L = torch.arange(P + S, device=device)[None, :]
-        seen_SL = key_1L <= query_S1
-        if self.window is not None:
-            seen_SL &= key_1L > query_S1 - self.window
-        return seen_SL
-
-    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, positions_BS: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         H, G, Hd = self.n_heads, self.n_kv, self.head_dim
+        cache = NoCache(positions_BS) if cache is None else cache
         q_BHSHd = self.q_proj(x_BSD).view(B, S, H, Hd).transpose(1, 2)
         k_BGSHd = self.k_proj(x_BSD).view(B, S, G, Hd).transpose(1, 2)
         v_BGSHd = self.v_proj(x_BSD).view(B, S, G, Hd).transpose(1, 2)
-        cos_SHd, sin_SHd = self._cos_sin(positions_S)
-        q_BHSHd = apply_rotary(q_BHSHd, cos_SHd, sin_SHd)
-        k_BGSHd = apply_rotary(k_BGSHd, cos_SHd, sin_SHd)
-        P = 0
-        if cache is not None:
-            P = cache.length
-            k_BGSHd, v_BGSHd = cache.update(self.layer_idx, k_BGSHd, v_BGSHd)
-        k_BHLHd = k_BGSHd.repeat_interleave(H // G, dim=1)
-        v_BHLHd = v_BGSHd.repeat_interleave(H // G, dim=1)
-        # Softmax in float32 over the keys and the head's sink logit, which is then dropped.
+        cos_B1SHd, sin_B1SHd = self._cos_sin(positions_BS)
+        q_BHSHd = apply_rotary(q_BHSHd, cos_B1SHd, sin_B1SHd)
+        k_BGSHd = apply_rotary(k_BGSHd, cos_B1SHd, sin_B1SHd)
+        k_BGLHd, v_BGLHd = cache.update(self.layer_idx, k_BGSHd, v_BGSHd)
+        k_BHLHd = k_BGLHd.repeat_interleave(H // G, dim=1)
+        v_BHLHd = v_BGLHd.repeat_interleave(H // G, dim=1)
+        y_BHSHd = attend_visible(self._attend, q_BHSHd, k_BHLHd, v_BHLHd, cache.visible(positions_BS, self.window))
+        return self.o_proj(y_BHSHd.transpose(1, 2).reshape(B, S, H * Hd))
+
+    def _attend(self, q_BHSHd: torch.Tensor, k_BHLHd: torch.Tensor, v_BHLHd: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention where ``mask`` is True (None: causal, L = S), softmax in float32 over the keys
+        and the head's sink logit, which is then dropped."""
+        B, H, S, _ = q_BHSHd.shape
+        if mask is None:
+            mask = causal_mask(S, 0, q_BHSHd.device)
         scores_BHSL = (q_BHSHd.float() @ k_BHLHd.float().transpose(-1, -2)) * self.scale
-        scores_BHSL = scores_BHSL.masked_fill(~self._mask(S, P, x_BSD.device), float("-inf"))
+        scores_BHSL = scores_BHSL.masked_fill(~mask, float("-inf"))
         sinks_BHS1 = self.sinks.float().view(1, H, 1, 1).expand(B, H, S, 1)
         probs_BHSL = torch.softmax(torch.cat([scores_BHSL, sinks_BHS1], dim=-1), dim=-1)[..., :-1]
-        y_BHSHd = probs_BHSL.to(v_BHLHd.dtype) @ v_BHLHd
-        return self.o_proj(y_BHSHd.transpose(1, 2).reshape(B, S, H * Hd))
+        return probs_BHSL.to(v_BHLHd.dtype) @ v_BHLHd
 
 
 class ClampedSwiGLUExperts(nn.Module):

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import ConfigError
 from .config import LMConfig
-from .model import KVCache, RMSNorm, causal_mask
+from .model import Cache, NoCache, RMSNorm, attend_visible
 from .rope import rotary_inv_freq, yarn_mscale
 
 _REQUIRED = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -65,7 +65,7 @@ def mla_options(cfg: LMConfig) -> dict[str, Any]:
 
 
 class MLAttention(nn.Module):
-    """forward(x_BSD, positions_S, cache) -> y_BSD, caching (latent, rotary key) per layer."""
+    """forward(x_BSD, positions_BS, cache) -> y_BSD, caching (latent, rotary key) per layer."""
 
     def __init__(self, cfg: LMConfig, layer_idx: int) -> None:
         super().__init__()
@@ -93,9 +93,12 @@ class MLAttention(nn.Module):
             self.scale *= yarn_mscale(float(rope["factor"]), rope["mscale_all_dim"]) ** 2
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def _rotate(self, x_XSR: torch.Tensor, positions_S: torch.Tensor) -> torch.Tensor:
-        angle_SR2 = positions_S.float()[:, None] * self.inv_freq[None, :]
-        cos, sin = angle_SR2.cos() * self.rope_scale, angle_SR2.sin() * self.rope_scale
+    def _cos_sin(self, positions_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, S) -> cos, sin (B, S, R/2), times the rope scale."""
+        angle_BSR2 = positions_BS.float()[..., None] * self.inv_freq
+        return angle_BSR2.cos() * self.rope_scale, angle_BSR2.sin() * self.rope_scale
+
+    def _rotate(self, x_XSR: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x32 = x_XSR.float()
         if self.interleave:
             x1, x2 = x32[..., 0::2], x32[..., 1::2]
@@ -103,9 +106,10 @@ class MLAttention(nn.Module):
             x1, x2 = x32.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_XSR.dtype)
 
-    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, positions_BS: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         H = self.n_heads
+        cache = NoCache(positions_BS) if cache is None else cache
         if hasattr(self, "q_proj"):
             q_BSX = self.q_proj(x_BSD)
         else:
@@ -114,20 +118,19 @@ class MLAttention(nn.Module):
         q_nope_BHSN, q_rope_BHSR = q_BHSX.split([self.nope, self.rope], dim=-1)
         c_BSC, k_rope_BSR = self.kv_a_proj_with_mqa(x_BSD).split([self.rank, self.rope], dim=-1)
         c_BSC = self.kv_a_layernorm(c_BSC)
-        q_rope_BHSR = self._rotate(q_rope_BHSR, positions_S)
-        k_rope_BSR = self._rotate(k_rope_BSR, positions_S)
-        P = 0
-        if cache is not None:
-            P = cache.length
-            c_BSC, k_rope_BSR = cache.update(self.layer_idx, c_BSC, k_rope_BSR)
-        L = c_BSC.shape[1]
-        kv_BHLX = self.kv_b_proj(c_BSC).view(B, L, H, self.nope + self.v_dim).transpose(1, 2)
+        cos_BSR2, sin_BSR2 = self._cos_sin(positions_BS)
+        q_rope_BHSR = self._rotate(q_rope_BHSR, cos_BSR2[:, None], sin_BSR2[:, None])
+        k_rope_BSR = self._rotate(k_rope_BSR, cos_BSR2, sin_BSR2)
+        c_BLC, k_rope_BLR = cache.update(self.layer_idx, c_BSC, k_rope_BSR)
+        L = c_BLC.shape[1]
+        kv_BHLX = self.kv_b_proj(c_BLC).view(B, L, H, self.nope + self.v_dim).transpose(1, 2)
         k_nope_BHLN, v_BHLV = kv_BHLX.split([self.nope, self.v_dim], dim=-1)
-        k_BHLX = torch.cat([k_nope_BHLN, k_rope_BSR[:, None].expand(B, H, L, self.rope)], dim=-1)
+        k_BHLX = torch.cat([k_nope_BHLN, k_rope_BLR[:, None].expand(B, H, L, self.rope)], dim=-1)
         q_BHSX = torch.cat([q_nope_BHSN, q_rope_BHSR], dim=-1)
-        if P == 0:
-            y_BHSV = F.scaled_dot_product_attention(q_BHSX, k_BHLX, v_BHLV, is_causal=True, scale=self.scale)
-        else:
-            mask_SL = causal_mask(S, P, x_BSD.device)
-            y_BHSV = F.scaled_dot_product_attention(q_BHSX, k_BHLX, v_BHLV, attn_mask=mask_SL, scale=self.scale)
+        y_BHSV = attend_visible(self._attend, q_BHSX, k_BHLX, v_BHLV, cache.visible(positions_BS, None))
         return self.o_proj(y_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
+    def _attend(self, q_BHSX: torch.Tensor, k_BHLX: torch.Tensor, v_BHLV: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q_BHSX, k_BHLX, v_BHLV, attn_mask=mask, is_causal=mask is None,
+                                              scale=self.scale)

@@ -7,15 +7,22 @@ of Su et al. 2021 in the rotate-half layout, SwiGLU of Shazeer 2020); MoE blocks
 (embed_tokens, layers.N.self_attn.q_proj, input_layernorm, mlp, norm, lm_head) so checkpoint
 conversion is a rename.
 
+Caches: ``LM.forward`` and every attention kind talk to a cache through one protocol (``Cache``):
+the cache gives each row's positions, stores the new keys/values (or whatever the attention kind
+caches), and says which keys each new query sees. ``KVCache`` is the growing cache of
+``generate``; ``NoCache`` is the protocol with nothing kept (plain forward); the serving engine's
+row batches and packed prompts (``moekit.serve.batched``) implement it too, so one forward serves
+all. As gpt-fast's ``input_pos``, positions are per token: (B, S), or (1, S) when rows share them.
+
 Shape legend: B batch, S new positions, P cached positions, L = P + S key positions,
-D model dim, H query heads, G key/value heads, Hd head dim, V vocabulary, F hidden.
+D model dim, H query heads, G key/value heads, Hd head dim, V vocabulary, F hidden, X any width.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +55,11 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions_S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs_SHd2 = positions_S.float()[:, None] * self.inv_freq[None, :]
-        emb_SHd = torch.cat([freqs_SHd2, freqs_SHd2], dim=-1)
-        return emb_SHd.cos(), emb_SHd.sin()
+    def forward(self, positions_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, S) -> cos, sin (B, 1, S, Hd), broadcasting over heads."""
+        freqs_BSHd2 = positions_BS.float()[..., None] * self.inv_freq
+        emb_B1SHd = torch.cat([freqs_BSHd2, freqs_BSHd2], dim=-1)[:, None]
+        return emb_B1SHd.cos(), emb_B1SHd.sin()
 
 
 def apply_rotary(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
@@ -60,22 +68,118 @@ def apply_rotary(x_BHSHd: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Te
     return (x_BHSHd.float() * cos_SHd + rotated.float() * sin_SHd).to(x_BHSHd.dtype)
 
 
-class KVCache:
-    """Per-layer cached tensors, appended along the position axis (dim -2).
+ALL = slice(None)
 
-    Each attention kind decides what it stores (keys and values for ``mha``; MLA may store its
-    latent); ``update`` returns the full cached tensors including the new positions.
-    """
+
+class Visible(NamedTuple):
+    """Queries ``queries`` (a slice of S) attend to keys ``keys`` (a slice of L) where ``mask``
+    (bool, broadcastable to (B, 1, S', L')) is True; mask None: causal with no cached key (SDPA's
+    ``is_causal``). A packed batch of sequences gives one Visible per sequence."""
+    queries: slice
+    keys: slice
+    mask: torch.Tensor | None
+
+
+class Cache(Protocol):
+    """What ``LM.forward`` and the attention layers ask of a cache (``KVCache``, ``NoCache``, and
+    the serving caches of ``moekit.serve.batched``). Lengths grow only in ``advance``, called once
+    the whole forward succeeded."""
+
+    def end(self, S: int) -> int:
+        """Positions in use after S new tokens (the longest row); checked against max_seq_len."""
+        ...
+
+    def positions(self, S: int, device: torch.device) -> torch.Tensor:
+        """Positions of the next S tokens, (B, S) long, or (1, S) when every row shares them."""
+        ...
+
+    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store layer ``layer``'s new entries (B, ..., S, X) (each attention kind picks what it
+        stores) and return every row's entries (B, ..., L, X), the new ones included."""
+        ...
+
+    def visible(self, positions_BS: torch.Tensor, window: int | None) -> list[Visible]:
+        """Which of ``update``'s L keys each new query sees (causal, within ``window``)."""
+        ...
+
+    def advance(self, S: int) -> None:
+        """The forward finished: every row holds S more positions."""
+        ...
+
+
+class KVCache:
+    """The ``Cache`` of one batch whose rows share their length: per-layer tensors appended along
+    the position axis (dim -2). ``update`` returns the full cached tensors, new positions included."""
 
     def __init__(self, n_layers: int) -> None:
         self.layers: list[tuple[torch.Tensor, ...] | None] = [None] * n_layers
         self.length = 0
+
+    def end(self, S: int) -> int:
+        return self.length + S
+
+    def positions(self, S: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.length, self.length + S, device=device)[None]
 
     def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         old = self.layers[layer]
         full = new if old is None else tuple(torch.cat([o, n], dim=-2) for o, n in zip(old, new))
         self.layers[layer] = full
         return full
+
+    def visible(self, positions_BS: torch.Tensor, window: int | None) -> list[Visible]:
+        if self.length == 0 and window is None:
+            return [Visible(ALL, ALL, None)]
+        return [Visible(ALL, ALL, causal_mask(positions_BS.shape[-1], self.length, positions_BS.device, window))]
+
+    def advance(self, S: int) -> None:
+        self.length += S
+
+
+class NoCache:
+    """The ``Cache`` with nothing kept: a forward attends over its own tokens. With ``positions_BS``
+    (explicit per-row positions) query s sees key j when pos_j <= pos_s (and pos_s - pos_j <
+    window); without, positions are 0..S-1."""
+
+    def __init__(self, positions_BS: torch.Tensor | None = None) -> None:
+        self.given = positions_BS
+
+    def end(self, S: int) -> int:
+        return S if self.given is None else int(self.given.max()) + 1
+
+    def positions(self, S: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(S, device=device)[None] if self.given is None else self.given
+
+    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return new
+
+    def visible(self, positions_BS: torch.Tensor, window: int | None) -> list[Visible]:
+        if self.given is None:
+            return KVCache(0).visible(positions_BS, window)
+        return [Visible(ALL, ALL, position_mask(positions_BS, positions_BS, window))]
+
+    def advance(self, S: int) -> None:
+        pass
+
+
+def position_mask(query_pos_BS: torch.Tensor, key_pos_BL: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Bool (B, 1, S, L): query s sees key j when pos_j <= pos_s, and with a sliding ``window``
+    when pos_s - window < pos_j as well."""
+    query_BS1, key_B1L = query_pos_BS[:, :, None], key_pos_BL[:, None, :]
+    seen_BSL = key_B1L <= query_BS1
+    if window is not None:
+        seen_BSL &= key_B1L > query_BS1 - window
+    return seen_BSL[:, None]
+
+
+def attend_visible(attend: Any, q_BHSX: torch.Tensor, k_BHLX: torch.Tensor, v_BHLX: torch.Tensor,
+                   spans: list[Visible]) -> torch.Tensor:
+    """``attend(q, k, v, mask)`` over each ``Visible`` span (the position axis is -2), outputs
+    concatenated along S."""
+    if len(spans) == 1 and spans[0].queries == ALL and spans[0].keys == ALL:
+        return attend(q_BHSX, k_BHLX, v_BHLX, spans[0].mask)
+    return torch.cat([attend(q_BHSX[..., sp.queries, :], k_BHLX[..., sp.keys, :], v_BHLX[..., sp.keys, :], sp.mask)
+                      for sp in spans], dim=-2)
 
 
 def causal_mask(S: int, P: int, device: torch.device, window: int | None = None) -> torch.Tensor:
@@ -121,21 +225,18 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = RMSNorm(H * Hd, cfg.norm_eps), RMSNorm(G * Hd, cfg.norm_eps)
         self.rotary = Rotary(Hd, cfg.rope_theta)
 
-    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, positions_BS: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q_BHSHd, k_BGSHd, v_BGSHd = self.rotated_heads(x_BSD, *self.rotary(positions_S))
-        P = 0
-        if cache is not None:
-            P = cache.length
-            k_BGSHd, v_BGSHd = cache.update(self.layer_idx, k_BGSHd, v_BGSHd)
-        y_BHSHd = self.attend(q_BHSHd, k_BGSHd, v_BGSHd, P)
+        cache = NoCache(positions_BS) if cache is None else cache
+        q_BHSHd, k_BGSHd, v_BGSHd = self.rotated_heads(x_BSD, *self.rotary(positions_BS))
+        k_BGLHd, v_BGLHd = cache.update(self.layer_idx, k_BGSHd, v_BGSHd)
+        y_BHSHd = attend_visible(self.attend, q_BHSHd, k_BGLHd, v_BGLHd, cache.visible(positions_BS, self.window))
         return self.o_proj(y_BHSHd.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
     def rotated_heads(self, x_BSD: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, S, D) -> q (B, H, S, Hd), k and v (B, G, S, Hd): projections, q/k norms, and rotary
-        positions on q and k. cos/sin broadcast against (B, heads, S, Hd): (S, Hd) when all rows
-        share positions, (B, 1, S, Hd) when each row has its own."""
+        positions on q and k. cos/sin broadcast against (B, heads, S, Hd), as ``Rotary`` gives them."""
         B, S, _ = x_BSD.shape
         H, G, Hd = self.n_heads, self.n_kv, self.head_dim
         q_BSX, k_BSX, v_BSX = self.q_proj(x_BSD), self.k_proj(x_BSD), self.v_proj(x_BSD)
@@ -148,18 +249,15 @@ class Attention(nn.Module):
             q_BHSHd, k_BGSHd = self.q_norm(q_BHSHd), self.k_norm(k_BGSHd)
         return apply_rotary(q_BHSHd, cos, sin), apply_rotary(k_BGSHd, cos, sin), v_BGSHd
 
-    def attend(self, q_BHSHd: torch.Tensor, k_BGLHd: torch.Tensor, v_BGLHd: torch.Tensor, P: int) -> torch.Tensor:
-        """Causal (or sliding-window) attention of S new queries over L = P + S keys (P of them
-        cached) -> (B, H, S, Hd)."""
-        gqa = self.n_kv != self.n_heads
-        if P == 0 and self.window is None:
-            return F.scaled_dot_product_attention(q_BHSHd, k_BGLHd, v_BGLHd, is_causal=True, enable_gqa=gqa)
-        mask_SL = causal_mask(q_BHSHd.shape[2], P, q_BHSHd.device, self.window)
-        return F.scaled_dot_product_attention(q_BHSHd, k_BGLHd, v_BGLHd, attn_mask=mask_SL, enable_gqa=gqa)
+    def attend(self, q_BHSHd: torch.Tensor, k_BGLHd: torch.Tensor, v_BGLHd: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of S queries over L keys where ``mask`` is True (None: causal, L = S) -> (B, H, S, Hd)."""
+        return F.scaled_dot_product_attention(q_BHSHd, k_BGLHd, v_BGLHd, attn_mask=mask, is_causal=mask is None,
+                                              enable_gqa=self.n_kv != self.n_heads)
 
 
 def build_attention(cfg: LMConfig, layer_idx: int) -> nn.Module:
-    """Attention module of kind ``cfg.attention``: forward(x_BSD, positions_S, cache) -> y_BSD."""
+    """Attention module of kind ``cfg.attention``: forward(x_BSD, positions_BS, cache) -> y_BSD."""
     module_name, _, class_name = ATTENTION_REGISTRY[cfg.attention].partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
@@ -195,9 +293,9 @@ class Block(nn.Module):
         if self.is_moe:
             self.mlp.layer_name = f"layers.{layer_idx}.mlp"  # its path in LM, so errors name the layer
 
-    def forward(self, x_BSD: torch.Tensor, positions_S: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, x_BSD: torch.Tensor, positions_BS: torch.Tensor, cache: Cache | None = None,
                 token_mask_BS: torch.Tensor | None = None) -> torch.Tensor:
-        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), positions_S, cache)
+        x_BSD = x_BSD + self.self_attn(self.input_layernorm(x_BSD), positions_BS, cache)
         h_BSD = self.post_attention_layernorm(x_BSD)
         if token_mask_BS is None or not self.is_moe:
             return x_BSD + self.mlp(h_BSD)
@@ -235,9 +333,19 @@ class LM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
-                token_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids (B, S) -> logits (B, S, V).
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, token_mask: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, S) -> logits (B, S, V), or (B, N, V) at the N positions ``logits_at``.
+
+        ``cache``: continue it (any ``Cache``: a row at its own length continues there). Its
+        lengths grow only when the whole forward succeeds.
+
+        ``positions`` (B, S) or (S,) long, without a cache: each token's position (its rotary
+        angle; query s sees key j when positions[j] <= positions[s]); default 0..S-1. A cache
+        supplies its rows' positions itself (the serving engine's give each row its own).
+
+        ``logits_at`` (N,) long: compute logits only at these positions of S (as transformers'
+        ``logits_to_keep``; a packed prefill needs each prompt's last).
 
         ``token_mask`` (B, S), bool or 0/1 (an HF-style attention_mask of the new positions): 0
         marks padding, which the MoE layers leave out of their balancing losses, routing
@@ -250,15 +358,25 @@ class LM(nn.Module):
             raise ValueError(f"token_mask of shape {tuple(token_mask.shape)} does not match input_ids "
                              f"{tuple(input_ids.shape)}")
         B, S = input_ids.shape
-        P = 0 if cache is None else cache.length
-        if P + S > self.config.max_seq_len:
-            raise ValueError(f"{P + S} positions exceed max_seq_len={self.config.max_seq_len}")
-        positions_S = torch.arange(P, P + S, device=input_ids.device)
+        if positions is not None:
+            if cache is not None:
+                raise ValueError("pass positions or a cache, not both: a cache supplies its rows' positions")
+            positions = positions[None] if positions.dim() == 1 else positions
+            if (positions.dim() != 2 or positions.dtype != torch.long or positions.shape[1] != S
+                    or positions.shape[0] not in (1, B) or int(positions.min()) < 0):
+                raise ValueError(f"positions must be (B, S) or (S,) long >= 0 for input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(positions.shape)} {positions.dtype}")
+        step: Cache = NoCache(positions) if cache is None else cache
+        end = step.end(S)
+        if end > self.config.max_seq_len:
+            raise ValueError(f"{end} positions exceed max_seq_len={self.config.max_seq_len}")
+        positions_BS = step.positions(S, input_ids.device)
         x_BSD = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x_BSD = layer(x_BSD, positions_S, cache, token_mask)
-        if cache is not None:
-            cache.length = P + S
+            x_BSD = layer(x_BSD, positions_BS, step, token_mask)
+        step.advance(S)
+        if logits_at is not None:
+            x_BSD = x_BSD[:, logits_at]
         return self.lm_head(self.norm(x_BSD)).float()
 
     # ------------------------------------------------------------------ sizes and cost

@@ -1,22 +1,28 @@
-"""Forward steps over many sequences at once, each with its own KV cache and positions.
+"""Forward steps over many sequences at once, each with its own KV cache and positions, through
+``LM.forward`` itself: what they need is in two implementations of the cache protocol
+(``moekit.lm.model.Cache``), not in a copy of the model.
 
 Continuous batching (Yu et al. 2022, "Orca") needs a forward pass over rows that sit at
 different positions: each row's new token gets its own rotary angle and attends only to its own
-cached keys. ``moekit.lm.LM.forward`` takes one position range for the whole batch, so this
-module runs the same submodules (embedding, norms, q/k/v/o projections, rotary, dense or MoE
-feed-forward, head) with per-row positions and a key padding mask. The MoE layers see all rows
-as one token batch, which is where batching pays: one routed grouped product per expert per step
-instead of one per sequence.
+cached keys. ``RowCaches`` gives ``LM.forward`` exactly that (row b continues ``caches[b]`` at its
+own length, keys past a row's length are masked), and ``decode_step`` feeds one token per row
+through it. The MoE layers see all rows as one token batch, which is where batching pays: one
+routed grouped product per expert per step instead of one per sequence.
 
-``prefill_step`` packs several prompts into one token sequence (as in packed training batches):
+``PackedCaches`` packs several prompts into one token sequence (as in packed training batches):
 projections and MoE layers run once over all prompts' tokens, attention runs per prompt with its
-own causal mask and positions, and no padding tokens reach the experts (so routing statistics
-count real tokens only). Both are checked against ``LM.forward`` with one cache per row
-(tests/test_serve_batched.py). Only the ``mha`` attention kind is batched here; ``can_batch``
-tells the engine, which otherwise decodes rows one at a time through ``LM.forward``.
+own causal mask and positions (one ``Visible`` span per prompt), and no padding tokens reach the
+experts (so routing statistics count real tokens only). ``prefill_step`` runs it. Both are
+checked against ``LM.forward`` with one cache per row (tests/test_serve_batched.py), for every
+attention kind (standard with sliding window, MLA, gpt-oss); ``can_batch`` says which kinds the
+engine batches, and it decodes the others one row at a time.
 
-Shape legend: B rows (sequences), T packed tokens of all rows, D model dim, H query heads,
-G key/value heads, Hd head dim, L longest cached length + 1, S one row's new tokens, V vocabulary.
+``KVPool`` holds static per-slot caches (as gpt-fast's): a ``RowCaches`` over slots of one pool
+writes every row's new entries with one indexed store and reads them with one gather per tensor.
+
+Shape legend: B rows (sequences), T packed tokens of all rows, L longest cached length + new
+positions, S one row's new tokens, V vocabulary; cached entries are (B, ..., L, X) with any
+middle dims (keys and values (B, G, L, Hd); MLA's latent (B, L, C)).
 """
 
 from __future__ import annotations
@@ -24,11 +30,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..lm.model import LM, Attention, KVCache
+from ..lm.model import ALL, LM, Attention, KVCache, Visible, causal_mask, position_mask
 
 
 def can_batch(model: LM) -> bool:
-    """True when every attention module is the plain multi-head / grouped-query kind."""
+    """True when every attention module is the plain multi-head / grouped-query kind (the kind the
+    engine batches; the cache protocol serves the others too, see the module docstring)."""
     return all(type(layer.self_attn) is Attention for layer in model.layers)
 
 
@@ -43,22 +50,25 @@ def truncate_cache(cache: KVCache) -> None:
 
 
 class KVPool:
-    """Preallocated keys and values for ``slots`` sequences of up to ``capacity`` positions, per layer:
-    k and v (slots, G, capacity, Hd). Static caches as in gpt-fast: appending writes in place, and a
-    batched decode step reads all rows' keys with one gather instead of one copy per row."""
+    """Preallocated cache entries for ``slots`` sequences of up to ``capacity`` positions, per
+    layer: one (slots, ..., capacity, X) tensor per entry the attention kind stores (keys and
+    values for ``mha``). Static caches as in gpt-fast: appending writes in place."""
 
     def __init__(self, n_layers: int, slots: int, capacity: int) -> None:
         self.n_layers, self.slots, self.capacity = n_layers, slots, capacity
-        self.k: list[torch.Tensor | None] = [None] * n_layers
-        self.v: list[torch.Tensor | None] = [None] * n_layers
+        self.entries: list[tuple[torch.Tensor, ...] | None] = [None] * n_layers
         self.free = list(range(slots))[::-1]
 
-    def ensure(self, layer: int, like_1GSHd: torch.Tensor) -> None:
-        if self.k[layer] is None:
-            _, G, _, Hd = like_1GSHd.shape
-            shape = (self.slots, G, self.capacity, Hd)
-            self.k[layer] = like_1GSHd.new_zeros(shape)
-            self.v[layer] = like_1GSHd.new_zeros(shape)
+    def ensure(self, layer: int, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Layer ``layer``'s buffers, allocated on first use like the new entries ``like`` (1 or B, ..., S, X)."""
+        if self.entries[layer] is None:
+            self.entries[layer] = tuple(t.new_zeros((self.slots, *t.shape[1:-2], self.capacity, t.shape[-1]))
+                                        for t in like)
+        return self.entries[layer]
+
+    def check(self, end: int) -> None:
+        if end > self.capacity:
+            raise ValueError(f"{end} positions exceed the KV pool's capacity of {self.capacity}")
 
     def acquire(self) -> SlotCache:
         if not self.free:
@@ -72,7 +82,7 @@ class KVPool:
 
 class SlotCache(KVCache):
     """One sequence's cache: slot ``slot`` of a ``KVPool``. Works wherever ``KVCache`` does
-    (``LM.forward``, ``prefill_step``); ``decode_step`` batches SlotCaches of one pool without copies
+    (``LM.forward``, ``prefill_step``); ``RowCaches`` batches SlotCaches of one pool without copies
     per row."""
 
     def __init__(self, pool: KVPool, slot: int) -> None:
@@ -80,61 +90,107 @@ class SlotCache(KVCache):
         self.pool, self.slot = pool, slot
 
     def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        k_1GSHd, v_1GSHd = new
-        P, S = self.length, k_1GSHd.shape[-2]
-        if P + S > self.pool.capacity:
-            raise ValueError(f"{P + S} positions exceed the KV pool's capacity of {self.pool.capacity}")
-        self.pool.ensure(layer, k_1GSHd)
-        k_pool, v_pool = self.pool.k[layer], self.pool.v[layer]
-        k_pool[self.slot, :, P:P + S] = k_1GSHd[0]
-        v_pool[self.slot, :, P:P + S] = v_1GSHd[0]
-        full = (k_pool[self.slot:self.slot + 1, :, :P + S], v_pool[self.slot:self.slot + 1, :, :P + S])
-        self.layers[layer] = full
-        return full
+        P, S = self.length, new[0].shape[-2]
+        self.pool.check(P + S)
+        full = []
+        for buf, t in zip(self.pool.ensure(layer, new), new):
+            buf[self.slot, ..., P:P + S, :] = t[0]
+            full.append(buf[self.slot:self.slot + 1, ..., :P + S, :])
+        self.layers[layer] = tuple(full)
+        return self.layers[layer]
 
 
-def _attention(attn: Attention, x_B1D: torch.Tensor, positions_B: torch.Tensor,
-               caches: list[KVCache]) -> torch.Tensor:
-    B = x_B1D.shape[0]
-    H, G, Hd = attn.n_heads, attn.n_kv, attn.head_dim
-    cos_BHd, sin_BHd = attn.rotary(positions_B)
-    q_BH1Hd, k_BG1Hd, v_BG1Hd = attn.rotated_heads(x_B1D, cos_BHd[:, None, None, :], sin_BHd[:, None, None, :])
-    lengths_B = positions_B + 1
-    L = int(lengths_B.max())
-    pool = caches[0].pool if isinstance(caches[0], SlotCache) else None
-    if pool is not None and all(isinstance(c, SlotCache) and c.pool is pool for c in caches):
-        if L > pool.capacity:
-            raise ValueError(f"{L} positions exceed the KV pool's capacity of {pool.capacity}")
-        pool.ensure(attn.layer_idx, k_BG1Hd)
-        k_pool, v_pool = pool.k[attn.layer_idx], pool.v[attn.layer_idx]
-        slots_B = torch.tensor([c.slot for c in caches], device=x_B1D.device)
-        k_pool[slots_B, :, positions_B] = k_BG1Hd[:, :, 0]
-        v_pool[slots_B, :, positions_B] = v_BG1Hd[:, :, 0]
-        k_BGLHd = k_pool[:, :, :L].index_select(0, slots_B)
-        v_BGLHd = v_pool[:, :, :L].index_select(0, slots_B)
-    else:
-        k_BGLHd, v_BGLHd = _gather_rows(attn.layer_idx, k_BG1Hd, v_BG1Hd, caches, L)
-    keys_1L = torch.arange(L, device=x_B1D.device)[None, :]
-    visible_BL = keys_1L < lengths_B[:, None]
-    if attn.window is not None:  # sliding window: the query at lengths - 1 sees keys >= lengths - window
-        visible_BL &= keys_1L >= (lengths_B - attn.window)[:, None]
-    visible_B11L = visible_BL[:, None, None, :]
-    y_BH1Hd = F.scaled_dot_product_attention(q_BH1Hd, k_BGLHd, v_BGLHd, attn_mask=visible_B11L,
-                                             enable_gqa=G != H)
-    return attn.o_proj(y_BH1Hd.transpose(1, 2).reshape(B, 1, H * Hd))
+class RowCaches:
+    """The cache protocol for B rows of S new tokens each, row b continuing ``caches[b]`` at its
+    own length: positions (B, S) = length_b + 0..S-1, and row b's query at position p sees its
+    keys 0..p (within a sliding window). Entries come back padded to the longest row, L =
+    max length + S; padding and stale pool positions are masked."""
+
+    def __init__(self, caches: list[KVCache]) -> None:
+        self.caches = caches
+        self.lengths = [c.length for c in caches]
+        pool = getattr(caches[0], "pool", None)
+        one_pool = pool is not None and all(isinstance(c, SlotCache) and c.pool is pool for c in caches)
+        self.pool: KVPool | None = pool if one_pool else None
+        self._positions_BS: torch.Tensor | None = None
+        self._slots_B: torch.Tensor | None = None
+        self._visible: dict[int | None, list[Visible]] = {}
+
+    def end(self, S: int) -> int:
+        return max(self.lengths) + S
+
+    def positions(self, S: int, device: torch.device) -> torch.Tensor:
+        self._positions_BS = torch.tensor(self.lengths, device=device)[:, None] + torch.arange(S, device=device)
+        if self.pool is not None:
+            self._slots_B = torch.tensor([c.slot for c in self.caches], device=device)
+        return self._positions_BS
+
+    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        L = self.end(new[0].shape[-2])
+        if self.pool is None:
+            per_row = [c.update(layer, *(t[b:b + 1] for t in new)) for b, c in enumerate(self.caches)]
+            return tuple(torch.cat([F.pad(row[i], (0, 0, 0, L - row[i].shape[-2])) for row in per_row])
+                         for i in range(len(new)))
+        self.pool.check(L)
+        if self._positions_BS is None or self._slots_B is None:
+            raise RuntimeError("RowCaches.positions must be called before update")
+        full = []
+        for buf, t in zip(self.pool.ensure(layer, new), new):
+            middle = (slice(None),) * (t.dim() - 3)
+            # Row b's entries go to slot b at positions (B, S): the indexed view is (B, S, ..., X).
+            buf[(self._slots_B[:, None], *middle, self._positions_BS)] = t.movedim(-2, 1)
+            full.append(buf.narrow(-2, 0, L).index_select(0, self._slots_B))
+        return tuple(full)
+
+    def visible(self, positions_BS: torch.Tensor, window: int | None) -> list[Visible]:
+        if window not in self._visible:
+            keys_1L = torch.arange(self.end(positions_BS.shape[-1]), device=positions_BS.device)[None]
+            self._visible[window] = [Visible(ALL, ALL, position_mask(positions_BS, keys_1L, window))]
+        return self._visible[window]
+
+    def advance(self, S: int) -> None:
+        for cache in self.caches:
+            cache.advance(S)
 
 
-def _gather_rows(layer_idx: int, k_BG1Hd: torch.Tensor, v_BG1Hd: torch.Tensor, caches: list[KVCache],
-                 L: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append each row's new key/value to its own cache; return all rows' keys/values padded to L."""
-    keys, values = [], []
-    for b, cache in enumerate(caches):
-        k_1GLHd, v_1GLHd = cache.update(layer_idx, k_BG1Hd[b:b + 1], v_BG1Hd[b:b + 1])
-        keys.append(k_1GLHd)
-        values.append(v_1GLHd)
-    k_BGLHd = torch.cat([F.pad(k, (0, 0, 0, L - k.shape[-2])) for k in keys])
-    v_BGLHd = torch.cat([F.pad(v, (0, 0, 0, L - v.shape[-2])) for v in values])
-    return k_BGLHd, v_BGLHd
+class PackedCaches:
+    """The cache protocol for several sequences packed into one row: tokens
+    ``starts[b]:starts[b] + lengths[b]`` continue ``caches[b]``. Each sequence gets its own
+    positions and a ``Visible`` span of its own keys, so attention never crosses sequences."""
+
+    def __init__(self, caches: list[KVCache], lengths: list[int]) -> None:
+        self.caches, self.lengths = caches, lengths
+        self.cached = [c.length for c in caches]
+        self._visible: dict[int | None, list[Visible]] = {}
+
+    def end(self, T: int) -> int:
+        if T != sum(self.lengths):
+            raise ValueError(f"{T} packed tokens, but the sequences' lengths {self.lengths} sum to {sum(self.lengths)}")
+        return max(P + S for P, S in zip(self.cached, self.lengths))
+
+    def positions(self, T: int, device: torch.device) -> torch.Tensor:
+        return torch.cat([torch.arange(P, P + S, device=device) for P, S in zip(self.cached, self.lengths)])[None]
+
+    def update(self, layer: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        per_seq, start = [], 0
+        for S, cache in zip(self.lengths, self.caches):
+            per_seq.append(cache.update(layer, *(t.narrow(-2, start, S) for t in new)))
+            start += S
+        return tuple(torch.cat([seq[i] for seq in per_seq], dim=-2) for i in range(len(new)))
+
+    def visible(self, positions_BS: torch.Tensor, window: int | None) -> list[Visible]:
+        if window not in self._visible:
+            spans, q, k = [], 0, 0
+            for P, S in zip(self.cached, self.lengths):
+                mask = None if P == 0 and window is None else causal_mask(S, P, positions_BS.device, window)
+                spans.append(Visible(slice(q, q + S), slice(k, k + P + S), mask))
+                q, k = q + S, k + P + S
+            self._visible[window] = spans
+        return self._visible[window]
+
+    def advance(self, T: int) -> None:
+        for S, cache in zip(self.lengths, self.caches):
+            cache.advance(S)
 
 
 @torch.no_grad()
@@ -146,31 +202,7 @@ def decode_step(model: LM, tokens_B: torch.Tensor, caches: list[KVCache]) -> tor
     """
     if tokens_B.dim() != 1 or tokens_B.shape[0] != len(caches):
         raise ValueError(f"tokens must be (B,) with B = {len(caches)} caches, got shape {tuple(tokens_B.shape)}")
-    positions_B = torch.tensor([c.length for c in caches], dtype=torch.long, device=tokens_B.device)
-    if int(positions_B.max()) + 1 > model.config.max_seq_len:
-        raise ValueError(f"{int(positions_B.max()) + 1} positions exceed max_seq_len={model.config.max_seq_len}")
-    x_B1D = model.embed_tokens(tokens_B[:, None])
-    for layer in model.layers:
-        x_B1D = x_B1D + _attention(layer.self_attn, layer.input_layernorm(x_B1D), positions_B, caches)
-        x_B1D = x_B1D + layer.mlp(layer.post_attention_layernorm(x_B1D))
-    logits_BV = model.lm_head(model.norm(x_B1D)).float()[:, 0]
-    for cache in caches:
-        cache.length += 1
-    return logits_BV
-
-
-def _packed_attention(attn: Attention, x_1TD: torch.Tensor, positions_T: torch.Tensor, lengths: list[int],
-                      caches: list[KVCache]) -> torch.Tensor:
-    T = x_1TD.shape[1]
-    q_1HTHd, k_1GTHd, v_1GTHd = attn.rotated_heads(x_1TD, *attn.rotary(positions_T))
-    outputs, start = [], 0
-    for S, cache in zip(lengths, caches):
-        P = cache.length
-        k_1GLHd, v_1GLHd = cache.update(attn.layer_idx, k_1GTHd[:, :, start:start + S], v_1GTHd[:, :, start:start + S])
-        outputs.append(attn.attend(q_1HTHd[:, :, start:start + S], k_1GLHd, v_1GLHd, P))
-        start += S
-    y_1HTHd = torch.cat(outputs, dim=2)
-    return attn.o_proj(y_1HTHd.transpose(1, 2).reshape(1, T, attn.n_heads * attn.head_dim))
+    return model(tokens_B[:, None], cache=RowCaches(caches))[:, 0]
 
 
 @torch.no_grad()
@@ -186,17 +218,6 @@ def prefill_step(model: LM, prompts: list[torch.Tensor], caches: list[KVCache]) 
     lengths = [int(p.shape[0]) for p in prompts]
     if min(lengths) < 1:
         raise ValueError(f"every row needs at least one new token, got lengths {lengths}")
-    for S, cache in zip(lengths, caches):
-        if cache.length + S > model.config.max_seq_len:
-            raise ValueError(f"{cache.length + S} positions exceed max_seq_len={model.config.max_seq_len}")
-    device = prompts[0].device
-    positions_T = torch.cat([torch.arange(c.length, c.length + S, device=device) for S, c in zip(lengths, caches)])
-    x_1TD = model.embed_tokens(torch.cat(prompts)[None, :])
-    for layer in model.layers:
-        x_1TD = x_1TD + _packed_attention(layer.self_attn, layer.input_layernorm(x_1TD), positions_T, lengths, caches)
-        x_1TD = x_1TD + layer.mlp(layer.post_attention_layernorm(x_1TD))
-    last = torch.tensor(lengths, device=device).cumsum(0) - 1
-    logits_BV = model.lm_head(model.norm(x_1TD[0, last])).float()
-    for S, cache in zip(lengths, caches):
-        cache.length += S
-    return logits_BV, last.tolist()
+    last_B = torch.tensor(lengths, device=prompts[0].device).cumsum(0) - 1
+    logits_1BV = model(torch.cat(prompts)[None], cache=PackedCaches(caches, lengths), logits_at=last_B)
+    return logits_1BV[0], last_B.tolist()
