@@ -110,6 +110,16 @@ class RoutingStats(nn.Module):
             buf.zero_()
         self.forward_passes = 0
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """Copies of every counter; ``restore`` puts them back (to count a block of passes apart,
+        as evaluation during training does)."""
+        return {name: buf.clone() for name, buf in self.named_buffers(recurse=False)}
+
+    @torch.no_grad()
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        for name, buf in self.named_buffers(recurse=False):
+            buf.copy_(snapshot[name])
+
     def report(self) -> LayerReport:
         E = self.num_experts
         tokens = self.tokens_E.cpu()

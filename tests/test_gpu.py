@@ -9,6 +9,7 @@ Shape legend: T tokens, D model dim, E experts, K top-k, F expert hidden.
 from __future__ import annotations
 
 import copy
+import math
 import json
 import subprocess
 import sys
@@ -69,3 +70,132 @@ def test_benchmark_cuda_mode_runs(tmp_path: Path):
                     "--out", str(out)], check=True, timeout=600)
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows if r["status"] == "ok"} >= {"moekit", "dense"}
+
+
+# ---------------------------------------------------------------------- the trainer on a GPU
+def _token_data():
+    """Two 'languages' with different byte statistics, a label per token (as tests/test_train.py)."""
+    import numpy as np
+
+    from moekit.data.corpus import TokenData, TokenSplit
+
+    rng = np.random.default_rng(0)
+    toks = np.concatenate([rng.integers(0, 8, 2000), rng.integers(100, 140, 2000)]).astype(np.uint16)
+    labs = np.concatenate([np.zeros(2000), np.ones(2000)]).astype(np.int16)
+    return TokenData(TokenSplit(toks, labs), TokenSplit(toks[::-1].copy(), labs[::-1].copy()), ["a", "b"], "byte",
+                     None)
+
+
+def _train_cfg(tmp_path: Path, moe: bool = True, router: str = "softmax_topk", **kw):
+    from moekit.lm import LMConfig
+    from moekit.train import TrainConfig
+
+    model = LMConfig(vocab_size=257, dim=32, n_layers=2, n_heads=2, ffn_hidden=64, max_seq_len=32,
+                     moe=moe_config(dim=32, num_experts=4, expert_hidden=32, top_k=2, z_loss_coef=1e-3,
+                                    router=router) if moe else None)
+    base = dict(model=model, seq_len=32, batch_size=8, steps=6, warmup_steps=2, eval_every=3, ckpt_every=3,
+                eval_tokens=256, out_dir=str(tmp_path / "run"), progress=False, tensorboard=False, device="cuda")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_trainer_trains_on_cuda_with_fused_adamw_and_loads_on_cpu(tmp_path: Path):
+    from moekit.train import Trainer
+    from moekit.train.trainer import load_trained
+
+    t = Trainer(_train_cfg(tmp_path, steps=20, lr=1e-2, eval_every=20, ckpt_every=20), _token_data())
+    assert t.device.type == "cuda" and all(p.is_cuda for p in t.model.parameters())
+    assert t.optimizer.defaults["fused"] is True and t.batch(0, 0).input_ids.is_cuda
+    t.fit()
+    assert t.evals[-1]["loss"] < t.evals[0]["loss"] - 1.0
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in t.history)
+    model, cfg, _ = load_trained(tmp_path / "run")  # a checkpoint written on the GPU loads on the CPU
+    assert cfg.device == "cuda" and next(model.parameters()).device.type == "cpu"
+    ids = torch.randint(0, 140, (2, 16))
+    t.model.eval()
+    torch.testing.assert_close(model(ids), t.model(ids.cuda()).cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_cuda_run_matches_the_cpu_run(tmp_path: Path):
+    """Same seed, same initial weights (built on the CPU, then moved), same batches: losses agree to
+    float32 rounding (softmax_topk router: no noise, whose generator differs between devices)."""
+    from moekit.train import Trainer
+
+    runs = {}
+    for device in ("cpu", "cuda"):
+        t = Trainer(_train_cfg(tmp_path / device, device=device, steps=3, eval_every=100), _token_data())
+        t.fit()
+        runs[device] = t
+    assert runs["cuda"].evals[0]["loss"] == pytest.approx(runs["cpu"].evals[0]["loss"], rel=1e-5)
+    for cpu, cuda in zip(runs["cpu"].history, runs["cuda"].history):
+        assert cuda["loss"] == pytest.approx(cpu["loss"], rel=1e-3)
+        assert cuda["aux"] == pytest.approx(cpu["aux"], rel=1e-3)
+
+
+def test_bf16_autocast_follows_the_training_device(tmp_path: Path):
+    from moekit.train import Trainer
+
+    t = Trainer(_train_cfg(tmp_path, autocast="bf16", steps=4), _token_data())
+    seen = []
+    hook = t.model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with t.autocast():
+        assert torch.is_autocast_enabled("cuda")
+        t.model(t.batch(0, 0).input_ids)
+    hook.remove()
+    assert seen == [torch.bfloat16]  # LM.forward returns float32 logits; its matmuls ran in bf16
+    t.fit()
+    assert all(math.isfinite(h["loss"]) for h in t.history)
+
+
+def test_resume_on_cuda_restores_the_cuda_generator(tmp_path: Path):
+    """noisy_topk draws its noise from the GPU's generator: a resumed run draws the same noise and
+    continues the uninterrupted run's losses (to atomics' rounding, not bit for bit)."""
+    from moekit.train import Trainer
+
+    straight = Trainer(_train_cfg(tmp_path / "a", router="noisy_topk"), _token_data())
+    straight.fit()
+    first = Trainer(_train_cfg(tmp_path / "b", router="noisy_topk"), _token_data())
+    first.fit(steps=3)
+    saved = torch.cuda.get_rng_state(first.device)
+    torch.cuda.manual_seed(1234)  # disturb the generator: resume must restore it
+    second = Trainer(_train_cfg(tmp_path / "b", router="noisy_topk"), _token_data())
+    second.resume(tmp_path / "b" / "run")
+    assert torch.equal(torch.cuda.get_rng_state(second.device), saved)
+    second.fit()
+    for got, want in zip(first.history + second.history, straight.history):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_dense_train_step_syncs_the_host_once(tmp_path: Path):
+    """The trainer's hot path: batches go up through pinned memory, loss terms stay on the GPU, and the
+    terms and the gradient norm come down in one read. Syncs inside torch's own forward and backward
+    kernels are counted apart (a bare forward + backward) and allowed once per micro-batch. (MoE
+    dispatch may sync on its own; a dense model isolates the trainer.)"""
+    import warnings
+
+    import torch.nn.functional as F
+
+    from moekit.train import Trainer
+
+    def syncs(fn) -> list[str]:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+    t = Trainer(_train_cfg(tmp_path, moe=False, grad_accum=3), _token_data())
+    t.train_step()  # first step: allocations, optimizer state
+    b = t.batch(5, 0)
+
+    def forward_backward() -> None:
+        logits_BSV = t.model(b.input_ids)
+        F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]), b.targets.reshape(-1)).backward()
+
+    in_kernels = syncs(forward_backward)
+    t.optimizer.zero_grad(set_to_none=True)
+    in_step = syncs(t.train_step)
+    assert len(in_step) == 3 * len(in_kernels) + 1, (in_step, in_kernels)

@@ -1,5 +1,6 @@
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -264,3 +265,91 @@ def test_cli_train_quarantine_and_resume(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resumed from" in out and "step_00000001.safetensors at step 1" in out
     assert [r["step"] for r in _rows(tmp_path / "run") if "kind" not in r] == [1, 2]
+
+
+# ---------------------------------------------------------------------- device, host syncs, TensorBoard
+def test_device_field_is_checked_and_resolved(tmp_path):
+    from moekit.train.config import resolve_device
+
+    with pytest.raises(ConfigError, match=r"device='gpu' is not one of \['cpu', 'cuda', 'cuda:N', 'auto'\]"):
+        TrainConfig(device="gpu")
+    assert TrainConfig.from_dict({"device": "cuda:1"}).device == "cuda:1"  # loads anywhere; only training asks
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+                                      else torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"device='cuda' but this machine has no CUDA device"):
+            Trainer(cfg(tmp_path, device="cuda"), fake_data())
+    t = Trainer(cfg(tmp_path), fake_data())
+    assert t.device == torch.device("cpu") and t.batch(0, 0).input_ids.device == t.device
+    # CPU keeps torch's single-tensor AdamW (runs recorded before stay bit-identical); CUDA gets the fused kernel.
+    assert (t.optimizer.defaults["fused"], t.optimizer.defaults["foreach"]) == (False, False)
+    from moekit.train.loop import adamw_options
+
+    assert adamw_options(torch.device("cuda", 0)) == {"fused": True}
+    from types import SimpleNamespace
+
+    nccl = SimpleNamespace(groups=SimpleNamespace(device=torch.device("cuda", 0)))  # only its device is read
+    with pytest.raises(ConfigError, match=r"device='cpu' resolves to cpu, but expert parallelism runs its "
+                                          r"collectives on cuda:0"):
+        Trainer(cfg(tmp_path), fake_data(), parallel=nccl)
+
+
+def test_cli_train_device_flag_fails_before_building_the_corpus(tmp_path, capsys):
+    from moekit.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, so --device cuda is valid here (tests/test_gpu.py trains on it)")
+    c = cfg(tmp_path, corpus=str(tmp_path / "docs.jsonl"), data_dir=str(tmp_path / "data"))
+    c.save(tmp_path / "c.json")
+    assert main(["train", str(tmp_path / "c.json"), "--device", "cuda"]) == 2
+    assert "device='cuda' but this machine has no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
+def test_train_step_reads_the_device_once(tmp_path, monkeypatch):
+    """Loss terms (ce, aux, extras) of every micro-batch and the gradient norm come to the host in one
+    read per optimizer step; each read of a tensor value is a device sync on a GPU."""
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__", "__index__", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if "moekit" in caller and "torch/optim" not in caller:
+                reads.append((_name, caller.split("moekit")[-1], sys._getframe(1).f_lineno))
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    t = Trainer(cfg(tmp_path, grad_accum=3, steps=2), fake_data())
+    t.add_loss("extra", lambda model, batch, logits: logits.float().square().mean() * 1e-4)
+    reads.clear()
+    record = t.train_step()
+    assert [r[:2] for r in reads] == [("tolist", "/train/loop.py")], reads
+    assert set(record) >= {"loss", "aux", "extra", "grad_norm"}
+
+
+def test_tensorboard_purges_a_killed_runs_events_past_the_resume_step(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'moekit[train]')")
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    kw = dict(steps=5, ckpt_every=2, eval_every=100, log_every=1, tensorboard=True)
+    killed = Trainer(cfg(tmp_path, **kw), fake_data())
+    killed.fit()  # events up to step 5; the checkpoint of step 5 is lost in the "kill"
+    killed._tb.close()
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000005.safetensors").unlink()
+    resumed = Trainer(cfg(tmp_path, **kw), fake_data())
+    resumed.resume(run)
+    assert resumed.step == 4
+    resumed.fit()
+    resumed._tb.close()
+    files = sorted((run / "tensorboard").glob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(files) == 2
+
+    def starts(path):
+        return [e.step for e in EventFileLoader(str(path)).Load() if e.HasField("session_log")
+                and e.session_log.status == e.session_log.START]
+
+    # TensorBoard hides the earlier files' events at step >= the START event's step: the killed run's step 5.
+    assert starts(files[0]) == [0] and starts(files[1]) == [5]

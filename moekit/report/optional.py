@@ -16,11 +16,14 @@ def note_missing(feature: str, package: str, extra: str) -> None:
     print(f"note: {feature} skipped: {package} is not installed (pip install 'moekit[{extra}]')", file=sys.stderr)
 
 
-def tensorboard_writer(log_dir: str | Path) -> Any:
-    """A ``SummaryWriter`` for ``log_dir``, or None (with a note) when tensorboard is not installed."""
+def tensorboard_writer(log_dir: str | Path, purge_step: int | None = None) -> Any:
+    """A ``SummaryWriter`` for ``log_dir``, or None (with a note) when tensorboard is not installed.
+
+    ``purge_step``: TensorBoard hides the events earlier files of ``log_dir`` hold at this step or
+    later (a resumed run passes the first step it writes, so a killed run's tail is not shown twice)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         note_missing("TensorBoard logging", "tensorboard", "train")
         return None
-    return SummaryWriter(str(log_dir))
+    return SummaryWriter(str(log_dir), purge_step=purge_step)

@@ -1,7 +1,10 @@
-"""Training: the Trainer (AdamW, warm-up + cosine, accumulation, MoE losses) and checkpoints."""
+"""Training: ``config`` (TrainConfig, device), ``loop`` (the Trainer: AdamW, warm-up + cosine,
+accumulation, MoE losses), ``eval`` (validation loss and routing per label) and ``checkpoint``."""
 
+from ..data.batches import Batch
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .trainer import Batch, TrainConfig, Trainer
+from .config import TrainConfig
+from .loop import Trainer
 
 __all__ = ["Trainer", "TrainConfig", "Batch", "CheckpointError", "save_checkpoint", "load_checkpoint",
            "latest_checkpoint"]
