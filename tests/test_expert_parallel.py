@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-from moekit.parallel.testing import CASES, free_port, layer_worker
+from moekit.parallel.testing import CASES, free_port, layer_worker, lifetime_worker
 
 TOL = 1e-5
 CASE_NAMES = [c[0] for c in CASES]
@@ -86,7 +87,7 @@ def fault_drills():
     """Two 2-rank runs at once: in one rank 1 dies (SIGKILL) mid-training, in the other it stops
     answering. Returns {mode: (rank 0's exit code, seconds to exit, its stderr)}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    code = "from moekit.parallel.testing import fault_main; fault_main()"
+    code = "from moekit.parallel.testing import fault_main; raise SystemExit(fault_main())"
     runs = {}
     for mode in ("kill", "hang"):
         port = free_port()
@@ -112,14 +113,39 @@ def fault_drills():
 @pytest.mark.parametrize("mode", ["kill", "hang"])
 def test_failed_rank_raises_on_others(fault_drills, mode):
     """Rank 0 exits with an error naming the rank, the collective and the cause, within the
-    configured timeout plus process start-up (never a silent hang)."""
+    configured timeout plus process start-up (never a silent hang), through the teardown."""
     rc, elapsed, err = fault_drills[mode]
     assert rc == 3, err
-    assert "MoekitDistributedError: rank 0/2: collective" in err
+    assert "error: rank 0/2: collective" in err
+    assert "terminate called" not in err, err
     expected = (f"no answer from a peer rank within the {FAULT_TIMEOUT_S} s timeout" if mode == "hang"
                 else "a peer rank died")
     assert expected in err, err
     assert elapsed < 90, f"rank 0 took {elapsed:.0f} s to fail"
+
+
+@pytest.fixture(scope="module")
+def lifetimes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep_lifetime")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(lifetime_worker, args=(2, [free_port() for _ in range(3)], str(out)), nprocs=2, join=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("mode, outcome", [("ok", 0), ("collective_error", 3),
+                                           ("other_error", "ValueError: failed after the forward")])
+def test_run_stops_gloo_threads_on_every_path(lifetimes, mode, outcome):
+    """TrainerParallel.run joins gloo's threads before it returns or raises, even while the
+    sharded model (and, on the ValueError path, a traceback with its autograd graph) is still alive:
+    none is left for the interpreter's exit (issue 13's SIGABRT)."""
+    for rank, res in enumerate(lifetimes):
+        r = res[mode]
+        assert r["outcome"] == outcome, (rank, r)
+        assert r["threads_running"] >= 2, f"rank {rank}: no gloo threads seen while running: {r}"
+        assert r["threads_after"] == 0, f"rank {rank} {mode}: gloo threads still running after the teardown: {r}"
+        assert not r["initialized_after"]
+        assert re.search(rf"rank {rank}/2: MoE forward needs the process groups, but they were destroyed",
+                         r["later_forward"]), r["later_forward"]
 
 
 def _groups(ep_size: int, world: int = 1, rank: int = 0):

@@ -47,19 +47,19 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig.from_dict(apply_overrides(data, args.set), where=args.config)
     if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
         raise ConfigError(f"out_dir={cfg.out_dir!r} is a file, not a folder")
-    parallel = None
     if args.expert_parallel is not None:
         from ..parallel.training import start_parallel
 
         parallel = start_parallel(args.expert_parallel, args.dist_timeout)
-        tokens = parallel.main_first(lambda: prepare_data(cfg))
-    else:
-        tokens = prepare_data(cfg)
-    trainer = Trainer(cfg, tokens, parallel=parallel)
-    if parallel is not None:
         shard = f" on rank 0 (experts sharded over {args.expert_parallel} ranks)"
-        return parallel.run(lambda: _fit(args, cfg, trainer, parallel.is_main, shard))
-    return _fit(args, cfg, trainer, True, "")
+
+        def fit_parallel() -> int:
+            # Inside parallel.run, which tears the process groups down on every path.
+            trainer = Trainer(cfg, parallel.main_first(lambda: prepare_data(cfg)), parallel=parallel)
+            return _fit(args, cfg, trainer, parallel.is_main, shard)
+
+        return parallel.run(fit_parallel)
+    return _fit(args, cfg, Trainer(cfg, prepare_data(cfg)), True, "")
 
 
 def _fit(args: argparse.Namespace, cfg: Any, trainer: Any, main: bool, where: str) -> int:

@@ -6,10 +6,10 @@ Nothing here initialises a process group at import; see ``init_parallel``.
 """
 
 from .errors import MoekitDistributedError
-from .groups import ParallelGroups, build_groups, init_parallel
+from .groups import ParallelGroups, build_groups, destroy_parallel, init_parallel
 from .expert_parallel import ExpertParallelMoE, shard_model, shard_moe
 from .training import clip_grad_norm, reduce_gradients, save_checkpoint_parallel, shard_batch
 
-__all__ = ["MoekitDistributedError", "ParallelGroups", "build_groups", "init_parallel", "ExpertParallelMoE",
-           "shard_moe", "shard_model", "reduce_gradients", "clip_grad_norm", "save_checkpoint_parallel",
-           "shard_batch"]
+__all__ = ["MoekitDistributedError", "ParallelGroups", "build_groups", "init_parallel", "destroy_parallel",
+           "ExpertParallelMoE", "shard_moe", "shard_model", "reduce_gradients", "clip_grad_norm",
+           "save_checkpoint_parallel", "shard_batch"]

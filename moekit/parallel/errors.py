@@ -17,6 +17,9 @@ class MoekitDistributedError(RuntimeError):
 def guarded(op: str, fn: Callable[[], R], timeout_s: float | None = None) -> R:
     """Run one collective; a torch/gloo/NCCL failure becomes a MoekitDistributedError naming the
     rank, the operation and the configured timeout."""
+    if not dist.is_initialized():
+        raise MoekitDistributedError(f"collective {op}: torch.distributed is not initialised (never started, or "
+                                     f"torn down by destroy_parallel)")
     try:
         return fn()
     except MoekitDistributedError:

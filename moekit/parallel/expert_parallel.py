@@ -76,6 +76,7 @@ def gather_experts(local: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     """(El, ...) on each rank -> (E, ...) in expert order, gathered over the EP group."""
     if groups.ep_size == 1:
         return local.detach().clone()
+    groups.require_open("all_gather(expert weights)")
     parts = [torch.empty_like(local) for _ in range(groups.ep_size)]
     guarded("all_gather(expert weights)",
             lambda: dist.all_gather(parts, local.detach().contiguous(), group=groups.ep_group), groups.timeout_s)
@@ -150,6 +151,7 @@ class ExpertParallelMoE(MoE):
         if token_mask is not None:
             raise NotImplementedError(f"{self.layer_name}: token_mask (padding) is not supported under expert "
                                       f"parallelism yet; pack sequences without padding instead")
+        self.groups.require_open(f"{self.layer_name} forward")
         shape = x.shape
         x_TD = self._tokens(x)
         with self._phase("routing"):

@@ -8,11 +8,18 @@ replicated on all N ranks and averaged over the world.
 
 The backend follows the device: gloo on CPU, NCCL on CUDA. Every collective runs under the
 process group's ``timeout``; a dead or hung peer raises ``MoekitDistributedError`` on the others.
+
+Lifetime: ``destroy_process_group()`` alone does not stop gloo's worker threads; they stop when the
+last reference to their process group goes. ``ParallelGroups`` holds the only references moekit
+keeps (the sharded layers, the state-dict hooks and ``TrainerParallel`` all reach the groups
+through one ``ParallelGroups``), so ``destroy_parallel`` closes it, destroys the default group and
+collects cycles: the threads are joined there and then, while the interpreter is fully alive.
 """
 
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -20,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
+from .errors import MoekitDistributedError
 
 
 @dataclass
@@ -36,6 +44,19 @@ class ParallelGroups:
     backend: str
     device: torch.device
     timeout_s: float
+    closed: bool = False
+
+    def close(self) -> None:
+        """Drop this object's references to the EP and expert-DP process groups (see
+        ``destroy_parallel``); collectives on a closed object raise a ``MoekitDistributedError``."""
+        self.ep_group = self.dp_group = None
+        self.closed = True
+
+    def require_open(self, op: str) -> None:
+        """Raise a ``MoekitDistributedError`` naming ``op`` if ``close`` was called."""
+        if self.closed:
+            raise MoekitDistributedError(f"rank {self.rank}/{self.world_size}: {op} needs the process groups, "
+                                         f"but they were destroyed (destroy_parallel / TrainerParallel.close)")
 
     @property
     def ep_rank(self) -> int:
@@ -103,7 +124,8 @@ def init_parallel(ep_size: int, timeout_s: float = 300.0, backend: str | None = 
     """
     if not isinstance(timeout_s, (int, float)) or timeout_s <= 0:
         raise ConfigError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
@@ -115,4 +137,28 @@ def init_parallel(ep_size: int, timeout_s: float = 300.0, backend: str | None = 
                                "MASTER_PORT) or pass init_method='tcp://host:port', rank and world_size")
         kwargs = {} if init_method is None else {"init_method": init_method, "rank": rank, "world_size": world_size}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    return build_groups(ep_size, timeout_s)
+    try:
+        return build_groups(ep_size, timeout_s)
+    except BaseException:
+        if created:
+            destroy_parallel()
+        raise
+
+
+def destroy_parallel(*groups: ParallelGroups) -> None:
+    """Tear down torch.distributed on this rank: close ``groups``, destroy every process group and
+    collect reference cycles, so that gloo's worker threads are joined now.
+
+    Call it on every path (normal return and error) before the process exits, after the last
+    collective has returned. Without it the threads outlive ``destroy_process_group()`` until the
+    interpreter finalises; a worker that then frees a tensor still owned by Python (a finished
+    all-gather held by a barrier's work list) needs the GIL, which a finalising interpreter no
+    longer hands out, and the process aborts ("terminate called without an active exception").
+    Idempotent; needs no peer, so it is safe after a peer died.
+    """
+    for g in groups:
+        g.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    # Cycles (modules with hooks, autograd graphs kept by a traceback) may still reach a group.
+    gc.collect()

@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 
 from ..layer import MoE
-from .expert_parallel import shard_moe
-from .groups import build_groups
-from .training import reduce_gradients
+from .errors import MoekitDistributedError
+from .expert_parallel import shard_model, shard_moe
+from .groups import ParallelGroups, build_groups, destroy_parallel
+from .training import TrainerParallel, reduce_gradients
 
 # Cases: (name, MoE keywords, experts to mask, input batch shape per rank (B, S)).
 CASES: list[tuple[str, dict[str, Any], list[int], tuple[int, int]]] = [
@@ -72,10 +73,9 @@ def _masked(spec: Any, ep_size: int) -> list[int]:
     return list(spec)
 
 
-def run_case(name: str, kwargs: dict[str, Any], mask_spec: Any, bs: tuple[int, int], ep_size: int,
+def run_case(name: str, kwargs: dict[str, Any], mask_spec: Any, bs: tuple[int, int], groups: ParallelGroups,
              ) -> dict[str, float]:
-    groups = build_groups(ep_size, timeout_s=60.0)
-    N, rank = groups.world_size, groups.rank
+    N, rank, ep_size = groups.world_size, groups.rank, groups.ep_size
     torch.manual_seed(1234)
     ref = MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, **kwargs)
     masked = _masked(mask_spec, ep_size)
@@ -138,31 +138,33 @@ def layer_worker(rank: int, world: int, port: int, out_dir: str, plan: list[tupl
     init_loopback(rank, world, port)
     results: dict[str, dict[str, float]] = {}
     start = time.perf_counter()
+    built = []
     for ep_size, names in plan:
+        built.append(build_groups(ep_size, timeout_s=60.0))
         for name, kwargs, mask_spec, bs in CASES:
             if names is None or name in names:
-                results[f"ep{ep_size}/{name}"] = run_case(name, kwargs, mask_spec, bs, ep_size)
+                results[f"ep{ep_size}/{name}"] = run_case(name, kwargs, mask_spec, bs, built[-1])
+    destroy_parallel(*built)
     results["_time_s"] = {"total": time.perf_counter() - start}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
-    dist.destroy_process_group()
 
 
 def fault_main(argv: list[str] | None = None) -> int:
     """One rank of a fault drill: ``RANK WORLD PORT MODE TIMEOUT_S``. Every rank trains an
-    expert-parallel layer; at step 2 rank 1 kills itself (MODE=kill) or stops answering
-    (MODE=hang). The other ranks must exit with a MoekitDistributedError within the timeout."""
+    expert-parallel layer under ``TrainerParallel.run``; at step 2 rank 1 kills itself (MODE=kill)
+    or stops answering (MODE=hang). The other ranks must print one error line and return 3 within
+    the timeout, through the teardown (the exit code for ``sys.exit``)."""
     import signal
     import sys
-
-    from .errors import MoekitDistributedError
 
     rank, world, port, mode, timeout_s = sys.argv[1:6] if argv is None else argv
     rank, world, port, timeout_s = int(rank), int(world), int(port), float(timeout_s)
     init_loopback(rank, world, port, timeout_s)
-    groups = build_groups(world, timeout_s=timeout_s)
-    torch.manual_seed(0)
-    layer = shard_moe(MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, top_k=2), groups)
-    try:
+    parallel = TrainerParallel(build_groups(world, timeout_s=timeout_s))
+
+    def train() -> int:
+        torch.manual_seed(0)
+        layer = shard_moe(MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, top_k=2), parallel.groups)
         for step in range(1000):
             if rank == 1 and step == 2:
                 if mode == "kill":
@@ -170,8 +172,62 @@ def fault_main(argv: list[str] | None = None) -> int:
                 time.sleep(3600)
             out = layer(torch.randn(4, DIM))
             (out.square().sum() + layer.aux_loss).backward()
-            reduce_gradients(layer, groups)
-    except MoekitDistributedError as err:
-        print(f"MoekitDistributedError: {err}", file=sys.stderr, flush=True)
-        os._exit(3)
-    return 0
+            reduce_gradients(layer, parallel.groups)
+        return 0
+
+    return parallel.run(train)
+
+
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
+
+
+def gloo_threads() -> int:
+    """How many of gloo's threads (worker loops and transport loops, by name) this process runs (Linux)."""
+    count = 0
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            count += (task / "comm").read_text().strip() in GLOO_THREADS
+        except FileNotFoundError:  # the thread ended while we looked
+            continue
+    return count
+
+
+def lifetime_worker(rank: int, world: int, ports: list[int], out_dir: str) -> None:
+    """Entry point for torch.multiprocessing.spawn: three ``TrainerParallel.run`` calls, each on fresh
+    process groups, whose step (forward, backward, gradient reduction, full state-dict gathers, a
+    barrier) returns 0, raises a MoekitDistributedError, or raises a ValueError after the forward
+    (its autograd graph, which holds the EP group, still alive in the traceback). Records gloo's
+    thread count before and after each run, what ``run`` gave, and the error a later forward raises."""
+    results: dict[str, dict[str, Any]] = {}
+    for mode, port in zip(("ok", "collective_error", "other_error"), ports):
+        init_loopback(rank, world, port)
+        parallel = TrainerParallel(build_groups(world, timeout_s=60.0))
+        torch.manual_seed(0)
+        model = shard_model(MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, top_k=2), parallel.groups)
+
+        def step() -> int:
+            out = model(torch.randn(4, DIM))
+            if mode == "other_error":
+                raise ValueError("failed after the forward")
+            (out.square().sum() + model.aux_loss).backward()
+            parallel.reduce_and_clip(model, list(model.parameters()), 1.0)
+            model.state_dict()
+            dist.barrier()
+            if mode == "collective_error":
+                raise MoekitDistributedError("drill")
+            return 0
+
+        running = gloo_threads()
+        try:
+            outcome: Any = parallel.run(step)
+            after = gloo_threads()
+        except ValueError as err:
+            outcome, after = f"ValueError: {err}", gloo_threads()
+        try:
+            model(torch.randn(4, DIM))
+            later = ""
+        except MoekitDistributedError as err:
+            later = str(err)
+        results[mode] = {"threads_running": running, "threads_after": after, "outcome": outcome,
+                         "initialized_after": dist.is_initialized(), "later_forward": later}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))

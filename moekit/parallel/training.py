@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,7 +24,7 @@ from torch import nn
 
 from .errors import MoekitDistributedError, guarded
 from .expert_parallel import ExpertParallelMoE, expert_parameters, gather_experts, shard_model
-from .groups import ParallelGroups, init_parallel
+from .groups import ParallelGroups, destroy_parallel, init_parallel
 
 T = TypeVar("T")
 
@@ -216,14 +217,41 @@ class TrainerParallel:
         return result
 
     def run(self, fn: Callable[[], int]) -> int:
-        """Run the training entry point; a failed collective prints one line and returns 3."""
+        """Run the training entry point, then tear torch.distributed down (``close``) on every path.
+
+        A failed collective prints one line and returns 3; any other exception propagates after
+        the teardown. Build everything that uses the groups (data, trainer) inside ``fn``.
+        """
         try:
-            code = fn()
+            return fn()
         except MoekitDistributedError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
             return 3
-        dist.destroy_process_group()
-        return code
+        except BaseException as err:
+            _release_frames(err)
+            raise
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Destroy the process groups and join gloo's threads now (``destroy_parallel``); idempotent."""
+        destroy_parallel(self.groups)
+
+
+def _release_frames(err: BaseException) -> None:
+    """Clear the locals of the finished frames in ``err``'s traceback and its chained causes.
+
+    A step that failed half way leaves activations in those frames whose autograd graph holds a
+    process group (the all-to-all saves it); cleared, the groups can go in the teardown that
+    follows, instead of when the exception is freed, possibly at interpreter exit. The traceback
+    itself (files, lines) is kept for the error report.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback.clear_frames(current.__traceback__)
+        current = current.__cause__ or current.__context__
 
 
 def start_parallel(ep_size: int, timeout_s: float = 300.0) -> TrainerParallel:
