@@ -5,6 +5,7 @@ file round-trips compactly; converted HF families replay; every mismatch is one 
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import pytest
@@ -299,17 +300,60 @@ def test_replay_on_converted_hf_family(family: str, tmp_path) -> None:
         assert torch.equal(used.view(recorded_idx.shape), recorded_idx)
 
 
-# ---------------------------------------------------------------------- CLI
-def test_cli_generate_records_routing(tmp_path, capsys) -> None:
+# ---------------------------------------------------------------------- CLI and server
+def write_run(folder) -> LM:
     from moekit.train.checkpoint import save_checkpoint
     from moekit.train.trainer import TrainConfig
 
     torch.manual_seed(0)
     cfg = TrainConfig(model=LMConfig(vocab_size=257, dim=32, n_layers=2, n_heads=4, ffn_hidden=48, max_seq_len=64,
-                                     moe=moe_config(dim=32, num_experts=4, expert_hidden=24, top_k=2)),
+                                     init_std=0.2, moe=moe_config(dim=32, num_experts=4, expert_hidden=24, top_k=2)),
                       seq_len=32, tokenizer="byte")
     model = LM(cfg.model)
-    save_checkpoint(tmp_path / "run", 0, model, None, {"config": cfg.to_dict()})
+    save_checkpoint(folder, 0, model, None, {"config": cfg.to_dict()})
+    return model
+
+
+def test_server_returns_routing_records_per_choice(tmp_path) -> None:
+    """n=3 choices run as a packed prefill and batched decode steps; each choice's record covers its
+    prompt and generated tokens but the last, and replays in a training forward."""
+    import base64
+
+    pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed; pip install -e '.[serve]'")
+    httpx = pytest.importorskip("httpx", reason="httpx is not installed; pip install -e '.[dev]'")
+    from moekit.serve import BackgroundServer, ServeLimits, create_app, load_engine
+
+    model = write_run(tmp_path / "run")
+    engine = load_engine(tmp_path / "run", ServeLimits(max_batch=4, max_tokens=16), model_name="tiny")
+    with BackgroundServer(create_app(engine)) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        body = {"prompt": "hello there", "max_tokens": 7, "n": 3, "temperature": 1.0, "seed": 5, "routing_record": True}
+        choices = client.post("/v1/completions", json=body).json()["choices"]
+        stream = client.post("/v1/completions", json={**body, "n": 1, "stream": True}).text
+        plain = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).json()["choices"][0]
+    assert "routing_record" not in plain
+    assert engine.counts["packed_prefills"] >= 1 and engine.counts["batched_steps"] >= 1
+    records = [RoutingRecord.from_bytes(base64.b64decode(c["routing_record"]), "response") for c in choices]
+    finals = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: {")]
+    streamed = [c["routing_record"] for f in finals for c in f["choices"] if "routing_record" in c]
+    assert len(streamed) == 1
+    records.append(RoutingRecord.from_bytes(base64.b64decode(streamed[0]), "stream"))
+    model.train()
+    for choice, record in zip(choices, records):
+        prompt = list(b"hello there")
+        assert record.layers == ["layers.0.mlp", "layers.1.mlp"]
+        assert record.tokens[0, :len(prompt)].tolist() == prompt
+        assert record.tokens[0, len(prompt):].tolist() == choice["token_ids"][:record.shape[1] - len(prompt)]
+        with replay_routing(model, record):
+            model(record.tokens)
+        for used, recorded_idx in zip(used_experts(model), record.topk_idx):
+            assert torch.equal(used.view(recorded_idx.shape), recorded_idx)
+    batch, mask = RoutingRecord.stack(records)
+    with replay_routing(model, batch):
+        model(batch.tokens, token_mask=mask)
+
+
+def test_cli_generate_records_routing(tmp_path, capsys) -> None:
+    model = write_run(tmp_path / "run")
     path = tmp_path / "rollout.safetensors"
     assert main(["generate", str(tmp_path / "run"), "--prompt", "hello", "--max-new-tokens", "6",
                  "--temperature", "0", "--record-routing", str(path)]) == 0

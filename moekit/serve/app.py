@@ -20,6 +20,7 @@ and stops it on shutdown. Run it with any ASGI server (``moekit serve`` uses uvi
 """
 
 import asyncio
+import base64
 import hmac
 import json
 import time
@@ -335,7 +336,8 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
                 req = GenRequest(prompt_ids=ids, max_tokens=max_tokens,
                                  temperature=1.0 if body.temperature is None else body.temperature,
                                  top_p=1.0 if body.top_p is None else body.top_p, seed=seed, stop=stop,
-                                 trace=bool(body.routing_trace), logprobs=logprobs, echo_logprobs=echo_logprobs,
+                                 trace=bool(body.routing_trace), record_routing=bool(body.routing_record),
+                                 logprobs=logprobs, echo_logprobs=echo_logprobs,
                                  presence_penalty=body.presence_penalty or 0.0,
                                  frequency_penalty=body.frequency_penalty or 0.0, logit_bias=bias)
                 choices.append(_Choice(index=p * n + i, prompt_index=p, req=req, prompt_text=text))
@@ -459,6 +461,10 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
         completion = sum(c.usage["completion_tokens"] for c in choices if c.usage)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+    def routing_record_b64(c: _Choice) -> str:
+        """The choice's RoutingRecord file (moekit.replay), base64: RoutingRecord.from_bytes(b64decode(s))."""
+        return base64.b64encode(engine.routing_record(c.req).to_bytes()).decode("ascii")
+
     def final_choice(c: _Choice, chat: bool, echo: bool) -> dict[str, Any]:
         kept = c.usage["completion_tokens"] if c.usage else len(c.token_ids)
         ids, entries = c.token_ids[:kept], c.logprobs[:kept]
@@ -482,6 +488,8 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
         out["token_ids"] = ids
         if c.req.trace:
             out["routing_trace"] = c.trace[:kept]
+        if c.req.record_routing:
+            out["routing_record"] = routing_record_b64(c)
         return out
 
     async def _collect(rid: str, created: int, choices: list[_Choice], events: asyncio.Queue,
@@ -538,6 +546,8 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
             out["token_ids"] = ids
             if c.req.trace and ids:
                 out["routing_trace"] = [{"token_id": ids[0], "experts": event["experts"]}]
+            if c.req.record_routing and finish:
+                out["routing_record"] = routing_record_b64(c)
             return out
 
         pending = len(choices)

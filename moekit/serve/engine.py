@@ -124,6 +124,9 @@ class GenRequest:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     trace: bool = False
+    # Router replay: keep every fed token's experts (prompt, then each generated token but the last);
+    # ``Engine.routing_record(req)`` returns them as a moekit.replay.RoutingRecord.
+    record_routing: bool = False
     # Top alternatives to report per generated token (None: no logprobs; 0: the chosen token's only).
     logprobs: int | None = None
     # Also compute the prompt tokens' logprobs (``prompt_logprobs``: None for the first token).
@@ -147,6 +150,8 @@ class GenRequest:
     # Incremental detokeniser of the generated ids (moekit.serve.text.StreamDecoder).
     detok: Any = None
     prompt_logprobs: list[dict[str, Any] | None] = field(default_factory=list)
+    # Set by the engine with record_routing: (L, n, K) expert ids of each forward's rows of this request.
+    routing_rows: list[torch.Tensor] = field(default_factory=list)
 
 
 class Engine:
@@ -410,6 +415,7 @@ class Engine:
             logits_BV = self._guarded(rows, lambda: decode_step(self.model, tokens_B, [r.cache for r in rows]))
             if logits_BV is not None:
                 for b, r in enumerate(rows):
+                    self._record_rows(r, b, 1)
                     self._accept_one(r, logits_BV[b:b + 1], lambda b=b: self._trace(b))
         else:
             for b, r in enumerate(rows):
@@ -418,6 +424,7 @@ class Engine:
 
                 logits_1V = self._guarded([r], forward)
                 if logits_1V is not None:
+                    self._record_rows(r, -1, 1)
                     self._accept_one(r, logits_1V, lambda: self._trace(-1))
         self._active = [r for r in self._active if self._keep(r)]
 
@@ -441,6 +448,7 @@ class Engine:
         logits_BV, rows = result
         for b, (req, row) in enumerate(zip(reqs, rows)):
             self._active.append(req)
+            self._record_rows(req, row, len(req.prompt_ids))
             self._accept_one(req, logits_BV[b:b + 1], lambda row=row: self._trace(row))
 
     def _accept_one(self, req: GenRequest, logits_1V: torch.Tensor,
@@ -548,6 +556,29 @@ class Engine:
             if routing is not None and routing.topk_idx_TK is not None:
                 trace[name] = routing.topk_idx_TK[row].tolist()
         return trace
+
+    def _record_rows(self, req: GenRequest, last: int, n: int) -> None:
+        """With ``req.record_routing``, keep the experts of the last forward's rows last-n+1..last."""
+        if not req.record_routing:
+            return
+        rows = []
+        for layer in self.layers.values():
+            idx_TK = layer.last_routing.topk_idx_TK
+            end = last % idx_TK.shape[0] + 1
+            rows.append(idx_TK[end - n:end].to(torch.int32))
+        req.routing_rows.append(torch.stack(rows).cpu())
+
+    def routing_record(self, req: GenRequest) -> Any:
+        """The moekit.replay.RoutingRecord of a finished ``record_routing`` request: B = 1, the prompt
+        and every generated token but the last (those fed to the model), with those tokens."""
+        from ..replay import RoutingRecord
+
+        if not req.record_routing or not req.routing_rows:
+            raise ValueError(f"request {req.request_id!r} recorded no routing (record_routing={req.record_routing})")
+        idx_LTK = torch.cat(req.routing_rows, dim=1)
+        tokens = torch.tensor([(req.prompt_ids + req.generated)[:idx_LTK.shape[1]]], dtype=torch.long)
+        return RoutingRecord(list(self.layers), [m.num_experts for m in self.layers.values()],
+                             [idx_TK[None].long() for idx_TK in idx_LTK], tokens)
 
     def _accept(self, req: GenRequest, logits_1V: torch.Tensor, trace: dict[str, list[int]] | None) -> None:
         """Sample the request's next token, update its text, emit the new text, and finish it when done."""

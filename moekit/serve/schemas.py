@@ -106,6 +106,9 @@ def request_models(lim: FieldLimits) -> tuple[type[BaseModel], type[BaseModel]]:
         user: str | None = Field(None, max_length=MAX_NAME_CHARS)
         # moekit: return, for each generated token, the experts each MoE layer routed it to.
         routing_trace: bool | None = None
+        # moekit: return the experts of every token fed to the model (the prompt, then each generated
+        # token but the last) as "routing_record", a base64 moekit.replay.RoutingRecord file.
+        routing_record: bool | None = None
 
         def stop_list(self) -> list[str]:
             if self.stop is None:
