@@ -1,13 +1,13 @@
 """Fused experts block: gather -> first grouped product -> activation -> second grouped product
 -> weighted combine, as one ``torch.library`` custom op with a hand-written backward op.
 
-Shape legend: T tokens, D model dim, E experts, F expert hidden, H first-product width
-(2F for SwiGLU: gate rows then up rows, F for a plain MLP), K slots per token, S = T*K slots,
-R rows grouped by expert (R <= S; R < S when capacity dropped slots).
+Shape letters (docs/architecture.md): T tokens, D model dim, E experts, F expert hidden, U first-product
+width (2F for SwiGLU: gate rows then up rows, F for a plain MLP), K slots per token, S = T*K slots,
+R rows grouped by expert (R <= S; R < S when capacity dropped slots), N one expert's rows.
 
 The expert computation is Shazeer 2020's gated FFN y = down(act(gate x) * up x) (or
 y = down(act(up x)) ungated), and the layer output is out_t = sum_r w_r y_r over the rows r of
-token t. The backward saves only the pre-activation h (R, H); the gathered input and the activation are
+token t. The backward saves only the pre-activation h (R, U); the gathered input and the activation are
 recomputed, and weight gradients are grouped products dW_e = dY_e^T X_e, so nothing of size
 (E, ...) is ever materialised per token. The router-weight gradient dw_r = <dout_t, y_r> is
 computed as <g_r, a_r> with g_r = dout_t W2_e (the product backward needs anyway for dL/da_r =
@@ -44,23 +44,23 @@ from .grouped import compute_dtype, resolve_schedule
 SCHEDULES = ("grouped", "loop", "auto")
 
 
-def _act_forward(h_RH: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
+def _act_forward(h_RU: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
     if not gated:
-        return _ACT[act_name](h_RH)
-    gate_RF, up_RF = h_RH.chunk(2, dim=-1)
+        return _ACT[act_name](h_RU)
+    gate_RF, up_RF = h_RU.chunk(2, dim=-1)
     return _ACT[act_name](gate_RF) * up_RF
 
 
-def _act_backward(h_RH: torch.Tensor, da_RF: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
-    """dL/dh (R, H) from dL/da (R, F), given the pre-activation h."""
+def _act_backward(h_RU: torch.Tensor, da_RF: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
+    """dL/dh (R, U) from dL/da (R, F), given the pre-activation h."""
     if not gated:
-        return _act_grad(h_RH, da_RF, act_name)
-    gate_RF, up_RF = h_RH.chunk(2, dim=-1)
-    dh_RH = torch.empty_like(h_RH)
-    dgate_RF, dup_RF = dh_RH.chunk(2, dim=-1)
+        return _act_grad(h_RU, da_RF, act_name)
+    gate_RF, up_RF = h_RU.chunk(2, dim=-1)
+    dh_RU = torch.empty_like(h_RU)
+    dgate_RF, dup_RF = dh_RU.chunk(2, dim=-1)
     torch.mul(da_RF, _ACT[act_name](gate_RF), out=dup_RF)
     dgate_RF.copy_(_act_grad(gate_RF, da_RF.mul_(up_RF), act_name))
-    return dh_RH
+    return dh_RU
 
 
 def _act_grad(z: torch.Tensor, grad: torch.Tensor, act_name: str) -> torch.Tensor:
@@ -128,28 +128,28 @@ def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts_E, 0, dtype=torch.int32)
 
 
-def _schedule(schedule: str, x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, R: int) -> str:
+def _schedule(schedule: str, x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, R: int) -> str:
     if schedule != "auto":
         return schedule
-    E, H, D = w1_EHD.shape
-    return resolve_schedule(x_TD, D, H, w2_EDF.shape[-1], R / E)
+    E, U, D = w1_EUD.shape
+    return resolve_schedule(x_TD, D, U, w2_EDF.shape[-1], R / E)
 
 
 # ---------------------------------------------------------------------------------------------- forward
-def _forward_grouped(x_TD, w1_EHD, w2_EDF, token_idx_R, counts_E, act_name, gated):
+def _forward_grouped(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated):
     offs_E = _offsets(counts_E)
     dtype = x_TD.dtype
     x_RD = x_TD.index_select(0, token_idx_R)
-    h_RH = F.grouped_mm(x_RD, w1_EHD.to(dtype).transpose(1, 2), offs=offs_E)
+    h_RU = F.grouped_mm(x_RD, w1_EUD.to(dtype).transpose(1, 2), offs=offs_E)
     del x_RD
-    y_RD = F.grouped_mm(_act_forward(h_RH, act_name, gated), w2_EDF.to(dtype).transpose(1, 2), offs=offs_E)
-    return h_RH, y_RD
+    y_RD = F.grouped_mm(_act_forward(h_RU, act_name, gated), w2_EDF.to(dtype).transpose(1, 2), offs=offs_E)
+    return h_RU, y_RD
 
 
-def _forward_loop(x_TD, w1_EHD, w2_EDF, token_idx_R, counts_E, act_name, gated):
+def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated):
     dtype, cdt = x_TD.dtype, compute_dtype(x_TD)
-    R, H, D = token_idx_R.shape[0], w1_EHD.shape[1], x_TD.shape[1]
-    h_RH = x_TD.new_empty(R, H)
+    R, U, D = token_idx_R.shape[0], w1_EUD.shape[1], x_TD.shape[1]
+    h_RU = x_TD.new_empty(R, U)
     y_RD = x_TD.new_empty(R, D)
     for e, start, n in _nonempty_blocks(counts_E, R):
         rows = slice(start, start + n)
@@ -158,41 +158,41 @@ def _forward_loop(x_TD, w1_EHD, w2_EDF, token_idx_R, counts_E, act_name, gated):
         bdt = dtype if n <= NATIVE_DTYPE_MAX_ROWS else cdt
         x_ND = x_TD.index_select(0, token_idx_R[rows])
         if bdt == dtype:  # products write straight into the saved (R, .) buffers
-            h_NH = torch.mm(x_ND, w1_EHD[e].to(bdt).t(), out=h_RH[rows])
-            torch.mm(_act_forward(h_NH, act_name, gated), w2_EDF[e].to(bdt).t(), out=y_RD[rows])
+            h_NU = torch.mm(x_ND, w1_EUD[e].to(bdt).t(), out=h_RU[rows])
+            torch.mm(_act_forward(h_NU, act_name, gated), w2_EDF[e].to(bdt).t(), out=y_RD[rows])
         else:
-            h_NH = x_ND.to(bdt) @ w1_EHD[e].to(bdt).t()
-            h_RH[rows] = h_NH
-            y_RD[rows] = _act_forward(h_NH, act_name, gated) @ w2_EDF[e].to(bdt).t()
-    return h_RH, y_RD
+            h_NU = x_ND.to(bdt) @ w1_EUD[e].to(bdt).t()
+            h_RU[rows] = h_NU
+            y_RD[rows] = _act_forward(h_NU, act_name, gated) @ w2_EDF[e].to(bdt).t()
+    return h_RU, y_RD
 
 
 @torch.library.custom_op("moekit::fused_experts", mutates_args=())
-def _fused_op(x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, weight_R: torch.Tensor,
+def _fused_op(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, weight_R: torch.Tensor,
               token_idx_R: torch.Tensor, inverse_S: torch.Tensor | None, counts_E: torch.Tensor, act_name: str,
               gated: bool, schedule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out_TD in x's dtype, y_RD unweighted expert outputs, h_RH pre-activations)."""
-    sched = _schedule(schedule, x_TD, w1_EHD, w2_EDF, token_idx_R.shape[0])
+    """-> (out_TD in x's dtype, y_RD unweighted expert outputs, h_RU pre-activations)."""
+    sched = _schedule(schedule, x_TD, w1_EUD, w2_EDF, token_idx_R.shape[0])
     run = _forward_grouped if sched == "grouped" else _forward_loop
-    h_RH, y_RD = run(x_TD, w1_EHD, w2_EDF, token_idx_R, counts_E, act_name, gated)
+    h_RU, y_RD = run(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated)
     out_TD = _combine(y_RD, weight_R, inverse_S, token_idx_R, x_TD.shape[0]).to(x_TD.dtype)
-    return out_TD, y_RD, h_RH
+    return out_TD, y_RD, h_RU
 
 
 @_fused_op.register_fake
-def _(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule):
+def _(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule):
     R = token_idx_R.shape[0]
-    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(R, x_TD.shape[1]), x_TD.new_empty(R, w1_EHD.shape[1])
+    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(R, x_TD.shape[1]), x_TD.new_empty(R, w1_EUD.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------- backward
-def _backward_grouped(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD, act_name, gated, counts_E):
+def _backward_grouped(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, act_name, gated, counts_E):
     offs_E = _offsets(counts_E)
     dtype = x_TD.dtype
-    w1 = w1_EHD.to(dtype)
+    w1 = w1_EUD.to(dtype)
     w2 = w2_EDF.to(dtype)
     dout_RD = dout_TD.to(dtype).index_select(0, token_idx_R)
-    a_RF = _act_forward(h_RH, act_name, gated)
+    a_RF = _act_forward(h_RU, act_name, gated)
     # g_r = dout_t W2_e: dw_r = <dout_t, y_r> = <g_r, a_r>, and dL/da_r = w_r g_r.
     g_RF = F.grouped_mm(dout_RD, w2, offs=offs_E)
     dweight_R = (g_RF * a_RF).sum(-1, dtype=_acc_dtype(g_RF)).to(weight_R.dtype)
@@ -200,18 +200,18 @@ def _backward_grouped(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD
     dy_RD = dout_RD.mul_(w_R1)
     dw2_EDF = F.grouped_mm(dy_RD.t(), a_RF, offs=offs_E)
     del a_RF, dy_RD, dout_RD
-    dh_RH = _act_backward(h_RH, g_RF.mul_(w_R1), act_name, gated)
+    dh_RU = _act_backward(h_RU, g_RF.mul_(w_R1), act_name, gated)
     del g_RF
-    dx_RD = F.grouped_mm(dh_RH, w1, offs=offs_E)
+    dx_RD = F.grouped_mm(dh_RU, w1, offs=offs_E)
     x_RD = x_TD.index_select(0, token_idx_R)
-    dw1_EHD = F.grouped_mm(dh_RH.t(), x_RD, offs=offs_E)
-    return dx_RD, dw1_EHD.to(w1_EHD.dtype), dw2_EDF.to(w2_EDF.dtype), dweight_R
+    dw1_EUD = F.grouped_mm(dh_RU.t(), x_RD, offs=offs_E)
+    return dx_RD, dw1_EUD.to(w1_EUD.dtype), dw2_EDF.to(w2_EDF.dtype), dweight_R
 
 
-def _backward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD, act_name, gated, counts_E):
+def _backward_loop(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, act_name, gated, counts_E):
     cdt = compute_dtype(x_TD)
     R = token_idx_R.shape[0]
-    dw1 = torch.zeros(w1_EHD.shape, dtype=cdt, device=w1_EHD.device)
+    dw1 = torch.zeros(w1_EUD.shape, dtype=cdt, device=w1_EUD.device)
     dw2 = torch.zeros(w2_EDF.shape, dtype=cdt, device=w2_EDF.device)
     dweight_R = torch.empty_like(weight_R)
     dx_RD = torch.empty(R, x_TD.shape[1], dtype=cdt, device=x_TD.device)
@@ -219,47 +219,47 @@ def _backward_loop(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD, a
         rows = slice(start, start + n)
         tok_N = token_idx_R[rows]
         dout_ND = dout_TD.index_select(0, tok_N).to(cdt)
-        h_NH = h_RH[rows].to(cdt)
-        a_NF = _act_forward(h_NH, act_name, gated)
+        h_NU = h_RU[rows].to(cdt)
+        a_NF = _act_forward(h_NU, act_name, gated)
         g_NF = dout_ND @ w2_EDF[e].to(cdt)
         dweight_R[rows] = (g_NF * a_NF).sum(-1)
         w_N1 = weight_R[rows].to(cdt).unsqueeze(-1)
         torch.mm(dout_ND.mul_(w_N1).t(), a_NF, out=dw2[e])
-        dh_NH = _act_backward(h_NH, g_NF.mul_(w_N1), act_name, gated)
-        torch.mm(dh_NH.t(), x_TD.index_select(0, tok_N).to(cdt), out=dw1[e])
-        torch.mm(dh_NH, w1_EHD[e].to(cdt), out=dx_RD[rows])
-    return dx_RD, dw1.to(w1_EHD.dtype), dw2.to(w2_EDF.dtype), dweight_R
+        dh_NU = _act_backward(h_NU, g_NF.mul_(w_N1), act_name, gated)
+        torch.mm(dh_NU.t(), x_TD.index_select(0, tok_N).to(cdt), out=dw1[e])
+        torch.mm(dh_NU, w1_EUD[e].to(cdt), out=dx_RD[rows])
+    return dx_RD, dw1.to(w1_EUD.dtype), dw2.to(w2_EDF.dtype), dweight_R
 
 
 @torch.library.custom_op("moekit::fused_experts_backward", mutates_args=())
-def _fused_backward_op(dout_TD: torch.Tensor, x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor,
+def _fused_backward_op(dout_TD: torch.Tensor, x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor,
                        weight_R: torch.Tensor, token_idx_R: torch.Tensor, inverse_S: torch.Tensor | None,
-                       counts_E: torch.Tensor, h_RH: torch.Tensor, act_name: str, gated: bool,
+                       counts_E: torch.Tensor, h_RU: torch.Tensor, act_name: str, gated: bool,
                        schedule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dx_TD, dw1_EHD, dw2_EDF, dweight_R)."""
-    sched = _schedule(schedule, x_TD, w1_EHD, w2_EDF, token_idx_R.shape[0])
+    """-> (dx_TD, dw1_EUD, dw2_EDF, dweight_R)."""
+    sched = _schedule(schedule, x_TD, w1_EUD, w2_EDF, token_idx_R.shape[0])
     run = _backward_grouped if sched == "grouped" else _backward_loop
-    dx_RD, dw1, dw2, dweight_R = run(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, h_RH, dout_TD.contiguous(),
+    dx_RD, dw1, dw2, dweight_R = run(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD.contiguous(),
                                      act_name, gated, counts_E)
     dx_TD = _token_sum(dx_RD, inverse_S, token_idx_R, x_TD.shape[0], _acc_dtype(dx_RD)).to(x_TD.dtype)
     return dx_TD, dw1, dw2, dweight_R
 
 
 @_fused_backward_op.register_fake
-def _(dout_TD, x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RH, act_name, gated, schedule):
-    return torch.empty_like(x_TD), torch.empty_like(w1_EHD), torch.empty_like(w2_EDF), torch.empty_like(weight_R)
+def _(dout_TD, x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RU, act_name, gated, schedule):
+    return torch.empty_like(x_TD), torch.empty_like(w1_EUD), torch.empty_like(w2_EDF), torch.empty_like(weight_R)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule = inputs
-    ctx.save_for_backward(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, output[2])
+    x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule = inputs
+    ctx.save_for_backward(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, output[2])
     ctx.act_name, ctx.gated, ctx.schedule = act_name, gated, schedule
 
 
 def _backward(ctx, dout_TD, _dy, _dh):
-    x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RH = ctx.saved_tensors
-    dx, dw1, dw2, dweight = _fused_backward_op(dout_TD, x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S,
-                                               counts_E, h_RH, ctx.act_name, ctx.gated, ctx.schedule)
+    x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RU = ctx.saved_tensors
+    dx, dw1, dw2, dweight = _fused_backward_op(dout_TD, x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S,
+                                               counts_E, h_RU, ctx.act_name, ctx.gated, ctx.schedule)
     need = ctx.needs_input_grad
     return (dx if need[0] else None, dw1 if need[1] else None, dw2 if need[2] else None,
             dweight if need[3] else None, None, None, None, None, None, None)
@@ -268,12 +268,12 @@ def _backward(ctx, dout_TD, _dy, _dh):
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_experts(x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, weight_R: torch.Tensor,
+def fused_experts(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, weight_R: torch.Tensor,
                   token_idx_R: torch.Tensor, counts_E: torch.Tensor, act_name: str, gated: bool,
                   schedule: str, inverse_S: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, D) tokens -> ((T, D) combined output in x's dtype, (R, D) unweighted expert outputs).
 
-    w1_EHD is ``gate_up_proj`` (E, 2F, D) when gated, else ``up_proj`` (E, F, D); w2_EDF is
+    w1_EUD is ``gate_up_proj`` (E, 2F, D) when gated, else ``up_proj`` (E, F, D); w2_EDF is
     ``down_proj`` (E, D, F). Rows of expert e are token_idx_R[offs[e-1]:offs[e]] with
     offs = cumsum(counts_E); weight_R are their combine weights. inverse_S (optional, (T*K,) long)
     maps slot t*K + j to its row (R for a dropped slot) for the deterministic gather combine;
@@ -290,21 +290,21 @@ def fused_experts(x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor
         raise ValueError(f"weight_R has shape {tuple(weight_R.shape)}, expected ({R},) like token_idx_R")
     if inverse_S is not None and inverse_S.shape[0] % x_TD.shape[0] != 0:
         raise ValueError(f"inverse_S has {inverse_S.shape[0]} slots, not a multiple of the {x_TD.shape[0]} tokens")
-    out_TD, y_RD, _ = _fused_op(x_TD, w1_EHD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name,
+    out_TD, y_RD, _ = _fused_op(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name,
                                 gated, schedule)
     return out_TD, y_RD
 
 
-def gather_experts(x_TD: torch.Tensor, w1_EHD: torch.Tensor, w2_EDF: torch.Tensor, idx_TK: torch.Tensor,
+def gather_experts(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, idx_TK: torch.Tensor,
                    weight_TK: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
     """Sort-free path for few tokens (decode): each token's K chosen experts' weights are gathered
-    ((T, K, H, D) and (T, K, D, F)) and applied with batched products, as gpt-fast does; no plan
+    ((T, K, U, D) and (T, K, D, F)) and applied with batched products, as gpt-fast does; no plan
     order, no host read. Plain differentiable ops. -> (T, D) in x's dtype, summed in float32."""
     T, K = idx_TK.shape
     dtype = x_TD.dtype
-    w1_NHD = w1_EHD.to(dtype).index_select(0, idx_TK.reshape(-1))
-    h_NH = torch.bmm(w1_NHD, x_TD.repeat_interleave(K, dim=0).unsqueeze(-1)).squeeze(-1)
-    a_NF = _act_forward(h_NH, act_name, gated)
+    w1_NUD = w1_EUD.to(dtype).index_select(0, idx_TK.reshape(-1))
+    h_NU = torch.bmm(w1_NUD, x_TD.repeat_interleave(K, dim=0).unsqueeze(-1)).squeeze(-1)
+    a_NF = _act_forward(h_NU, act_name, gated)
     y_ND = torch.bmm(w2_EDF.to(dtype).index_select(0, idx_TK.reshape(-1)), a_NF.unsqueeze(-1)).squeeze(-1)
     acc = _acc_dtype(x_TD)
     out_TD = (y_ND.view(T, K, -1).to(acc) * weight_TK.to(acc).unsqueeze(-1)).sum(1)
