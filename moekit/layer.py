@@ -32,6 +32,7 @@ from torch import nn
 from .balance import losses as L
 from .config import MoEConfig, moe_config
 from .dispatch import DispatchPlan, plan_expert_choice, plan_token_choice, run_experts
+from .dispatch.run import stage
 from .experts import MLPExperts, ModuleExperts, SharedExperts, SwiGLUExperts
 from .router import Routing, build_router
 from .stats import LayerReport, RoutingStats
@@ -119,7 +120,8 @@ class MoE(nn.Module):
             else:
                 routing, plan, out_TD = self._route_and_run_valid(x_TD, valid_T, forced_TK)
         if self.shared_experts is not None:
-            out_TD = out_TD + self.shared_experts(x_TD)
+            with stage("experts"):
+                out_TD = out_TD + self.shared_experts(x_TD)
 
         batch = math.prod(shape[:-2]) if len(shape) >= 3 else 1
         self._record(routing, plan, batch, valid_T)
@@ -129,14 +131,16 @@ class MoE(nn.Module):
                        forced_TK: torch.Tensor | None = None) -> tuple[Routing, DispatchPlan, torch.Tensor]:
         """Router -> plan -> routed experts -> combine, for all T tokens (with ``forced_TK``, those experts)."""
         available_E = self.available_E if self._any_masked else None
-        routing = self.router(x_TD, available_E)
-        if forced_TK is not None:
-            routing = self.router.replay(routing, forced_TK)
-        if routing.is_token_choice:
-            plan = plan_token_choice(routing, self.num_experts, self.config.router.capacity_factor,
-                                     self.config.router.drop_policy)
-        else:
-            plan = plan_expert_choice(routing, available_E)
+        with stage("router"):  # profiler ranges (dispatch.run.stage), read by explain.latency
+            routing = self.router(x_TD, available_E)
+            if forced_TK is not None:
+                routing = self.router.replay(routing, forced_TK)
+        with stage("dispatch"):
+            if routing.is_token_choice:
+                plan = plan_token_choice(routing, self.num_experts, self.config.router.capacity_factor,
+                                         self.config.router.drop_policy)
+            else:
+                plan = plan_expert_choice(routing, available_E)
         check = self._check_expert_outputs if self.checks_finite else None
         return routing, plan, run_experts(x_TD, plan, self.experts, check)
 

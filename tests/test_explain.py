@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import math
 import re
@@ -8,8 +9,9 @@ import torch.nn.functional as F
 
 from moekit import moe_config
 from moekit.data.tokenizer import ByteTokenizer
-from moekit.explain import (explain_text, label_affinity, latency_breakdown, per_expert_loss, render_html,
-                            render_terminal, routing_change, staged_moe_forward, weight_drift)
+from moekit.dispatch.run import stage
+from moekit.explain import (explain_text, format_latency, label_affinity, latency_breakdown, per_expert_loss, render_html,
+                            render_terminal, routing_change, weight_drift)
 from moekit.explain.tokens import token_pieces
 from moekit.lm import LM, LMConfig
 from moekit.model_ops import moe_layers
@@ -125,23 +127,35 @@ def test_per_expert_loss_matches_a_recount():
             assert result["weighted_loss"][e] == pytest.approx(float((w * nll).sum() / w.sum()))
 
 
-@pytest.mark.parametrize("kw", [{}, {"shared_experts": 1}, {"capacity_factor": 1.0}])
-def test_staged_forward_equals_the_layer(kw):
+@pytest.mark.parametrize("kw", [{}, {"shared_experts": 1}, {"capacity_factor": 1.0}, {"backend": "reference"}])
+def test_moe_forward_marks_its_stages_only_under_a_profiler(kw):
+    """The layer's one forward path opens moe.<stage> ranges while a profiler runs (the plain
+    composition all four; a fused path has its combine inside experts) and none otherwise."""
     layer = lm(**kw).layers[0].mlp
-    x = torch.randn(3, 5, 16)
-    torch.testing.assert_close(staged_moe_forward(layer, x), layer(x), rtol=1e-5, atol=1e-6)
     layer.mask_experts([1])
-    torch.testing.assert_close(staged_moe_forward(layer, x), layer(x), rtol=1e-5, atol=1e-6)
+    x = torch.randn(3, 5, 16)
+    assert isinstance(stage("router"), contextlib.nullcontext)
+    ref = layer(x)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = layer(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    names = {e.name for e in prof.events() if e.name.startswith("moe.")}
+    fused = kw.get("backend") != "reference"
+    assert names == {"moe.router", "moe.dispatch", "moe.experts"} | (set() if fused else {"moe.combine"})
 
 
-def test_latency_breakdown_reports_every_stage():
-    model = lm()
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_latency_breakdown_reports_every_stage(backend):
+    model = lm(backend=backend)
     result = latency_breakdown(model, batches(1)[0].input_ids, repeats=2)
     kinds = [row["kind"] for row in result["blocks"]]
     assert kinds == ["moe", "dense", "moe"]
+    stages = ("router", "dispatch", "experts") + (("combine",) if backend == "reference" else ())
     for row in result["blocks"]:
         assert row["attention_ms"] > 0 and row["ffn_ms"] > 0
         if row["kind"] == "moe":
-            assert all(row[f"{s}_ms"] > 0 for s in ("router", "dispatch", "experts", "combine"))
+            assert all(row[f"{s}_ms"] > 0 for s in stages)
+            assert ("combine_ms" in row) == (backend == "reference")
     assert "router_ms" not in result["blocks"][1]
     assert result["total_ms"] > 0
+    assert "router ms" in format_latency(result)

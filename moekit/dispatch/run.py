@@ -6,14 +6,20 @@ is not ``reference`` run through ``moekit.dispatch.fused``: the custom op (gathe
 activation and combine, with a hand-written backward), or, when a dropless token-choice batch has
 few routed slots against the experts (decode), the sort-free gather path (``use_gather_path``).
 Any other experts module, and ``backend="reference"``, run the plain composition.
+
+While a profiler runs, the MoE forward's stages are ``torch.profiler.record_function`` ranges
+(``stage``): moe.router, moe.dispatch, moe.experts, moe.combine (a fused path's permute and
+combine run inside moe.experts); ``moekit.explain.latency`` reads them.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from .combine import combine, permute
 from .fused import FUSED_ACTIVATIONS, fused_experts, gather_experts
@@ -38,6 +44,14 @@ def use_gather_path(plan: DispatchPlan, w1: torch.Tensor, w2: torch.Tensor, x_TD
     return 2 * slots <= E and nbytes <= GATHER_MAX_BYTES
 
 
+def stage(name: str) -> contextlib.AbstractContextManager[object]:
+    """The profiler range ``moe.<name>`` while a profiler runs, else nothing: outside a profiler a
+    range still costs a dispatcher call (~10-30 us) per stage on every forward."""
+    if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
+        return record_function(f"moe.{name}")
+    return contextlib.nullcontext()
+
+
 def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
                 check_rows: Callable[[torch.Tensor, DispatchPlan], None] | None = None) -> torch.Tensor:
     """(T, D) tokens -> (T, D) weighted sum of each token's expert outputs, in x's dtype.
@@ -49,20 +63,25 @@ def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
     if fused is not None:
         w1, w2, gated, schedule = fused
         if use_gather_path(plan, w1, w2, x_TD):
-            out_TD = gather_experts(x_TD, w1, w2, plan.topk_idx_TK, plan.topk_weight_TK, experts.activation, gated)
+            with stage("experts"):
+                out_TD = gather_experts(x_TD, w1, w2, plan.topk_idx_TK, plan.topk_weight_TK, experts.activation, gated)
             if check_rows is not None and not bool(torch.isfinite(out_TD).all()):
                 check_rows(experts(permute(x_TD, plan), plan.counts_E), plan)
             return out_TD
-        out_TD, y_RD = fused_experts(x_TD, w1, w2, plan.weight_R, plan.token_idx_R, plan.counts_E,
-                                     experts.activation, gated, schedule, plan.inverse_S)
+        with stage("experts"):
+            out_TD, y_RD = fused_experts(x_TD, w1, w2, plan.weight_R, plan.token_idx_R, plan.counts_E,
+                                         experts.activation, gated, schedule, plan.inverse_S)
         if check_rows is not None and not bool(torch.isfinite(out_TD).all()):
             check_rows(y_RD, plan)
         return out_TD
-    x_RD = permute(x_TD, plan)
-    y_RD = experts(x_RD, plan.counts_E)
+    with stage("dispatch"):
+        x_RD = permute(x_TD, plan)
+    with stage("experts"):
+        y_RD = experts(x_RD, plan.counts_E)
     if check_rows is not None:
         check_rows(y_RD, plan)
-    return combine(y_RD, plan, x_TD.dtype)
+    with stage("combine"):
+        return combine(y_RD, plan, x_TD.dtype)
 
 
 def _fused_weights(experts: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool, str] | None:

@@ -2,10 +2,9 @@
 experts' label affinity, routing stability between models, expert weight drift, per-expert
 loss, and a latency breakdown of the forward pass."""
 
-from .latency import format_latency, latency_breakdown, staged_moe_forward
+from .latency import format_latency, latency_breakdown
 from .stability import per_expert_loss, routing_change, weight_drift
 from .tokens import Explanation, explain_ids, explain_text, label_affinity, render_html, render_terminal
 
 __all__ = ["Explanation", "explain_ids", "explain_text", "label_affinity", "render_terminal", "render_html",
-           "routing_change", "weight_drift", "per_expert_loss", "latency_breakdown", "format_latency",
-           "staged_moe_forward"]
+           "routing_change", "weight_drift", "per_expert_loss", "latency_breakdown", "format_latency"]

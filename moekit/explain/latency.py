@@ -1,30 +1,30 @@
-"""Latency breakdown of a forward pass, per block: attention, feed-forward (the layer's real
-path, fused or not), and for MoE layers the stages router -> dispatch (plan + permute) ->
-experts -> combine, timed by rerunning the layer's own input through the plain composition
-(``staged_moe_forward``, which tests check against the layer). Stages are also labelled with
-``torch.profiler.record_function`` so a profiler trace shows them.
+"""Latency breakdown of a forward pass, per block: attention and feed-forward (forward hooks,
+wall-clock), and for MoE layers the stages router -> dispatch (plan + permute) -> experts ->
+combine, read from the ``torch.profiler.record_function`` ranges that the layer's own forward
+opens while a profiler runs (``moekit.dispatch.run.stage``): one forward path, timed, not a copy
+of it. A fused experts path runs permute, products and combine as one op, all of it under
+experts (its combine column stays empty).
 
-Wall-clock timers (perf_counter, with a device synchronise on CUDA); the median over repeats.
+Attention, ffn and total: perf_counter with a device synchronise on CUDA. Stages: the ranges'
+CPU time, on CUDA the device time of the kernels they launch. The median over repeats.
 
-Shape legend: T tokens, D model dim, R routed rows.
+Shape legend: B batch, S positions.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.profiler import record_function
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from ..dispatch import plan_expert_choice, plan_token_choice
-from ..dispatch.combine import combine, permute
 from ..layer import MoE
 
 STAGES = ("router", "dispatch", "experts", "combine")
+_BLOCK_RANGE = "latency.block."
 
 
 def _sync(device: torch.device) -> None:
@@ -32,32 +32,48 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def staged_moe_forward(layer: MoE, x: torch.Tensor, clock: Callable[[str], None] | None = None) -> torch.Tensor:
-    """The layer's forward as separate stages (no statistics, no losses); ``clock(stage)`` is
-    called after each stage finishes."""
-    tick = clock or (lambda stage: None)
-    x_TD = x.reshape(-1, layer.dim)
-    available_E = layer.available_E if layer._any_masked else None
-    with record_function("moe.router"):
-        routing = layer.router(x_TD, available_E)
-    tick("router")
-    with record_function("moe.dispatch"):
-        if routing.is_token_choice:
-            plan = plan_token_choice(routing, layer.num_experts, layer.config.router.capacity_factor,
-                                     layer.config.router.drop_policy)
-        else:
-            plan = plan_expert_choice(routing, available_E)
-        x_RD = permute(x_TD, plan)
-    tick("dispatch")
-    with record_function("moe.experts"):
-        y_RD = layer.experts(x_RD, plan.counts_E)
-    tick("experts")
-    with record_function("moe.combine"):
-        out_TD = combine(y_RD, plan, x_TD.dtype)
-        if layer.shared_experts is not None:
-            out_TD = out_TD + layer.shared_experts(x_TD)
-    tick("combine")
-    return out_TD.view(x.shape)
+def _stage_times(model: nn.Module, ids_BS: torch.Tensor, blocks: list[nn.Module]) -> dict[tuple[int, str], float]:
+    """Milliseconds per (block, stage) of one profiled forward: each MoE block's forward runs in
+    a range ``latency.block.<i>``, and each ``moe.<stage>`` range is charged to the block range
+    above it (a stage that runs twice in a block, as dispatch does, is summed)."""
+    cuda = ids_BS.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    handles, open_ranges = [], {}
+
+    def enter(i: int):
+        def hook(module, args):
+            open_ranges[i] = record_function(f"{_BLOCK_RANGE}{i}").__enter__()
+        return hook
+
+    def leave(i: int):
+        def hook(module, args, output):
+            open_ranges.pop(i).__exit__(None, None, None)
+        return hook
+
+    for i, block in enumerate(blocks):
+        if isinstance(block.mlp, MoE):
+            handles.append(block.mlp.register_forward_pre_hook(enter(i)))
+            handles.append(block.mlp.register_forward_hook(leave(i)))
+    try:
+        with profile(activities=activities) as prof:
+            model(ids_BS)
+            _sync(ids_BS.device)
+    finally:
+        for h in handles:
+            h.remove()
+    times: dict[tuple[int, str], float] = {}
+    for event in prof.events():
+        if not event.name.startswith("moe.") or event.name[4:] not in STAGES:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith(_BLOCK_RANGE):
+            parent = parent.cpu_parent
+        if parent is None:
+            continue
+        us = event.device_time_total if cuda else event.cpu_time_total
+        key = (int(parent.name[len(_BLOCK_RANGE):]), event.name[4:])
+        times[key] = times.get(key, 0.0) + us / 1e3
+    return times
 
 
 @torch.no_grad()
@@ -70,7 +86,6 @@ def latency_breakdown(model: nn.Module, ids_BS: torch.Tensor, repeats: int = 5, 
     device = ids_BS.device
     blocks = list(model.layers)
     times: dict[tuple[int, str], list[float]] = {}
-    inputs: dict[int, torch.Tensor] = {}
     starts: dict[tuple[int, str], float] = {}
     handles = []
 
@@ -78,8 +93,6 @@ def latency_breakdown(model: nn.Module, ids_BS: torch.Tensor, repeats: int = 5, 
         def hook(module, args):
             _sync(device)
             starts[(i, part)] = time.perf_counter()
-            if part == "ffn":
-                inputs[i] = args[0]
         return hook
 
     def post(i: int, part: str):
@@ -109,22 +122,16 @@ def latency_breakdown(model: nn.Module, ids_BS: torch.Tensor, repeats: int = 5, 
             h.remove()
         model.train(was_training)
 
-    for i, block in enumerate(blocks):
-        if not isinstance(block.mlp, MoE):
-            continue
-        for r in range(warmup + repeats):
-            last = [time.perf_counter()]
-
-            def clock(stage: str, i: int = i, keep: bool = r >= warmup) -> None:
-                _sync(device)
-                now = time.perf_counter()
-                if keep:
-                    times.setdefault((i, stage), []).append(1e3 * (now - last[0]))
-                last[0] = now
-
-            _sync(device)
-            last[0] = time.perf_counter()
-            staged_moe_forward(block.mlp, inputs[i], clock)
+    if any(isinstance(block.mlp, MoE) for block in blocks):
+        model.eval()
+        try:
+            for r in range(warmup + repeats):
+                stage_ms = _stage_times(model, ids_BS, blocks)
+                if r >= warmup:
+                    for key, ms in stage_ms.items():
+                        times.setdefault(key, []).append(ms)
+        finally:
+            model.train(was_training)
 
     rows = []
     stage_totals = {k: 0.0 for k in ("attention", "ffn", *STAGES)}
@@ -143,7 +150,7 @@ def format_latency(result: dict[str, Any]) -> str:
     """A text table of ``latency_breakdown``'s result."""
     cols = ["attention", "ffn", *STAGES]
     lines = [f"forward {result['total_ms']:.2f} ms for {result['tokens']} tokens (median of {result['repeats']});"
-             " ffn = the layer's real path, router..combine = the staged rerun",
+             " ffn = the layer's forward, router..combine = its profiler ranges (fused: combine inside experts)",
              f"{'block':<7}{'kind':<7}" + "".join(f"{c + ' ms':>14}" for c in cols)]
     for row in result["blocks"]:
         lines.append(f"{row['block']:<7}{row['kind']:<7}" + "".join(
