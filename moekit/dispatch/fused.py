@@ -211,8 +211,13 @@ def _backward_grouped(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD
 def _backward_loop(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, act_name, gated, counts_E):
     cdt = compute_dtype(x_TD)
     R = token_idx_R.shape[0]
-    dw1 = torch.zeros(w1_EUD.shape, dtype=cdt, device=w1_EUD.device)
-    dw2 = torch.zeros(w2_EDF.shape, dtype=cdt, device=w2_EDF.device)
+    # Every non-empty expert's gradient is written whole below; only the empty ones need zeros
+    # (a memset of all E experts' gradients costs as much as the products at small batches).
+    dw1 = torch.empty(w1_EUD.shape, dtype=cdt, device=w1_EUD.device)
+    dw2 = torch.empty(w2_EDF.shape, dtype=cdt, device=w2_EDF.device)
+    empty_N = (counts_E == 0).nonzero().squeeze(1)
+    dw1.index_fill_(0, empty_N, 0)
+    dw2.index_fill_(0, empty_N, 0)
     dweight_R = torch.empty_like(weight_R)
     dx_RD = torch.empty(R, x_TD.shape[1], dtype=cdt, device=x_TD.device)
     for e, start, n in _nonempty_blocks(counts_E, R):
