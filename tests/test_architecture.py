@@ -30,7 +30,7 @@ LEVELS: list[set[str]] = [
     {"stats"},                                      # routing statistics kept on the layer
     {"layer"},                                      # MoE: the one forward
     {"model_ops", "reference"},                     # whole-model helpers over MoE layers; float64 reference
-    {"health", "replay"},                           # expert health checks; routing record and replay
+    {"health", "replay", "adapters"},               # expert health checks; routing record and replay; LoRA
     {"lm"},                                         # the language model and every attention kind
     {"hf", "parallel"},                             # HF conversion; expert/data parallelism
     {"data", "report"},                             # corpora and tokenizers; plots and HTML reports
