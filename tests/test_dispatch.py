@@ -10,7 +10,6 @@ import torch
 
 from moekit.dispatch import (combine, grouped_matmul, permute, plan_expert_choice, plan_token_choice,
                              resolve_backend, run_experts, token_choice_capacity)
-from moekit import MoE
 from moekit.dispatch.grouped import fused_schedule
 from moekit.router import Routing
 
