@@ -12,7 +12,7 @@ from moekit.data.tokenizer import ByteTokenizer
 from moekit.dispatch.run import stage
 from moekit.explain import (explain_text, format_latency, label_affinity, latency_breakdown, per_expert_loss, render_html,
                             render_terminal, routing_change, weight_drift)
-from moekit.explain.tokens import token_pieces
+from moekit.explain.tokens import RGB, character_cells, token_pieces
 from moekit.lm import LM, LMConfig
 from moekit.model_ops import moe_layers
 from moekit.train.trainer import Batch
@@ -56,8 +56,36 @@ def test_explain_names_each_tokens_experts_and_weights():
     plain = render_terminal(expl, color=False)
     assert "\x1b" not in plain and f"e{first}:" in plain.splitlines()[1]
     page = render_html(expl)
-    assert page.startswith("<!doctype html>") and page.count("class='tok'") == 2 * 6
+    # One cell per character: "é" is two byte tokens in one cell.
+    assert page.startswith("<!doctype html>") and page.count("class='tok'") == 2 * 5
     assert f"expert {first}: {expl.weights[0][0][0]:.3f}" in page
+
+
+def test_multibyte_characters_share_one_cell_with_each_bytes_experts():
+    model = lm()
+    tok = ByteTokenizer()
+    expl = explain_text(model, tok, "a日本")
+    assert len(expl.tokens) == 7
+    assert expl.cells() == [("a", [0]), ("日", [1, 2, 3]), ("本", [4, 5, 6])]
+    assert character_cells(["x", "", ""]) == [("x", [0]), ("\ufffd", [1, 2])]
+    plain = render_terminal(expl, color=False).splitlines()
+    assert len(plain) == 1 + 3
+    row = plain[2]
+    assert row.startswith("日 (3 tokens)")
+    # Each layer's cell lists the three bytes' experts, separated by " / ", in byte order.
+    for l in range(2):
+        want = " / ".join(" ".join(f"e{e}:{w:.2f}" for e, w in zip(expl.experts[l][t], expl.weights[l][t]))
+                          for t in (1, 2, 3))
+        assert want in row
+    page = render_html(expl)
+    assert page.count("class='tok'") == 2 * 3 and ">日</span>" in page and ">本</span>" in page
+    tip = "; ".join(f"token {expl.token_ids[t]}: " + ", ".join(
+        f"expert {e}: {w:.3f}" for e, w in zip(expl.experts[0][t], expl.weights[0][t])) for t in (1, 2, 3))
+    assert f"title='{tip}'" in page
+    # The stripes: one per byte, in its top-1 expert's colour.
+    for t in (1, 2, 3):
+        assert RGB[expl.experts[0][t][0] % len(RGB)] in page
+    assert "<td>1-3</td><td>&#x27;日&#x27;</td><td>230 151 165</td>" in page
 
 
 def test_label_affinity_shares_and_rendering():

@@ -30,7 +30,8 @@ def run_explain(args: argparse.Namespace) -> int:
         counts = Trainer(cfg, data, model=model).evaluate(max_tokens=args.tokens, routing_by_label=True)
         expl.affinity = label_affinity(counts["routing_by_label"], data.label_names)
     if args.json:
-        print(json.dumps(expl.to_dict(), indent=2, ensure_ascii=False))
+        cells = [{"text": text, "tokens": idx} for text, idx in expl.cells()]
+        print(json.dumps({**expl.to_dict(), "cells": cells}, indent=2, ensure_ascii=False))
     else:
         print(render_terminal(expl, color=not args.no_color and sys.stdout.isatty() or args.color))
     if args.html:

@@ -37,6 +37,26 @@ class Explanation:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def cells(self) -> list[tuple[str, list[int]]]:
+        """The text as shown: (character, token indices) per cell. The tokens of a multi-byte UTF-8
+        character (all "" but the last, which carries the character) share one cell."""
+        return character_cells(self.tokens)
+
+
+def character_cells(pieces: list[str]) -> list[tuple[str, list[int]]]:
+    """Group token pieces into display cells: a run of "" pieces joins the token that completes
+    the character; a trailing run with no completing token is one cell shown as U+FFFD."""
+    cells: list[tuple[str, list[int]]] = []
+    pending: list[int] = []
+    for t, piece in enumerate(pieces):
+        pending.append(t)
+        if piece:
+            cells.append((piece, pending))
+            pending = []
+    if pending:
+        cells.append(("\ufffd", pending))
+    return cells
+
 
 def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     """Text each token adds to the decoded prefix; a token that ends inside a character adds ""
@@ -106,20 +126,24 @@ def _visible(piece: str) -> str:
 
 
 def render_terminal(expl: Explanation, color: bool = True) -> str:
-    """One line per token: the token, then per MoE layer its experts and weights (top-1 first);
-    with ``color`` each expert id is drawn in its own colour. Then each expert's main labels."""
+    """One line per character (a multi-byte character's tokens share its line): the character, then
+    per MoE layer its tokens' experts and weights (top-1 first, tokens separated by " / "); with
+    ``color`` each expert id is drawn in its own colour. Then each expert's main labels."""
     def paint(e: int, text: str) -> str:
         return f"\x1b[38;5;{PALETTE[e % len(PALETTE)]}m{text}\x1b[0m" if color else text
 
-    width = max(8, *(len(_visible(p)) for p in expl.tokens))
+    def label(text: str, idx: list[int]) -> str:
+        return _visible(text) + (f" ({len(idx)} tokens)" if len(idx) > 1 else "")
+
+    cells = expl.cells()
+    width = max(8, *(len(label(c, idx)) for c, idx in cells))
     header = f"{'token':<{width}}  " + "  ".join(f"{name:<{8 * len(expl.experts[l][0])}}"
                                                for l, name in enumerate(expl.layers))
     lines = [header]
-    for t, piece in enumerate(expl.tokens):
-        cells = []
-        for l in range(len(expl.layers)):
-            cells.append(" ".join(paint(e, f"e{e}:{w:.2f}") for e, w in zip(expl.experts[l][t], expl.weights[l][t])))
-        lines.append(f"{_visible(piece):<{width}}  " + "  ".join(cells))
+    for text, idx in cells:
+        parts = [" / ".join(" ".join(paint(e, f"e{e}:{w:.2f}") for e, w in zip(expl.experts[l][t], expl.weights[l][t]))
+                            for t in idx) for l in range(len(expl.layers))]
+        lines.append(f"{label(text, idx):<{width}}  " + "  ".join(parts))
     if expl.affinity:
         lines.append("")
         lines.append("labels each expert mostly serves (share of its top-k picks on validation data):")
@@ -131,28 +155,41 @@ def render_terminal(expl: Explanation, color: bool = True) -> str:
 
 
 def render_html(expl: Explanation, title: str = "moekit explain") -> str:
-    """A self-contained page: per MoE layer the text with each token coloured by its top-1 expert
-    (hover for all experts and weights), a per-token table, and the experts' label affinity."""
+    """A self-contained page: per MoE layer the text, one cell per character coloured by its tokens'
+    top-1 experts (hover for all experts and weights), a per-character table, and the experts'
+    label affinity."""
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>"
              "body{font-family:sans-serif;margin:2em} .tok{font-family:monospace;padding:1px 0;white-space:pre}"
              "table{border-collapse:collapse;font-family:monospace} td,th{border:1px solid #ccc;padding:2px 6px}"
              "</style></head><body>", f"<h1>{esc(title)}</h1>"]
     for l, name in enumerate(expl.layers):
-        parts.append(f"<h2>{esc(name)}: tokens coloured by top-1 expert</h2><p>")
-        for t, piece in enumerate(expl.tokens):
-            e0 = expl.experts[l][t][0]
-            tip = ", ".join(f"expert {e}: {w:.3f}" for e, w in zip(expl.experts[l][t], expl.weights[l][t]))
-            parts.append(f"<span class='tok' title='{esc(tip)}' style='background:{RGB[e0 % len(RGB)]}55;"
-                         f"border-bottom:3px solid {RGB[e0 % len(RGB)]}'>{esc(piece or chr(183))}</span>")
+        parts.append(f"<h2>{esc(name)}: characters coloured by their tokens' top-1 experts</h2><p>")
+        for text, idx in expl.cells():
+            # One cell per character; its background has one stripe per token (byte), in that
+            # token's top-1 expert colour, so a CJK character shows its three bytes' experts.
+            tip = "; ".join((f"token {expl.token_ids[t]}: " if len(idx) > 1 else "")
+                            + ", ".join(f"expert {e}: {w:.3f}" for e, w in zip(expl.experts[l][t], expl.weights[l][t]))
+                            for t in idx)
+            colours = [RGB[expl.experts[l][t][0] % len(RGB)] for t in idx]
+            stops = ", ".join(f"{c}55 {100 * i / len(idx):.1f}% {100 * (i + 1) / len(idx):.1f}%"
+                              for i, c in enumerate(colours))
+            under = ", ".join(f"{c} {100 * i / len(idx):.1f}% {100 * (i + 1) / len(idx):.1f}%"
+                              for i, c in enumerate(colours))
+            parts.append(f"<span class='tok' title='{esc(tip)}' style='background:linear-gradient(to right, {stops}) "
+                         f"top/100% calc(100% - 3px) no-repeat, linear-gradient(to right, {under}) bottom/100% 3px "
+                         f"no-repeat'>{esc(text)}</span>")
         parts.append("</p>")
-    parts.append("<h2>per token</h2><table><tr><th>#</th><th>token</th>"
+    parts.append("<h2>per character</h2><table><tr><th>tokens</th><th>character</th><th>token ids</th>"
                  + "".join(f"<th>{esc(n)}</th>" for n in expl.layers) + "</tr>")
-    for t, piece in enumerate(expl.tokens):
-        cells = "".join("<td>" + " ".join(f"<span style='color:{RGB[e % len(RGB)]}'>e{e}</span>:{w:.2f}"
-                                          for e, w in zip(expl.experts[l][t], expl.weights[l][t])) + "</td>"
+    for text, idx in expl.cells():
+        cells = "".join("<td>" + "<br>".join(" ".join(f"<span style='color:{RGB[e % len(RGB)]}'>e{e}</span>:{w:.2f}"
+                                                      for e, w in zip(expl.experts[l][t], expl.weights[l][t]))
+                                             for t in idx) + "</td>"
                         for l in range(len(expl.layers)))
-        parts.append(f"<tr><td>{t}</td><td>{esc(repr(piece))}</td>{cells}</tr>")
+        span = str(idx[0]) if len(idx) == 1 else f"{idx[0]}-{idx[-1]}"
+        ids = " ".join(str(expl.token_ids[t]) for t in idx)
+        parts.append(f"<tr><td>{span}</td><td>{esc(repr(text))}</td><td>{ids}</td>{cells}</tr>")
     parts.append("</table>")
     if expl.affinity:
         parts.append("<h2>labels each expert mostly serves</h2>")
