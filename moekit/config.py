@@ -1,18 +1,19 @@
 """Typed, validated configuration for an MoE layer.
 
 Options are grouped by the part they configure (router, balancing losses, shared experts), so
-each part reads only its own group. Every dataclass validates in ``__post_init__`` and
-round-trips through ``to_dict`` / ``from_dict``; unknown keys are an error that names the key.
+each part reads only its own group. Each group is a ``moekit.config_base.Config``: fields checked
+on construction from their annotations and declared ranges, cross-field checks in ``validate``,
+round-trips through ``to_dict`` / ``from_dict`` and ``save`` / ``load`` (JSON); unknown keys are an
+error that names the key and the closest known one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
+
+from .config_base import Config, ConfigError, check, spec, suggest
 
 ROUTERS = ("softmax_topk", "noisy_topk", "switch", "sigmoid_topk", "expert_choice")
 SCORE_FUNCS = ("softmax", "sigmoid")
@@ -24,30 +25,8 @@ AUX_CONVENTIONS = ("moekit", "switch", "switch_group", "megatron", "mixtral")
 BACKENDS = ("auto", "grouped_mm", "loop", "reference")
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and its value."""
-
-
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
-def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    _check(value in allowed, f"{name}={value!r} is not one of {list(allowed)}")
-
-
-def _int_at_least(name: str, value: Any, low: int) -> None:
-    _check(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-           f"{name}={value!r} must be an int >= {low}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass
-class RouterConfig:
+class RouterConfig(Config):
     """How tokens pick experts.
 
     kind:
@@ -61,62 +40,45 @@ class RouterConfig:
                         a token's routing depends on the other tokens of the batch.
     """
 
-    kind: str = "softmax_topk"
-    top_k: int = 2
+    section = "router"
+
+    kind: str = spec("softmax_topk", choices=ROUTERS)
+    top_k: int = spec(2, ge=1)
     # Renormalise the top-k weights to sum to 1 (Mixtral: True; Qwen2-MoE/OLMoE: False).
     norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
+    routed_scaling_factor: float = spec(1.0, gt=0)
     # Group-limited routing (DeepSeek-V2/V3): experts split into n_group groups, only
     # topk_group groups are eligible per token.
-    n_group: int = 1
-    topk_group: int = 1
-    group_score: str = "top2_sum"
+    n_group: int = spec(1, ge=1)
+    topk_group: int = spec(1, ge=1)
+    group_score: str = spec("top2_sum", choices=GROUP_SCORES)
     # Score function for group/sigmoid routers; None picks the kind's own.
-    score_func: str | None = None
+    score_func: str | None = spec(None, choices=SCORE_FUNCS)
     # Aux-loss-free balancing (DeepSeek-V3): per-expert bias added for selection only,
     # updated by b += rate * sign(mean(c) - c) outside autograd. None disables it.
-    bias_update_rate: float | None = None
+    bias_update_rate: float | None = spec(None, ge=0)
     # Multiplicative input jitter in training (Switch Transformer); 0 disables.
-    jitter_eps: float = 0.0
+    jitter_eps: float = spec(0.0, ge=0, lt=1)
     # Linear bias on the router logits (gpt-oss).
     logit_bias: bool = False
     # Capacity: None means dropless. Otherwise capacity = ceil(T*k/E*capacity_factor).
-    capacity_factor: float | None = None
-    drop_policy: str = "probability"
+    capacity_factor: float | None = spec(None, gt=0, hint="null: dropless")
+    drop_policy: str = spec("probability", choices=DROP_POLICIES)
 
-    def __post_init__(self) -> None:
-        _one_of("router.kind", self.kind, ROUTERS)
-        _int_at_least("router.top_k", self.top_k, 1)
+    def validate(self) -> None:
         if self.kind == "switch":
-            _check(self.top_k == 1, f"router.top_k={self.top_k} but the switch router is top-1")
+            check(self.top_k == 1, f"router.top_k={self.top_k} but the switch router is top-1")
         if self.kind == "noisy_topk":
-            _check(self.norm_topk_prob, "router.norm_topk_prob=False but noisy_topk weights are the softmax over "
-                   "the kept top-k (Shazeer et al. 2017); use softmax_topk for unnormalised weights")
-        if self.score_func is not None:
-            _one_of("router.score_func", self.score_func, SCORE_FUNCS)
-        _one_of("router.group_score", self.group_score, GROUP_SCORES)
-        _one_of("router.drop_policy", self.drop_policy, DROP_POLICIES)
-        _int_at_least("router.n_group", self.n_group, 1)
-        _int_at_least("router.topk_group", self.topk_group, 1)
-        _check(1 <= self.topk_group <= self.n_group,
-               f"router.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
-        _check(_is_number(self.routed_scaling_factor) and 0 < self.routed_scaling_factor < math.inf,
-               f"router.routed_scaling_factor={self.routed_scaling_factor!r} must be a finite number > 0")
-        _check(_is_number(self.jitter_eps) and 0 <= self.jitter_eps < 1,
-               f"router.jitter_eps={self.jitter_eps!r} must be a number in [0, 1)")
-        if self.capacity_factor is not None:
-            _check(_is_number(self.capacity_factor),
-                   f"router.capacity_factor={self.capacity_factor!r} must be a number (or None for dropless)")
-            _check(math.isfinite(self.capacity_factor) and self.capacity_factor > 0,
-                   f"router.capacity_factor={self.capacity_factor} must be a positive number (or None for dropless)")
+            check(self.norm_topk_prob, "router.norm_topk_prob=False but noisy_topk weights are the softmax over "
+                  "the kept top-k (Shazeer et al. 2017); use softmax_topk for unnormalised weights")
+        check(self.topk_group <= self.n_group,
+              f"router.topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
         if self.kind == "expert_choice":
-            _check(self.capacity_factor is not None,
-                   "router.kind='expert_choice' needs router.capacity_factor (tokens per expert = T*cf/E)")
+            check(self.capacity_factor is not None,
+                  "router.kind='expert_choice' needs router.capacity_factor (tokens per expert = T*cf/E)")
         if self.bias_update_rate is not None:
-            _check(_is_number(self.bias_update_rate) and 0 <= self.bias_update_rate < math.inf,
-                   f"router.bias_update_rate={self.bias_update_rate!r} must be a finite number >= 0")
-            _check(self.kind in ("sigmoid_topk", "softmax_topk"),
-                   f"router.bias_update_rate is set but router.kind={self.kind!r} has no selection bias")
+            check(self.kind in ("sigmoid_topk", "softmax_topk"),
+                  f"router.bias_update_rate is set but router.kind={self.kind!r} has no selection bias")
 
     @property
     def effective_score_func(self) -> str:
@@ -126,7 +88,7 @@ class RouterConfig:
 
 
 @dataclass
-class BalanceConfig:
+class BalanceConfig(Config):
     """Coefficients and conventions of the load-balancing losses (0 disables a loss).
 
     aux_loss_coef * E * sum_i f_i * P_i is the switch/GShard loss. In every convention P_i is the
@@ -164,130 +126,73 @@ class BalanceConfig:
     With a token mask (padding), T, S and every mean and count run over the valid tokens only.
     """
 
-    aux_loss_coef: float = 0.01
-    aux_loss_convention: str = "moekit"
-    z_loss_coef: float = 0.0
-    cv_loss_coef: float = 0.0
-    seq_aux_loss_coef: float = 0.0
-    cv_unbiased: bool = False
+    section = "balance"
 
-    def __post_init__(self) -> None:
-        _one_of("balance.aux_loss_convention", self.aux_loss_convention, AUX_CONVENTIONS)
-        _check(isinstance(self.cv_unbiased, bool), f"balance.cv_unbiased={self.cv_unbiased!r} must be a bool")
-        for name in ("aux_loss_coef", "z_loss_coef", "cv_loss_coef", "seq_aux_loss_coef"):
-            value = getattr(self, name)
-            _check(_is_number(value) and math.isfinite(value) and value >= 0,
-                   f"balance.{name}={value!r} must be a finite number >= 0")
+    aux_loss_coef: float = spec(0.01, ge=0)
+    aux_loss_convention: str = spec("moekit", choices=AUX_CONVENTIONS)
+    z_loss_coef: float = spec(0.0, ge=0)
+    cv_loss_coef: float = spec(0.0, ge=0)
+    seq_aux_loss_coef: float = spec(0.0, ge=0)
+    cv_unbiased: bool = False
 
 
 @dataclass
-class SharedExpertConfig:
+class SharedExpertConfig(Config):
     """Experts every token passes through (DeepSeek, Qwen2-MoE). num=0 disables them."""
 
-    num: int = 0
+    section = "shared"
+
+    num: int = spec(0, ge=0)
     # Hidden size of the fused shared MLP; None means num * expert_hidden.
-    hidden: int | None = None
+    hidden: int | None = spec(None, ge=1)
     # Qwen2-MoE scales the shared output by sigmoid(x @ w_gate).
     gated: bool = False
 
-    def __post_init__(self) -> None:
-        _int_at_least("shared.num", self.num, 0)
+    def validate(self) -> None:
         if self.hidden is not None:
-            _int_at_least("shared.hidden", self.hidden, 1)
-            _check(self.num >= 1, f"shared.hidden={self.hidden} is set but shared.num=0")
+            check(self.num >= 1, f"shared.hidden={self.hidden} is set but shared.num=0")
         if self.gated:
-            _check(self.num >= 1, "shared.gated=True but shared.num=0")
+            check(self.num >= 1, "shared.gated=True but shared.num=0")
 
 
 @dataclass
-class MoEConfig:
+class MoEConfig(Config):
     """One MoE layer: (..., dim) -> (..., dim)."""
 
-    dim: int
-    num_experts: int
-    expert_hidden: int
-    expert_kind: str = "swiglu"
-    activation: str = "silu"
+    dim: int = spec(ge=1)
+    num_experts: int = spec(ge=1)
+    expert_hidden: int = spec(ge=1)
+    expert_kind: str = spec("swiglu", choices=EXPERT_KINDS)
+    activation: str = spec("silu", choices=ACTIVATIONS)
     router: RouterConfig = field(default_factory=RouterConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     shared: SharedExpertConfig = field(default_factory=SharedExpertConfig)
     # Grouped-product implementation; "auto" picks the fastest correct one for the device/dtype.
-    backend: str = "auto"
+    backend: str = spec("auto", choices=BACKENDS)
     # Raise on NaN/Inf input, and name any expert whose output is not finite (two host syncs per
     # forward). None (default): on in eval mode (serving, evaluation), off in training mode.
     check_finite: bool | None = None
     # Keep routing statistics (cheap, no host sync).
     track_stats: bool = True
     # An expert that gets no token for this many forward passes is reported dead.
-    dead_window: int = 100
+    dead_window: int = spec(100, ge=1)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.router, dict):
-            self.router = RouterConfig(**_known(RouterConfig, self.router, "router"))
-        if isinstance(self.balance, dict):
-            self.balance = BalanceConfig(**_known(BalanceConfig, self.balance, "balance"))
-        if isinstance(self.shared, dict):
-            self.shared = SharedExpertConfig(**_known(SharedExpertConfig, self.shared, "shared"))
-        for name, cls in (("router", RouterConfig), ("balance", BalanceConfig), ("shared", SharedExpertConfig)):
-            value = getattr(self, name)
-            _check(isinstance(value, cls), f"{name}={value!r} must be a {cls.__name__} or a dict of its fields")
-        for name in ("dim", "num_experts", "expert_hidden", "dead_window"):
-            value = getattr(self, name)
-            _int_at_least(name, value, 1)
-        _one_of("expert_kind", self.expert_kind, EXPERT_KINDS)
-        _one_of("activation", self.activation, ACTIVATIONS)
-        _one_of("backend", self.backend, BACKENDS)
+    def validate(self) -> None:
         r = self.router
-        _check(r.top_k <= self.num_experts,
-               f"router.top_k={r.top_k} exceeds num_experts={self.num_experts}")
-        _check(self.num_experts % r.n_group == 0,
-               f"num_experts={self.num_experts} is not divisible by router.n_group={r.n_group}")
+        check(r.top_k <= self.num_experts,
+              f"router.top_k={r.top_k} exceeds num_experts={self.num_experts}")
+        check(self.num_experts % r.n_group == 0,
+              f"num_experts={self.num_experts} is not divisible by router.n_group={r.n_group}")
         if r.n_group > 1:
             per_group = self.num_experts // r.n_group
-            _check(r.topk_group * per_group >= r.top_k,
-                   f"router.topk_group={r.topk_group} groups of {per_group} experts cannot hold top_k={r.top_k}")
+            check(r.topk_group * per_group >= r.top_k,
+                  f"router.topk_group={r.topk_group} groups of {per_group} experts cannot hold top_k={r.top_k}")
             if r.group_score == "top2_sum":
-                _check(per_group >= 2, f"group_score='top2_sum' needs >= 2 experts per group, got {per_group}")
+                check(per_group >= 2, f"group_score='top2_sum' needs >= 2 experts per group, got {per_group}")
 
     @property
     def top_k(self) -> int:
         return self.router.top_k
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MoEConfig:
-        _check(isinstance(data, dict), f"MoEConfig data must be a dict, got {type(data).__name__}")
-        missing = [name for name in ("dim", "num_experts", "expert_hidden") if name not in data]
-        _check(not missing, f"MoEConfig is missing required key(s) {missing}")
-        return cls(**_known(cls, data, "MoEConfig"))
-
-    def save(self, path: str | Path) -> None:
-        """Write the config as JSON; ``MoEConfig.load`` reads it back to an equal config."""
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
-
-    @classmethod
-    def load(cls, path: str | Path) -> MoEConfig:
-        """Read a config written by ``save``; errors name the file."""
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from err
-        try:
-            return cls.from_dict(data)
-        except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from err
-
-
-T = TypeVar("T")
-
-
-def _known(cls: type[T], data: dict[str, Any], where: str) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(data) - names)
-    _check(not unknown, f"unknown key(s) {unknown} in {where}; known: {sorted(names)}")
-    return dict(data)
 
 
 _ROUTER_KEYS = {f.name for f in fields(RouterConfig)}
@@ -313,12 +218,19 @@ def moe_config(**kwargs: Any) -> MoEConfig:
         if router == "switch":
             router_kw.setdefault("top_k", 1)
     elif isinstance(router, RouterConfig):
-        _check(not router_kw, f"router fields {sorted(router_kw)} given beside a RouterConfig")
+        check(not router_kw, f"router fields {sorted(router_kw)} given beside a RouterConfig")
         router_kw = dataclasses.asdict(router)
     elif router is not None:
         raise ConfigError(f"router={router!r} must be a router kind name or a RouterConfig")
-    names = {f.name for f in fields(MoEConfig)} - {"router", "balance", "shared"}
-    unknown = sorted(set(kwargs) - names)
-    _check(not unknown, f"unknown MoE option(s) {unknown}")
+    names = sorted({f.name for f in fields(MoEConfig)} - {"router", "balance", "shared"})
+    unknown = sorted(set(kwargs) - set(names))
+    flat = names + sorted(_ROUTER_KEYS | _BALANCE_KEYS) + ["router", "shared_experts", "shared_expert_hidden",
+                                                            "shared_expert_gated"]
+    check(not unknown, f"unknown MoE option(s) {unknown}{suggest(unknown, flat)}")
     return MoEConfig(router=RouterConfig(**router_kw), balance=BalanceConfig(**balance_kw),
                      shared=SharedExpertConfig(**shared_kw), **kwargs)
+
+
+__all__ = ["ACTIVATIONS", "AUX_CONVENTIONS", "BACKENDS", "BalanceConfig", "Config", "ConfigError", "DROP_POLICIES",
+           "EXPERT_KINDS", "GROUP_SCORES", "MoEConfig", "ROUTERS", "RouterConfig", "SCORE_FUNCS",
+           "SharedExpertConfig", "check", "moe_config"]

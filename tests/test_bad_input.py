@@ -57,12 +57,12 @@ def test_top_k_exceeds_num_experts():
 
 @pytest.mark.parametrize("cf", [0, -1.0, float("nan"), float("inf")])
 def test_non_positive_capacity_factor(cf):
-    with pytest.raises(ConfigError, match=r"router.capacity_factor=.* must be a positive number"):
+    with pytest.raises(ConfigError, match=r"router.capacity_factor=.* must be a finite number > 0 or null"):
         _layer(capacity_factor=cf)
 
 
 def test_capacity_factor_wrong_type_and_expert_choice_needs_it():
-    with pytest.raises(ConfigError, match=r"router.capacity_factor='1.0' must be a number"):
+    with pytest.raises(ConfigError, match=r"router.capacity_factor='1.0' must be a finite number > 0 or null"):
         RouterConfig(capacity_factor="1.0")
     with pytest.raises(ConfigError, match=r"router.kind='expert_choice' needs router.capacity_factor"):
         RouterConfig(kind="expert_choice")
@@ -142,7 +142,7 @@ def test_bad_sizes_and_mixed_construction():
     (dict(shared_experts=1.5), r"shared.num=1.5 must be an int >= 0"),
     (dict(aux_loss_coef="0.01"), r"balance.aux_loss_coef='0.01' must be a finite number >= 0"),
     (dict(routed_scaling_factor=0.0), r"router.routed_scaling_factor=0.0 must be a finite number > 0"),
-    (dict(jitter_eps=1.0), r"router.jitter_eps=1.0 must be a number in \[0, 1\)"),
+    (dict(jitter_eps=1.0), r"router.jitter_eps=1.0 must be a finite number in \[0, 1\)"),
     (dict(router="sigmoid_topk", bias_update_rate=-1e-3),
      r"router.bias_update_rate=-0.001 must be a finite number >= 0"),
 ])

@@ -51,8 +51,14 @@ def test_load_errors_name_the_file(tmp_path):
         MoEConfig.load(bad)
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    with pytest.raises(ConfigError, match=r"broken.json: not valid JSON"):
+    with pytest.raises(ConfigError, match=r"broken.json: invalid JSON at line 1 column 2: "):
         MoEConfig.load(broken)
+    with pytest.raises(ConfigError, match=r"config file .*absent\.json does not exist"):
+        MoEConfig.load(tmp_path / "absent.json")
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps({"dim": "8", "num_experts": 4, "expert_hidden": 8}))
+    with pytest.raises(ConfigError, match=r"wrong\.json: dim='8' must be an int >= 1$"):
+        MoEConfig.load(wrong)
 
 
 def test_keyword_form_fills_groups():

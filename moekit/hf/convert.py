@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..lm import LM, LMConfig
-from ..lm.config import read_json
+from ..config_base import read_json
 from ..lm.gpt_oss import ClampedSwiGLUExperts
 from .blocks import UnsupportedArchitectureError, block_key_map, family_of, moe_config_from_hf
 

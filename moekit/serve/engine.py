@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError
+from ..config_base import Config, check, spec
 from ..layer import ExpertNonFiniteError, MoE
 from ..lm.generate import sample_next
 from ..lm.model import LM, KVCache
@@ -50,58 +50,45 @@ log = logging.getLogger("moekit.serve")
 Event = dict[str, Any]
 
 
-def _check(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
-
-
 @dataclass
-class ServeLimits:
-    """Limits of one server; every request is checked against them (errors name the field)."""
+class ServeLimits(Config):
+    """Limits of one server; every request is checked against them (errors name the field). A
+    ``moekit.config_base.Config``: JSON ``save``/``load`` and ``key=value`` overrides."""
+
+    section = "ServeLimits"
 
     # Running sequences per decode step; 1 serves one request at a time (no batching).
-    max_batch: int = 8
+    max_batch: int = spec(8, ge=1)
     # Requests waiting for a slot; one more is answered 429 with Retry-After.
-    queue_size: int = 64
+    queue_size: int = spec(64, ge=1)
     # Largest max_tokens a request may ask for.
-    max_tokens: int = 256
+    max_tokens: int = spec(256, ge=1)
     # Longest prompt in tokens (None: the model's max_seq_len - 1).
-    max_prompt_tokens: int | None = None
+    max_prompt_tokens: int | None = spec(None, ge=1)
     # Most stop strings per request, and their longest length in characters.
-    max_stop: int = 4
-    max_stop_chars: int = 64
+    max_stop: int = spec(4, ge=1)
+    max_stop_chars: int = spec(64, ge=1)
     # Seconds a client is told to wait after a 429.
-    retry_after_s: int = 1
-    # Bearer token the /admin endpoints require (None: the admin endpoints are off).
-    admin_token: str | None = None
+    retry_after_s: int = spec(1, ge=1)
+    # Bearer token the /admin endpoints require (None: the admin endpoints are off). Never shown in errors.
+    admin_token: str | None = spec(None, secret=True)
     # Also require the admin token for /v1/stats and /metrics (they show masked/quarantined experts).
     protect_stats: bool = False
     # Largest request body in bytes (413 past it, checked while reading).
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = spec(1 << 20, ge=1)
     # Longest prompt string in characters (None: 8 x the longest prompt in tokens); a JSON schema
     # can state characters, not tokens.
-    max_prompt_chars: int | None = None
+    max_prompt_chars: int | None = spec(None, ge=1)
     # Most prompts in one request, choices (n) per prompt, and chat messages.
-    max_prompts: int = 8
-    max_choices: int = 8
-    max_messages: int = 256
+    max_prompts: int = spec(8, ge=1)
+    max_choices: int = spec(8, ge=1)
+    max_messages: int = spec(256, ge=1)
 
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "queue_size", "max_tokens", "max_stop", "max_stop_chars", "retry_after_s",
-                     "max_body_bytes", "max_prompts", "max_choices", "max_messages"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                   f"ServeLimits.{name}={value!r} must be an int >= 1")
-        _check(self.max_prompt_tokens is None or (isinstance(self.max_prompt_tokens, int)
-                                                  and self.max_prompt_tokens >= 1),
-               f"ServeLimits.max_prompt_tokens={self.max_prompt_tokens!r} must be None or an int >= 1")
-        _check(self.max_prompt_chars is None or (isinstance(self.max_prompt_chars, int)
-                                                 and self.max_prompt_chars >= 1),
-               f"ServeLimits.max_prompt_chars={self.max_prompt_chars!r} must be None or an int >= 1")
-        _check(self.admin_token is None or (isinstance(self.admin_token, str) and len(self.admin_token) >= 8),
-               "ServeLimits.admin_token must be None or a string of at least 8 characters")
-        _check(not self.protect_stats or self.admin_token is not None,
-               "ServeLimits.protect_stats=True needs an admin_token")
+    def validate(self) -> None:
+        check(self.admin_token is None or len(self.admin_token) >= 8,
+              "ServeLimits.admin_token must be None or a string of at least 8 characters")
+        check(not self.protect_stats or self.admin_token is not None,
+              "ServeLimits.protect_stats=True needs an admin_token")
 
 
 class QueueFullError(RuntimeError):
