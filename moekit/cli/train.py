@@ -3,50 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 from .common import NONNEGATIVE_INT, POSITIVE_INT, POSITIVE_NUMBER
 
 
-def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` with dotted keys into nested dicts (``model.dim=128``); values parsed as JSON."""
-    from ..config import ConfigError
-
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {pair!r} is not key=value")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section of the config")
-        node[parts[-1]] = value
-    return data
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..config import ConfigError
-    from ..lm.config import read_json
-    from ..train.trainer import TrainConfig, Trainer, prepare_data
+    from ..config_base import ConfigError, apply_overrides, read_json
+    from ..train.trainer import TrainConfig, Trainer, prepare_data, resolve_device
 
     data = read_json(args.config)
     if not isinstance(data, dict):
         raise ConfigError(f"{args.config}: expected a JSON object")
-    for flag in ("out_dir", "steps", "lr", "data_dir", "corpus", "seed", "batch_size"):
+    for flag in ("out_dir", "steps", "lr", "data_dir", "corpus", "seed", "batch_size", "device"):
         value = getattr(args, flag)
         if value is not None:
             data[flag] = value
-    cfg = TrainConfig.from_dict(apply_overrides(data, args.set), where=args.config)
+    cfg = TrainConfig.from_dict(apply_overrides(data, args.set, TrainConfig), where=args.config)
     if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
         raise ConfigError(f"out_dir={cfg.out_dir!r} is a file, not a folder")
+    resolve_device(cfg.device)  # a device this machine lacks fails before the corpus is built
     if args.expert_parallel is not None:
         from ..parallel.training import start_parallel
 
@@ -132,6 +109,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", dest="data_dir")
     p.add_argument("--corpus")
     p.add_argument("--seed", type=NONNEGATIVE_INT)
+    p.add_argument("--device", help="where to train: cpu, cuda, cuda:N or auto (CUDA when available); "
+                                    "default: the config's (cpu)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set model.moe.router.top_k=1")
     p.add_argument("--expert-parallel", dest="expert_parallel", type=POSITIVE_INT, metavar="P",
