@@ -255,3 +255,80 @@ def test_lora_on_converted_hf_family(family, tmp_path):
     save_adapter(model, tmp_path / "a.safetensors")
     merged = load_adapter(from_hf(tmp_path / "hf").eval(), tmp_path / "a.safetensors", merge=True)
     torch.testing.assert_close(merged(ids), adapted, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def moe_run(tmp_path_factory):
+    """A trained 2-step MoE run on a tiny labelled corpus."""
+    import json
+
+    from moekit.train import TrainConfig, Trainer
+    from moekit.train.trainer import prepare_data
+
+    root = tmp_path_factory.mktemp("lora")
+    corpus = root / "data" / "tiny"
+    corpus.mkdir(parents=True)
+    texts = {"en": "the cat sat on the mat. ", "de": "der Hund lief über die Straße. "}
+    rows = [{"text": t * (3 + i % 4), "label": label, "split": "val" if i % 5 == 0 else "train"}
+            for label, t in texts.items() for i in range(20)]
+    (corpus / "documents.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    (corpus / "report.json").write_text(json.dumps({"labels": sorted(texts)}))
+    cfg = TrainConfig(model=tiny_lm().config, corpus="tiny", data_dir=str(root / "data"), seq_len=16, batch_size=4,
+                      steps=2, warmup_steps=1, eval_every=100, eval_tokens=128, out_dir=str(root / "run"),
+                      progress=False, tensorboard=False)
+    Trainer(cfg, prepare_data(cfg)).fit()
+    return root / "run"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_recipe_lora_on_a_run_then_serve_adapter(moe_run, tmp_path, capsys):
+    from moekit.cli import main
+    from moekit.serve.server import load_engine
+    from moekit.train.trainer import load_trained
+
+    out = tmp_path / "lora"
+    assert main(["recipe", "lora", str(moe_run), "--out", str(out), "--steps", "3", "--rank", "2", "--router",
+                 "--attention", "q_proj,v_proj", "--experts", "0:1,2", "--lr", "0.01", "--labels", "en"]) == 0
+    printed = capsys.readouterr().out
+    assert "adapter parameters" in printed and "--adapter" in printed
+    adapter = out / "adapter.safetensors"
+    assert sorted(p.name for p in out.iterdir() if p.suffix == ".safetensors") == ["adapter.safetensors"]
+    base, _, _ = load_trained(moe_run)
+    adapted = load_adapter(load_trained(moe_run)[0], adapter)
+    names = [n for n, _ in lora_modules(adapted)]
+    assert "layers.0.mlp.lora.gate_up_proj" in names and "layers.1.mlp.lora.gate_up_proj" not in names
+    assert "layers.1.mlp.lora.router" in names and "layers.1.self_attn.v_proj.lora" in names
+    engine = load_engine(moe_run, adapter=adapter)
+    assert count_lora_parameters(engine.model) == 0
+    with torch.no_grad():
+        want = adapted(IDS)
+        torch.testing.assert_close(engine.model(IDS), want, rtol=0, atol=1e-5)
+        assert (base(IDS) - want).abs().max() > 1e-5, "three steps of LoRA moved nothing"
+
+    assert main(["recipe", "lora", str(moe_run), "--out", str(tmp_path / "x"), "--experts", "9"]) == 2
+    assert "has no experts [9]" in capsys.readouterr().err
+    assert main(["recipe", "lora", str(moe_run), "--out", str(tmp_path / "x"), "--text", "f.txt"]) == 2
+    assert "--text is for model folders" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_recipe_lora_on_a_converted_hf_folder(tmp_path, capsys):
+    pytest.importorskip("transformers", reason="converting HF models needs transformers (the hf extra)")
+    from moekit.cli import main
+    from moekit.hf.convert import convert_folder
+    from moekit.hf.testing import TINY_TOKENIZER_TEXT, tiny_hf_model, tiny_tokenizer
+    from moekit.serve.server import load_engine
+
+    tiny_hf_model("qwen3_moe", vocab_size=320).save_pretrained(tmp_path / "hf")
+    tiny_tokenizer(tmp_path / "hf", vocab_size=320)
+    convert_folder(tmp_path / "hf", tmp_path / "conv")
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(TINY_TOKENIZER_TEXT * 12), encoding="utf-8")
+    out = tmp_path / "lora"
+    assert main(["recipe", "lora", str(tmp_path / "conv"), "--text", str(text), "--out", str(out), "--steps", "2",
+                 "--seq-len", "16", "--batch-size", "2", "--shared", "--router"]) == 0
+    assert "adapter saved" in capsys.readouterr().out
+    engine = load_engine(tmp_path / "conv", adapter=out / "adapter.safetensors")
+    assert count_lora_parameters(engine.model) == 0
+    assert main(["recipe", "lora", str(tmp_path / "conv"), "--out", str(out)]) == 2
+    assert "name the training text with --text FILE" in capsys.readouterr().err

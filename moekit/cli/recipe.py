@@ -1,5 +1,5 @@
 """`moekit recipe ...`: sparse upcycling, Branch-Train-MiX, supervised routing, selective expert
-fine-tuning and expert surgery on checkpoints (see docs/recipes.md)."""
+fine-tuning, LoRA adapters and expert surgery on checkpoints (see docs/recipes.md)."""
 
 from __future__ import annotations
 
@@ -143,6 +143,57 @@ def run_finetune(args: argparse.Namespace) -> int:
 
 
 @recipe_errors
+def run_lora(args: argparse.Namespace) -> int:
+    from ..adapters import LoraConfig
+    from ..config import ConfigError
+    from ..hf.convert import MOEKIT_CONFIG
+    from ..recipes.lora import lora_finetune, lora_summary, text_data
+
+    source = Path(args.checkpoint)
+    attention = [n for n in args.attention.split(",") if n]
+    experts = _experts_arg(args.experts) if args.experts else None
+    if isinstance(experts, dict):
+        experts = {f"layers.{block}.mlp": ids for block, ids in experts.items()}
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha or 2.0 * args.rank, experts=not args.no_experts,
+                      expert_mode="shared" if args.shared else "per_expert", expert_ids=experts,
+                      router=args.router, attention=attention)
+    run_folder = (source / "checkpoints").is_dir()  # a training run also holds a config.json
+    if source.is_dir() and ((source / MOEKIT_CONFIG).is_file() or ((source / "config.json").is_file() and not run_folder)):
+        from ..serve.server import load_model
+        from ..train.trainer import TrainConfig
+
+        if args.text is None:
+            raise ConfigError(f"{source} is a model folder: name the training text with --text FILE")
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file, not a folder")
+        model, tok, _ = load_model(source)
+        seq_len = min(args.seq_len, model.config.max_seq_len)
+        text = Path(args.text)
+        if not text.is_file():
+            raise ConfigError(f"--text {text} is not a file")
+        data = text_data(text.read_text(encoding="utf-8"), tok, seq_len, source=str(text))
+        cfg = TrainConfig(model=model.config, seq_len=seq_len, batch_size=args.batch_size, steps=args.steps,
+                          lr=args.lr or 1e-3, warmup_steps=min(10, args.steps), eval_every=args.steps,
+                          eval_tokens=min(8192, len(data.val.tokens)), ckpt_every=args.steps,
+                          out_dir=str(out), tokenizer=str(source), tensorboard=False, progress=True)
+    else:
+        if args.text is not None:
+            raise ConfigError("--text is for model folders; a training run fine-tunes on its own corpus")
+        model, cfg, data = _load(args, args.checkpoint)
+        if args.labels:
+            from ..recipes import filter_labels
+
+            data = filter_labels(data, args.labels.split(","))
+    trainer, path = lora_finetune(model, cfg, data, lora, steps=args.steps)
+    info = lora_summary(trainer.model)
+    print(f"LoRA: {info['adapter_params']:,} adapter parameters ({100 * info['fraction']:.2f}% of "
+          f"{info['base_params']:,}); validation loss {trainer.evals[0]['loss']:.4f} -> {trainer.evals[-1]['loss']:.4f}")
+    print(f"adapter saved to {path}; serve it with: moekit serve {source} --adapter {path}")
+    return 0
+
+
+@recipe_errors
 def run_surgery(args: argparse.Namespace) -> int:
     from ..recipes import add_experts, merge_experts, remove_experts, save_model
     from ..train.trainer import eval_batches
@@ -165,7 +216,7 @@ def run_surgery(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("recipe", help="upcycle, BTX, supervised routing, selective fine-tuning, surgery")
+    p = subparsers.add_parser("recipe", help="upcycle, BTX, supervised routing, selective fine-tuning, LoRA, surgery")
     sub = p.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
 
     def common(q: argparse.ArgumentParser, train: bool = True) -> None:
@@ -208,6 +259,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--router", action="store_true", help="train the routers too")
     q.add_argument("--steps", type=POSITIVE_INT, default=50)
     q.set_defaults(func=run_finetune)
+
+    q = sub.add_parser("lora", help="LoRA adapters on experts/router/attention of a run or converted HF folder")
+    common(q)
+    q.add_argument("--text", default=None, help="training text (UTF-8 file) for a model folder; a run uses its corpus")
+    q.add_argument("--labels", default="", help="runs: train only on these labels, e.g. fr,it")
+    q.add_argument("--rank", type=POSITIVE_INT, default=8)
+    q.add_argument("--alpha", type=POSITIVE_NUMBER, default=None, help="scale = alpha / rank (default 2 * rank)")
+    q.add_argument("--shared", action="store_true", help="one A/B pair shared by all experts of a layer")
+    q.add_argument("--experts", action="append", default=[], metavar="[BLOCK:]IDS",
+                   help="adapt only these experts: '1,3' in every MoE block or '2:1,3' for block 2 (repeatable)")
+    q.add_argument("--no-experts", action="store_true", help="no expert adapters (router/attention only)")
+    q.add_argument("--router", action="store_true", help="adapt the routers too")
+    q.add_argument("--attention", default="", help="attention projections to adapt, e.g. q_proj,v_proj")
+    q.add_argument("--steps", type=POSITIVE_INT, default=50)
+    q.add_argument("--seq-len", dest="seq_len", type=POSITIVE_INT, default=128, help="model folders: sequence length")
+    q.add_argument("--batch-size", dest="batch_size", type=POSITIVE_INT, default=8, help="model folders: batch size")
+    q.set_defaults(func=run_lora)
 
     q = sub.add_parser("surgery", help="add, remove or merge experts")
     common(q, train=False)

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                          admin_token=admin_token(args), protect_stats=args.protect_stats,
                          max_body_bytes=args.max_body_bytes)
     engine = load_engine(args.checkpoint, limits, model_name=args.model_name, tokenizer=args.tokenizer,
-                         max_context=args.max_context)
+                         max_context=args.max_context, adapter=args.adapter)
     context = engine.model.config.max_seq_len
     if args.max_tokens is not None and args.max_tokens >= context:
         raise ConfigError(f"--max-tokens {args.max_tokens} must be below the model's context of {context} tokens")
@@ -86,6 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                       "`moekit convert --from-hf`, or a Hugging Face checkpoint folder")
     p.add_argument("--tokenizer", default=None, help="'byte', or a tokenizer folder / tokenizer.json (default: the "
                                                      "run's tokenizer, or the model folder's own)")
+    p.add_argument("--adapter", default=None,
+                   help="LoRA adapter file (from `moekit recipe lora`), merged into the weights before serving")
     p.add_argument("--max-context", type=int_at_least(2), default=None,
                    help="positions served per sequence (default: the model's; KV caches for --max-batch sequences "
                         "are preallocated at this length)")

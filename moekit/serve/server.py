@@ -16,7 +16,8 @@ from .engine import Engine, ServeLimits
 
 
 def load_engine(checkpoint: str | Path, limits: ServeLimits | None = None, model_name: str | None = None,
-                tokenizer: str | Path | None = None, max_context: int | None = None) -> Engine:
+                tokenizer: str | Path | None = None, max_context: int | None = None,
+                adapter: str | Path | None = None) -> Engine:
     """Engine over a model with its tokenizer (see ``load_model``); not started yet.
 
     ``max_context`` caps the positions served per sequence below the model's ``max_seq_len``: the
@@ -25,8 +26,15 @@ def load_engine(checkpoint: str | Path, limits: ServeLimits | None = None, model
 
     The weights are scanned on load (``moekit.health.scan_weights``): experts with NaN/Inf weights
     are quarantined (masked) before the first request and reported as such.
+
+    ``adapter``: a LoRA adapter file (``moekit recipe lora``) merged into the weights before
+    serving, so requests run the plain model at its own speed.
     """
     model, tok, findings = load_model(checkpoint, tokenizer)
+    if adapter is not None:
+        from ..adapters import load_adapter
+
+        load_adapter(model, adapter, merge=True)
     if max_context is not None:
         if not isinstance(max_context, int) or max_context < 2:
             raise ValueError(f"max_context={max_context!r} must be an int >= 2")
@@ -55,7 +63,8 @@ def load_model(path: str | Path, tokenizer: str | Path | None = None) -> tuple[L
     from .text import HFServeTokenizer, load_serve_tokenizer
 
     path = Path(path)
-    if path.is_dir() and ((path / MOEKIT_CONFIG).is_file() or (path / "config.json").is_file()):
+    run_folder = (path / "checkpoints").is_dir()  # a training run's config.json is its TrainConfig
+    if path.is_dir() and ((path / MOEKIT_CONFIG).is_file() or ((path / "config.json").is_file() and not run_folder)):
         model = load_moekit(path) if (path / MOEKIT_CONFIG).is_file() else from_hf(path)
         findings = scan_weights(model)
         if findings:
