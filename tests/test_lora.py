@@ -332,3 +332,22 @@ def test_recipe_lora_on_a_converted_hf_folder(tmp_path, capsys):
     assert count_lora_parameters(engine.model) == 0
     assert main(["recipe", "lora", str(tmp_path / "conv"), "--out", str(out)]) == 2
     assert "name the training text with --text FILE" in capsys.readouterr().err
+
+
+def test_attention_adapter_gradients_match_float64():
+    """The additive form on a projection: gradients of A and B against y = x (W + s B A)^T in float64."""
+    model = tiny_lm().train()
+    apply_lora(model, LoraConfig(rank=3, alpha=3.0, experts=False, attention=["v_proj"]))
+    randomize_b(model)
+    proj = model.layers[1].self_attn.v_proj
+    x = torch.randn(2, 5, D)
+    g = torch.randn(2, 5, proj.out_features)
+    (proj(x) * g).sum().backward()
+    A = proj.lora.A.detach().double().requires_grad_()
+    B = proj.lora.B.detach().double().requires_grad_()
+    w = proj.weight.detach().double() + 1.0 * B @ A
+    y = x.double() @ w.t() + proj.bias.detach().double() if proj.bias is not None else x.double() @ w.t()
+    (y * g.double()).sum().backward()
+    torch.testing.assert_close(proj.lora.A.grad.double(), A.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(proj.lora.B.grad.double(), B.grad, rtol=1e-4, atol=1e-5)
+    assert proj.weight.grad is None
