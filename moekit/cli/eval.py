@@ -14,6 +14,10 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_run(args.checkpoint, args.data_dir)
     model, cfg = loaded.model, loaded.cfg
+    if args.quantize is not None:  # weight-only int8 experts, applied after loading
+        from ..experts.int8 import quantize_experts
+
+        quantize_experts(model, args.quantize)
     if args.mask_experts:
         from ..health import parse_mask_spec
         from ..model_ops import mask_experts
@@ -43,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None,
                    help="folder holding the run's corpus (default: found relative to the run folder; never built)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="run the experts as weight-only int8 (per-channel scales), quantised after loading")
     p.add_argument("--mask-experts", action="append", default=[], metavar="[LAYER:]IDS",
                    help="mask experts before evaluating: '3,5' in every MoE layer, or 'layers.1.mlp:3,5' (repeatable)")
     p.set_defaults(func=run)

@@ -19,6 +19,10 @@ def run(args: argparse.Namespace) -> int:
 
     loaded = load_run(args.checkpoint)
     model, cfg = loaded.model, loaded.cfg
+    if args.quantize is not None:  # weight-only int8 experts, applied after loading
+        from ..experts.int8 import quantize_experts
+
+        quantize_experts(model, args.quantize)
     tok = load_tokenizer(cfg.tokenizer)
     ids = tok.encode(args.prompt) or [tok.eos_id]
     if len(ids) >= model.config.max_seq_len:
@@ -48,6 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=NONNEGATIVE_NUMBER, default=0.8, help="0 = greedy")
     p.add_argument("--top-p", type=number_in(0.0, 1.0, low_open=True), default=0.95)
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="run the experts as weight-only int8 (per-channel scales), quantised after loading")
     p.add_argument("--stop-at-eos", action="store_true")
     p.add_argument("--record-routing", metavar="FILE", default=None,
                    help="write each token's experts per MoE layer (safetensors) for router replay in training")

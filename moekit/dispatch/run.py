@@ -5,7 +5,8 @@ and tests can compare it with the plain composition. Stacked SwiGLU/MLP experts 
 is not ``reference`` run through ``moekit.dispatch.fused``: the custom op (gather, both products,
 activation and combine, with a hand-written backward), or, when a dropless token-choice batch has
 few routed slots against the experts (decode), the sort-free gather path (``use_gather_path``).
-Any other experts module, and ``backend="reference"``, run the plain composition.
+Weight-only int8 experts (``moekit.experts.int8``) run ``moekit.dispatch.int8``'s loop or gather
+kernel. Any other experts module, and ``backend="reference"``, run the plain composition.
 
 While a profiler runs, the MoE forward's stages are ``torch.profiler.record_function`` ranges
 (``stage``): moe.router, moe.dispatch, moe.experts, moe.combine (a fused path's permute and
@@ -24,6 +25,7 @@ from torch.profiler import record_function
 from .combine import combine, permute
 from .fused import FUSED_ACTIVATIONS, fused_experts, gather_experts
 from .grouped import fused_schedule
+from .int8 import int8_experts, int8_gather_experts
 from .plan import DispatchPlan
 
 # Sort-free path: at most this many bytes of gathered expert weights (T*K copies of one expert's
@@ -59,6 +61,18 @@ def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
     check_rows, if given, sees the expert outputs (R, D) before they are combined (on the fused
     paths only when the combined output is not finite, which any non-finite expert row makes it).
     """
+    int8 = _int8_weights(experts)
+    if int8 is not None:  # weight-only int8 experts (moekit.experts.int8): inference kernels
+        with stage("experts"):
+            if use_gather_path(plan, int8[0], int8[2], x_TD):
+                out_TD = int8_gather_experts(x_TD, *int8, plan.topk_idx_TK, plan.topk_weight_TK, experts.activation,
+                                             experts.gated)
+            else:
+                out_TD = int8_experts(x_TD, *int8, plan.weight_R, plan.token_idx_R, plan.counts_E, experts.activation,
+                                      experts.gated, plan.inverse_S)
+        if check_rows is not None and not bool(torch.isfinite(out_TD).all()):
+            check_rows(experts(permute(x_TD, plan), plan.counts_E), plan)
+        return out_TD
     fused = _fused_weights(experts, x_TD)
     if fused is not None:
         w1, w2, gated, schedule = fused
@@ -82,6 +96,14 @@ def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
         check_rows(y_RD, plan)
     with stage("combine"):
         return combine(y_RD, plan, x_TD.dtype)
+
+
+def _int8_weights(experts: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    from ..experts.int8 import Int8Experts
+
+    if not isinstance(experts, Int8Experts) or experts.backend == "reference":
+        return None
+    return experts.int8_weights()
 
 
 def _fused_weights(experts: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool, str] | None:

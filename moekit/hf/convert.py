@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..experts.int8 import METADATA_KEY as QUANT_METADATA_KEY
+from ..experts.int8 import quantization_of, quantize_experts
 from ..lm import LM, LMConfig
 from ..config_base import read_json
 from ..lm.gpt_oss import ClampedSwiGLUExperts
@@ -538,7 +540,9 @@ def _write_moekit(model: LM, folder: Path, hf_config: dict[str, Any] | None) -> 
 
     model.config.save(folder / MOEKIT_CONFIG)
     tensors = {k: v.contiguous() for k, v in lm_tensors(model).items()}
-    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    quantized = quantization_of(model)  # int8 experts: int8 weights + float32 scales, named in the metadata
+    metadata = {"format": "pt", **({QUANT_METADATA_KEY: quantized} if quantized else {})}
+    save_file(tensors, str(folder / "model.safetensors"), metadata=metadata)
     hf_config = hf_config if hf_config is not None else getattr(model, "hf_config", None)
     if hf_config is not None:
         (folder / "hf_config.json").write_text(json.dumps(hf_config, indent=2, default=str))
@@ -564,11 +568,17 @@ def load_moekit(folder: str | Path) -> LM:
     hf_path = folder / "hf_config.json"
     hf_config = read_json(hf_path) if hf_path.is_file() else None
     model = build_lm(cfg, hf_config)
-    targets = lm_tensors(model)
     path = folder / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{folder} has no model.safetensors")
     with open_safetensors(path) as handle:
+        quantized = (handle.metadata() or {}).get(QUANT_METADATA_KEY)
+        if quantized is not None:
+            try:
+                quantize_experts(model, quantized)
+            except ValueError as err:
+                raise CheckpointError(f"{path}: {err}") from None
+        targets = lm_tensors(model)
         keys = set(handle.keys())
         missing, unexpected = sorted(set(targets) - keys), sorted(keys - set(targets))
         if missing or unexpected:
@@ -587,14 +597,17 @@ def load_moekit(folder: str | Path) -> LM:
 
 
 def convert_folder(src: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
-                   revision: str | None = None, overwrite: bool = False) -> Path:
+                   revision: str | None = None, overwrite: bool = False, quantize: str | None = None) -> Path:
     """HF checkpoint folder (or repo id) -> moekit folder, copying tokenizer files along.
+    ``quantize="int8"`` stores the experts as int8 with per-channel scales (``quantize_experts``).
 
     Written as ``save_moekit`` writes: all at once, refusing a non-empty out_dir unless ``overwrite``.
     """
     check_output_folder(Path(out_dir).expanduser().resolve(), is_moekit_file, overwrite)  # before the slow part
     folder = resolve_folder(src, revision)
     model = from_hf(folder, dtype=dtype)
+    if quantize is not None:
+        quantize_experts(model, quantize)
     with output_folder(out_dir, is_moekit_file, overwrite) as tmp:
         _write_moekit(model, tmp, None)
         for name in SIDE_FILES:
