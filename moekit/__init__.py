@@ -12,8 +12,9 @@ Importing moekit has no side effects: it patches nothing and touches no device.
 
 from .errors import CheckpointError
 from .config import BalanceConfig, ConfigError, MoEConfig, RouterConfig, SharedExpertConfig, moe_config
-from .layer import ExpertNonFiniteError, MoE
-from .model_ops import aux_loss, mask_experts, moe_layers, reset_routing_stats, routing_report, update_router_biases
+from .layer import ExpertNonFiniteError, MoE, RoutingEvent
+from .model_ops import (RoutingCapture, aux_loss, capture_routing, mask_experts, moe_layers, name_moe_layers,
+                        reset_routing_stats, routing_report, update_router_biases)
 from .stats import RoutingCollapseWarning
 # Hugging Face interop; transformers is imported only inside these functions.
 from .hf import from_hf, patch_model, to_hf
@@ -25,5 +26,6 @@ __all__ = [
     "MoE", "MoEConfig", "RouterConfig", "BalanceConfig", "SharedExpertConfig", "moe_config", "ConfigError",
     "CheckpointError",
     "ExpertNonFiniteError", "RoutingCollapseWarning", "aux_loss", "update_router_biases", "routing_report",
-    "reset_routing_stats", "moe_layers", "mask_experts", "from_hf", "patch_model", "to_hf", "__version__",
+    "reset_routing_stats", "moe_layers", "name_moe_layers", "capture_routing", "RoutingCapture", "RoutingEvent",
+    "mask_experts", "from_hf", "patch_model", "to_hf", "__version__",
 ]

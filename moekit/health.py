@@ -136,9 +136,9 @@ class Quarantine:
             if layer.config.check_finite is None:  # auto is off in training; the guard needs the checks
                 layer.config.check_finite = True
                 self._auto.append(layer)
-            layer.forward = self._guarded(layer)
+            layer.forward = self._guarded(name, layer)
 
-    def _guarded(self, layer: MoE):
+    def _guarded(self, name: str, layer: MoE):
         plain = type(layer).forward.__get__(layer)
 
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -147,9 +147,9 @@ class Quarantine:
                 try:
                     return plain(x)
                 except ExpertNonFiniteError as err:
-                    self.events.append(QuarantineEvent(err.layer, list(err.experts), self._calls))
+                    self.events.append(QuarantineEvent(name, list(err.experts), self._calls))
                     layer.mask_experts(err.experts)
-            raise RuntimeError(f"{layer.layer_name}: quarantine masked every expert it could")
+            raise RuntimeError(f"{name}: quarantine masked every expert it could")
 
         return forward
 

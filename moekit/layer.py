@@ -6,10 +6,21 @@ R rows after dispatch (grouped by expert).
     x (..., D) --router--> Routing --plan--> rows grouped by expert --experts--> y (R, D)
       --combine (weighted, back to token order)--> (..., D)  [+ shared experts(x)]
 
-Balancing losses are computed in training and kept on the layer (``layer.aux_loss``); routing
-statistics are kept in buffers (``layer.stats``). Nothing here syncs with the host on the hot
-path except the grouped-product fallback and the finite checks (on in eval mode by default,
-``check_finite`` sets them).
+What a forward leaves behind, all public:
+* ``aux_loss`` (0-dim, differentiable) and ``last_losses`` (each unweighted term, detached): the
+  balancing losses of the last training forward (zero outside training); ``pooled_loss_sums``
+  (``balance.losses.PooledSums`` or None): the per-expert sums of losses pooled over layers (the
+  ``mixtral`` convention). ``moekit.aux_loss(model)`` adds them all up.
+* ``stats`` (``RoutingStats``): routing statistics in buffers, no host sync.
+* Nothing else: the routing and the dispatch plan are handed to routing hooks
+  (``register_routing_hook``), opt-in, as ``moekit.capture_routing(model)`` does.
+Activation checkpointing (``torch.utils.checkpoint``, either mode) runs a forward a second time
+during backward; that recomputation counts in no statistic, bias count or hook, and leaves the
+losses of the first forward in place. Under the reentrant mode the first forward runs without
+grad, so the balancing losses cannot reach the backward: use ``use_reentrant=False``.
+
+Nothing here syncs with the host on the hot path except the grouped-product fallback and the
+finite checks (on in eval mode by default, ``check_finite`` sets them).
 
 Padding: ``forward(x, token_mask)`` takes a mask of x's leading shape (1/True = real token).
 Padding tokens count in no loss, statistic or bias-update count. Dropless token choice still
@@ -23,11 +34,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .balance import losses as L
 from .config import MoEConfig, moe_config
@@ -45,6 +60,34 @@ class ExpertNonFiniteError(FloatingPointError):
         self.layer, self.experts = layer, experts
         super().__init__(f"{layer}: expert(s) {experts} produced NaN/Inf outputs; mask them with "
                          f"layer.mask_experts({experts}) to keep serving with the others")
+
+
+@dataclass
+class RoutingEvent:
+    """One counted forward of one MoE layer, as routing hooks receive it (tensors detached).
+
+    routing   the ``Routing`` of the T = prod(shape) tokens (padding rows included).
+    plan      the ``DispatchPlan``; its counts leave padding out.
+    shape     the input's leading shape (x.shape[:-1]).
+    valid_T   (T,) bool, True at real tokens, when the forward got a ``token_mask``; else None.
+    """
+
+    routing: Routing
+    plan: DispatchPlan
+    shape: tuple[int, ...]
+    valid_T: torch.Tensor | None = None
+
+
+RoutingHook = Callable[["MoE", RoutingEvent], None]
+
+
+def recomputing() -> bool:
+    """True while a forward runs inside autograd's backward pass, i.e. as activation checkpointing's
+    recomputation (torch.utils.checkpoint runs it from the backward in both modes). PyTorch has no
+    public flag for this; the autograd engine's graph-task id is -1 outside a backward pass."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._current_graph_task_id() != -1
 
 
 class MoE(nn.Module):
@@ -65,6 +108,7 @@ class MoE(nn.Module):
             raise TypeError(f"pass either a MoEConfig or keywords, not both (got {sorted(kwargs)})")
         self.config = cfg = config
         self.num_experts, self.dim, self.top_k = cfg.num_experts, cfg.dim, cfg.router.top_k
+        # Named once by the model that holds the layer (LM, patch_model, model_ops.name_moe_layers).
         self.layer_name = "MoE"
         self.router = build_router(cfg.dim, cfg.num_experts, cfg.router)
         self.experts = self._build_experts(cfg, experts)
@@ -81,11 +125,10 @@ class MoE(nn.Module):
         self._any_masked = False
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.last_losses: dict[str, float | torch.Tensor] = {}
-        self.last_routing: Routing | None = None
-        self.last_plan: DispatchPlan | None = None
-        self._pooled_routing: Routing | None = None
-        self._pooled_valid_T: torch.Tensor | None = None
-        self.last_valid_T: torch.Tensor | None = None
+        self.pooled_loss_sums: L.PooledSums | None = None
+        self._routing_hooks: OrderedDict[int, RoutingHook] = OrderedDict()
+        # Gradient hooks zeroing frozen experts' rows, by id() of the stacked weight they sit on.
+        self._freeze_hooks: dict[int, RemovableHandle] = {}
         # Router replay (moekit.replay): expert ids (..., K) long, of the input's leading shape, chosen
         # in place of the router's top-k; the weights still come from the router's scores.
         self.replay_topk_idx: torch.Tensor | None = None
@@ -106,6 +149,12 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., D) -> (..., D); ``token_mask`` (...) marks real tokens (see the module docstring)."""
+        return self.forward_with_routing(x, token_mask)[0]
+
+    def forward_with_routing(self, x: torch.Tensor,
+                             token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """``forward``, also returning this forward's ``Routing`` (differentiable), for wrappers that
+        hand router outputs on, as Hugging Face's sparse blocks do."""
         shape = x.shape
         x_TD = self._tokens(x)
         forced_TK = None if self.replay_topk_idx is None else self._replayed_experts(shape)
@@ -123,9 +172,8 @@ class MoE(nn.Module):
             with stage("experts"):
                 out_TD = out_TD + self.shared_experts(x_TD)
 
-        batch = math.prod(shape[:-2]) if len(shape) >= 3 else 1
-        self._record(routing, plan, batch, valid_T)
-        return out_TD.view(shape)
+        self._record(routing, plan, tuple(shape[:-1]), valid_T)
+        return out_TD.view(shape), routing
 
     def _route_and_run(self, x_TD: torch.Tensor,
                        forced_TK: torch.Tensor | None = None) -> tuple[Routing, DispatchPlan, torch.Tensor]:
@@ -180,7 +228,15 @@ class MoE(nn.Module):
         self._validate_input(x)
         if self._any_frozen:
             self._ensure_freeze_hooks()
+        if self.training and not torch.is_grad_enabled() and x.requires_grad and self._has_losses():
+            warnings.warn(f"{self.layer_name}: a training forward without grad on an input that requires grad "
+                          f"(reentrant activation checkpointing?) computes no balancing loss; use "
+                          f"torch.utils.checkpoint(..., use_reentrant=False)", UserWarning, stacklevel=3)
         return x.reshape(-1, self.dim)
+
+    def _has_losses(self) -> bool:
+        b = self.config.balance
+        return b.aux_loss_coef > 0 or b.z_loss_coef > 0 or b.cv_loss_coef > 0 or b.seq_aux_loss_coef > 0
 
     def _validate_input(self, x: torch.Tensor) -> None:
         if not torch.is_floating_point(x):
@@ -207,24 +263,43 @@ class MoE(nn.Module):
             raise ExpertNonFiniteError(self.layer_name, bad)
 
     # ------------------------------------------------------------------ losses and statistics
-    def _record(self, routing: Routing, plan: DispatchPlan, batch: int, valid_T: torch.Tensor | None = None) -> None:
+    def _record(self, routing: Routing, plan: DispatchPlan, lead: tuple[int, ...],
+                valid_T: torch.Tensor | None = None) -> None:
+        """Losses, statistics, bias counts and routing hooks of one forward over tokens of shape ``lead``.
+
+        Activation checkpointing's recomputation counts nothing and keeps the first forward's losses;
+        it still computes them, because non-reentrant checkpointing expects every tensor that the
+        first forward saved for backward (the losses' too) to be saved again."""
+        again = recomputing()
         cfg = self.config
-        self.last_routing = _detached(routing)
-        self.last_plan = plan
-        self.last_valid_T = valid_T
-        if cfg.track_stats:
+        if cfg.track_stats and not again:
             self.stats.update(routing, plan, valid_T)
-        if self.training and self.router.selection_bias is not None and cfg.router.bias_update_rate is not None:
+        if (self.training and self.router.selection_bias is not None and cfg.router.bias_update_rate is not None
+                and not again):
             self.bias_load_E += plan.routed_E
         if self.training and torch.is_grad_enabled():
-            self.aux_loss, self.last_losses = self._losses(routing, batch, valid_T)
+            batch = math.prod(lead[:-1]) if len(lead) >= 2 else 1
+            losses = self._losses(routing, batch, valid_T)
             pooled = (cfg.balance.aux_loss_convention == "mixtral" and cfg.balance.aux_loss_coef > 0
                       and routing.is_token_choice)
-            self._pooled_routing = routing if pooled else None
-            self._pooled_valid_T = valid_T if pooled else None
-        else:
+            sums = L.mixtral_sums(routing, self.num_experts, valid_T) if pooled else None
+            if not again:
+                (self.aux_loss, self.last_losses), self.pooled_loss_sums = losses, sums
+        elif not again:
             self.aux_loss, self.last_losses = routing.logits_TE.new_zeros(()), {}
-            self._pooled_routing = self._pooled_valid_T = None
+            self.pooled_loss_sums = None
+        if self._routing_hooks and not again:
+            event = RoutingEvent(_detached(routing), _detached_plan(plan), lead, valid_T)
+            for hook in list(self._routing_hooks.values()):
+                hook(self, event)
+
+    def register_routing_hook(self, hook: RoutingHook) -> RemovableHandle:
+        """Call ``hook(layer, event)`` after every counted forward (not activation checkpointing's
+        recomputation) with that forward's ``RoutingEvent``; ``handle.remove()`` stops it.
+        ``moekit.capture_routing(model)`` is the usual way in."""
+        handle = RemovableHandle(self._routing_hooks)
+        self._routing_hooks[handle.id] = hook
+        return handle
 
     def _losses(self, routing: Routing, batch: int,
                 valid_T: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -334,14 +409,15 @@ class MoE(nn.Module):
     def _ensure_freeze_hooks(self) -> None:
         """Zero frozen experts' rows of every stacked (E, ...) weight's gradient. Checked on each
         forward while experts are frozen, because tensor hooks do not survive copy.deepcopy or
-        a parameter being replaced."""
+        a parameter being replaced: a weight is hooked again unless the handle kept under its id()
+        still points at a live hook table (a deep copy's handles point at none)."""
         if isinstance(self.experts, ModuleExperts):
             return
         for p in self.experts.parameters():
             if p.dim() >= 1 and p.shape[0] == self.num_experts:
-                hooks = getattr(p, "_backward_hooks", None) or {}
-                if not any(h == self._zero_frozen_grad for h in hooks.values()):
-                    p.register_hook(self._zero_frozen_grad)
+                handle = self._freeze_hooks.get(id(p))
+                if handle is None or handle.hooks_dict_ref() is None:
+                    self._freeze_hooks[id(p)] = p.register_hook(self._zero_frozen_grad)
 
     def unfreeze_experts(self, ids: Iterable[int] | None = None) -> None:
         ids = list(range(self.num_experts)) if ids is None else self._expert_ids(ids)
@@ -406,3 +482,8 @@ def _scatter_plan(plan_V: DispatchPlan, idx_V: torch.Tensor, T: int) -> Dispatch
 def _detached(routing: Routing) -> Routing:
     fields = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in vars(routing).items()}
     return Routing(**fields)
+
+
+def _detached_plan(plan: DispatchPlan) -> DispatchPlan:
+    fields = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in vars(plan).items()}
+    return DispatchPlan(**fields)

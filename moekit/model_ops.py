@@ -1,47 +1,113 @@
-"""Operations over every MoE layer of a model: losses, bias updates, reports, masking."""
+"""Operations over every MoE layer of a model: naming, losses, bias updates, reports, masking,
+and ``capture_routing``, the opt-in way to see each forward's routing and dispatch plan."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .balance.losses import pooled_mixtral_aux_loss
-from .layer import MoE
+from .balance.losses import PooledSums, pooled_mixtral_loss
+from .layer import MoE, RoutingEvent
 from .stats import LayerReport, warn_on_collapse
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
-    """(qualified name, layer) for every MoE layer; names the layers for error messages."""
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, MoE):
-            module.layer_name = name or "MoE"
-            found.append((module.layer_name, module))
-    return found
+    """(qualified name, layer) for every MoE layer, in module order; a bare layer is named by its
+    ``layer_name``. Reads only: ``name_moe_layers`` sets the names errors use."""
+    return [(name or module.layer_name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+
+
+def name_moe_layers(model: nn.Module) -> list[str]:
+    """Set every MoE layer's ``layer_name`` (used by its error messages) to its qualified name in
+    ``model``; returns the names. LM and patch_model name their layers when they build them; call
+    this once for a model you assemble yourself."""
+    names = []
+    for name, layer in moe_layers(model):
+        layer.layer_name = name
+        names.append(name)
+    return names
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:
     """Sum of every MoE layer's weighted balancing losses from the last forward pass.
 
-    Add it to the task loss before backward. Layers configured with the ``mixtral`` convention
-    are pooled across layers first, as transformers' load_balancing_loss_func does (padding
-    left out when the layers were given a token mask, as with its ``attention_mask``).
+    Add it to the task loss before backward. Each layer keeps its own losses in ``layer.aux_loss``;
+    layers configured with the ``mixtral`` convention keep per-expert sums
+    (``layer.pooled_loss_sums``) instead, pooled here across layers first, as transformers'
+    load_balancing_loss_func does (padding left out when the layers were given a token mask, as
+    with its ``attention_mask``).
     """
     total: torch.Tensor | None = None
-    pooled: dict[tuple[int, float], list] = {}
+    pooled: dict[tuple[int, float], list[PooledSums]] = {}
     for _, layer in moe_layers(model):
         total = layer.aux_loss if total is None else total + layer.aux_loss
-        if layer._pooled_routing is not None:
+        if layer.pooled_loss_sums is not None:
             key = (layer.num_experts, layer.config.balance.aux_loss_coef)
-            pooled.setdefault(key, []).append((layer._pooled_routing, getattr(layer, "_pooled_valid_T", None)))
+            pooled.setdefault(key, []).append(layer.pooled_loss_sums)
     if total is None:
         return torch.zeros(())
-    for (num_experts, coef), entries in pooled.items():
-        routings, valid_Ts = [r for r, _ in entries], [v for _, v in entries]
-        total = total + coef * pooled_mixtral_aux_loss(routings, num_experts, valid_Ts)
+    for (num_experts, coef), sums in pooled.items():
+        total = total + coef * pooled_mixtral_loss(sums, num_experts)
     return total
+
+
+@dataclass
+class RoutingCapture:
+    """Each MoE layer's ``RoutingEvent`` per counted forward inside ``capture_routing``, in call order."""
+
+    names: list[str]
+    events: dict[str, list[RoutingEvent]] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> list[RoutingEvent]:
+        if name not in self.events:
+            raise KeyError(f"no MoE layer named {name!r} was captured; layers are {self.names}")
+        return self.events[name]
+
+    def last(self, name: str | None = None) -> RoutingEvent:
+        """The latest event of layer ``name`` (of the only layer when None)."""
+        if name is None:
+            if len(self.names) != 1:
+                raise ValueError(f"capture_routing: {len(self.names)} layers were captured ({self.names}); "
+                                 f"name one")
+            name = self.names[0]
+        events = self[name]
+        if not events:
+            raise ValueError(f"capture_routing: {name} ran no forward while capturing")
+        return events[-1]
+
+    def clear(self) -> None:
+        """Drop the events captured so far (capturing goes on)."""
+        for events in self.events.values():
+            events.clear()
+
+
+@contextlib.contextmanager
+def capture_routing(model: nn.Module) -> Iterator[RoutingCapture]:
+    """Record every MoE layer's routing and dispatch plan (detached) for the forwards run inside
+    the block; layers are named by their qualified names in ``model``::
+
+        with moekit.capture_routing(model) as cap:
+            model(x)
+        idx_TK = cap.last("layers.0.mlp").routing.topk_idx_TK
+
+    Activation checkpointing's recomputation adds no event. Events hold T x E logits per layer
+    and forward, so capture the forwards you need, not a whole training run.
+    """
+    layers = moe_layers(model)
+    capture = RoutingCapture([name for name, _ in layers], {name: [] for name, _ in layers})
+    handles = []
+    try:
+        for name, layer in layers:
+            events = capture.events[name]
+            handles.append(layer.register_routing_hook(lambda _layer, event, events=events: events.append(event)))
+        yield capture
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def update_router_biases(model: nn.Module) -> None:

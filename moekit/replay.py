@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import MoE
+from .layer import MoE, RoutingEvent
 from .model_ops import moe_layers
 
 FORMAT = "moekit.routing_record"
@@ -262,15 +262,13 @@ class RoutingRecorder:
         name, layer = self.layers[i]
         dtype = index_dtype(layer.num_experts)
 
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            x = args[0] if args else kwargs["x"]
-            routing = layer.last_routing
-            assert routing is not None and routing.topk_idx_TK is not None
-            lead = tuple(x.shape[:-1])
+        def hook(module: MoE, event: RoutingEvent) -> None:
+            idx_TK = event.routing.topk_idx_TK
+            assert idx_TK is not None
+            lead = event.shape
             S = lead[-1] if lead else 1
             B = math.prod(lead[:-1]) if len(lead) > 1 else 1
-            idx_TK = routing.topk_idx_TK
-            valid_T = layer.last_valid_T
+            valid_T = event.valid_T
             if valid_T is not None and layer.config.router.capacity_factor is not None:
                 # Padding was not routed (its row says expert 0 k times): store distinct ids 0..K-1.
                 fill_TK = torch.arange(idx_TK.shape[1], device=idx_TK.device).expand_as(idx_TK)
@@ -299,7 +297,7 @@ def record_routing(model: nn.Module) -> Iterator[RoutingRecorder]:
     """Record every MoE layer's chosen experts for the forwards run inside the block."""
     layers = _replayable_layers(model, "record_routing")
     recorder = RoutingRecorder(layers)
-    handles = [layer.register_forward_hook(recorder._hook(i), with_kwargs=True) for i, (_, layer) in enumerate(layers)]
+    handles = [layer.register_routing_hook(recorder._hook(i)) for i, (_, layer) in enumerate(layers)]
     try:
         yield recorder
     finally:
@@ -322,10 +320,11 @@ def check_record(model: nn.Module, record: RoutingRecord, match_names: bool = Tr
         if E != layer.num_experts or idx.shape[-1] != layer.top_k:
             raise RoutingRecordError(f"replay_routing: {name} has num_experts={layer.num_experts}, "
                                      f"top_k={layer.top_k}; the record has num_experts={E}, top_k={idx.shape[-1]}")
-        if layer._any_masked:
+        masked_ids = layer.masked_experts
+        if masked_ids:
             masked = (~layer.available_E.cpu())[idx.long()].any(dim=-1)
             if bool(masked.any()):
-                hit = sorted(set(idx.long()[masked].flatten().tolist()) & set(layer.masked_experts))
+                hit = sorted(set(idx.long()[masked].flatten().tolist()) & set(masked_ids))
                 raise RoutingRecordError(f"replay_routing: {name} replays masked expert(s) {hit}")
     return layers
 

@@ -14,8 +14,9 @@ from moekit.explain import (explain_text, format_latency, label_affinity, latenc
                             render_terminal, routing_change, weight_drift)
 from moekit.explain.tokens import RGB, character_cells, token_pieces
 from moekit.lm import LM, LMConfig
-from moekit.model_ops import moe_layers
 from moekit.train.trainer import Batch
+
+from capture_util import captured
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,8 +44,7 @@ def test_explain_names_each_tokens_experts_and_weights():
     expl = explain_text(model, tok, "héllo")
     assert expl.tokens == ["h", "", "é", "l", "l", "o"]
     assert expl.layers == ["layers.0.mlp", "layers.2.mlp"]
-    model(torch.tensor([tok.encode("héllo")]))
-    r = model.layers[2].mlp.last_routing
+    r = captured(model, torch.tensor([tok.encode("héllo")]))[1].last("layers.2.mlp").routing
     for t in range(6):
         got = dict(zip(expl.experts[1][t], expl.weights[1][t]))
         want = dict(zip(r.topk_idx_TK[t].tolist(), r.topk_weight_TK[t].tolist()))
@@ -125,10 +125,8 @@ def test_stability_is_zero_for_identical_models_and_drift_names_changed_experts(
     changed = routing_change(a, b, ids)
     assert changed["layers.0.mlp"]["top1_changed"] > 0.2
     # against a recount by hand
-    a(ids[0])
-    ra = moe_layers(a)[0][1].last_routing
-    b(ids[0])
-    rb = moe_layers(b)[0][1].last_routing
+    ra = captured(a, ids[0])[1].last("layers.0.mlp").routing
+    rb = captured(b, ids[0])[1].last("layers.0.mlp").routing
     top1 = lambda r: r.topk_idx_TK.gather(1, r.topk_weight_TK.argmax(1, keepdim=True)).squeeze(1)
     first = float((top1(ra) != top1(rb)).double().mean())
     assert routing_change(a, b, ids[:1])["layers.0.mlp"]["top1_changed"] == pytest.approx(first)
@@ -139,9 +137,9 @@ def test_per_expert_loss_matches_a_recount():
     bs = batches(1)
     result = per_expert_loss(model, bs)["layers.2.mlp"]
     with torch.no_grad():
-        logits = model(bs[0].input_ids)
+        logits, cap = captured(model, bs[0].input_ids)
     nll = F.cross_entropy(logits.reshape(-1, 257), bs[0].targets.reshape(-1), reduction="none").double()
-    r = model.layers[2].mlp.last_routing
+    r = cap.last("layers.2.mlp").routing
     top1 = r.topk_idx_TK.gather(1, r.topk_weight_TK.argmax(1, keepdim=True)).squeeze(1)
     for e in range(4):
         sel = top1 == e

@@ -12,6 +12,8 @@ from moekit.model_ops import mask_experts, moe_layers
 from moekit.recipes import save_model
 from moekit.train import TrainConfig, Trainer
 
+from capture_util import captured
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,8 +89,7 @@ def test_nan_weights_detected_at_load_and_named(tmp_path):
 def test_runtime_quarantine_keeps_serving(backend):
     model = lm(backend=backend)
     x = ids()
-    model(x)
-    used = int(moe_layers(model)[0][1].last_routing.topk_idx_TK[0, 0])
+    used = int(captured(model, x)[1].last("layers.0.mlp").routing.topk_idx_TK[0, 0])
     with torch.no_grad():
         model.layers[0].mlp.experts.gate_up_proj[used] = float("inf")
     with pytest.raises(ExpertNonFiniteError, match=f"layers.0.mlp: expert\\(s\\) \\[{used}\\]"):

@@ -140,13 +140,11 @@ def test_deepseek_v3_correction_bias_changes_routing() -> None:
     cfg, block = make_block("deepseek_v3")
     moe = moe_from_hf_block(block, cfg, share=False)
     x = torch.randn(16, D)
-    moe(x)
-    before = moe.last_routing.topk_idx_TK.sort(-1).values
+    before = moe.forward_with_routing(x)[1].topk_idx_TK.sort(-1).values
     with torch.no_grad():
         moe.router.selection_bias[:] = 0.0
         moe.router.selection_bias[5] = 10.0
-    moe(x)
-    after = moe.last_routing.topk_idx_TK
+    after = moe.forward_with_routing(x)[1].topk_idx_TK
     assert bool((after == 5).any(-1).all())
     assert not torch.equal(before, after.sort(-1).values)
 

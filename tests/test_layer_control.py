@@ -18,6 +18,8 @@ from moekit import ExpertNonFiniteError, MoE, moe_config
 from moekit.dispatch import token_choice_capacity
 from moekit.experts import GatedMLP
 
+from capture_util import routed
+
 D, F = 16, 24
 
 
@@ -63,8 +65,8 @@ def test_dropless_equals_capacity_when_nothing_drops(policy):
     capped.load_state_dict(dropless.state_dict())
     x = torch.randn(37, D)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    ya, yb = dropless(xa), capped(xb)
-    assert int(capped.last_plan.num_dropped) == 0
+    ya, (yb, event) = dropless(xa), routed(capped, xb)
+    assert int(event.plan.num_dropped) == 0
     torch.testing.assert_close(ya, yb)
     ya.square().sum().backward()
     yb.square().sum().backward()
@@ -78,8 +80,9 @@ def test_masking_all_but_one_equals_that_expert():
     layer.mask_experts([0, 1, 3, 4])
     dense = _dense_from_expert(layer, 2)
     x = torch.randn(29, D)
-    torch.testing.assert_close(layer(x), dense(x))
-    assert bool((layer.last_routing.topk_idx_TK == 2).all())
+    y, event = routed(layer, x)
+    torch.testing.assert_close(y, dense(x))
+    assert bool((event.routing.topk_idx_TK == 2).all())
 
 
 def test_capacity_formula():
@@ -97,11 +100,11 @@ def test_drop_accounting_matches_hand_count(policy):
     with torch.no_grad():
         layer.router.weight[0] += 0.6 * layer.router.weight[1]   # skew the load onto expert 0
     x = torch.randn(30, D)
-    layer(x)
-    idx = layer.last_routing.topk_idx_TK.tolist()
-    w = layer.last_routing.topk_weight_TK.tolist()
+    _, event = routed(layer, x)
+    idx = event.routing.topk_idx_TK.tolist()
+    w = event.routing.topk_weight_TK.tolist()
     C = math.ceil(30 * 2 / 4 * 1.0)
-    plan = layer.last_plan
+    plan = event.plan
     expected_dropped = 0
     start = 0
     for e in range(4):
@@ -122,13 +125,13 @@ def test_drop_accounting_matches_hand_count(policy):
 def test_dropped_tokens_get_zero_expert_output():
     layer = _layer(num_experts=4, top_k=1, capacity_factor=0.5).eval()
     x = torch.randn(40, D)
-    y = layer(x)
-    plan = layer.last_plan
+    y, event = routed(layer, x)
+    plan = event.plan
     kept = set(plan.token_idx_R.tolist())
     dropped = [t for t in range(40) if t not in kept]
     assert len(dropped) == int(plan.num_dropped) > 0
     assert bool((y[dropped] == 0).all())
-    idx, w = layer.last_routing.topk_idx_TK[:, 0], layer.last_routing.topk_weight_TK[:, 0]
+    idx, w = event.routing.topk_idx_TK[:, 0], event.routing.topk_weight_TK[:, 0]
     for t in sorted(kept):
         expected = w[t] * layer.experts.expert_forward(int(idx[t]), x[t:t + 1])[0]
         torch.testing.assert_close(y[t], expected)
@@ -139,8 +142,7 @@ def test_masked_experts_never_chosen_and_weights_renormalised():
     layer.mask_experts([1, 4])
     assert layer.masked_experts == [1, 4]
     x = torch.randn(200, D)
-    layer(x)
-    r = layer.last_routing
+    r = routed(layer, x)[1].routing
     assert not bool(torch.isin(r.topk_idx_TK, torch.tensor([1, 4])).any())
     torch.testing.assert_close(r.topk_weight_TK.sum(-1), torch.ones(200))
     logits = (x.double() @ layer.router.weight.detach().double().t())
@@ -151,8 +153,7 @@ def test_masked_experts_never_chosen_and_weights_renormalised():
     assert set(p.topk(2, dim=-1).indices.flatten().tolist()) == set(r.topk_idx_TK.flatten().tolist())
     layer.unmask_experts()
     assert layer.masked_experts == []
-    layer(x)
-    assert bool(torch.isin(layer.last_routing.topk_idx_TK, torch.tensor([1, 4])).any())
+    assert bool(torch.isin(routed(layer, x)[1].routing.topk_idx_TK, torch.tensor([1, 4])).any())
 
 
 def test_masking_too_many_experts_raises():
@@ -171,8 +172,8 @@ def test_masking_with_group_limited_routing():
         layer.mask_experts([1])
     layer2 = _layer(num_experts=6, top_k=2, router="sigmoid_topk", n_group=3, topk_group=1)
     layer2.mask_experts([1])  # top2_sum: group 0 cannot score, groups 1 and 2 hold 2 each
-    layer2.eval()(torch.randn(100, D))
-    assert not bool((layer2.last_routing.topk_idx_TK <= 1).any())
+    _, event = routed(layer2.eval(), torch.randn(100, D))
+    assert not bool((event.routing.topk_idx_TK <= 1).any())
 
 
 def test_frozen_experts_get_exactly_zero_grads():
@@ -237,7 +238,7 @@ def test_nonfinite_expert_is_named_with_its_layer():
     experts = [nn.Linear(D, D), nn.Linear(D, D), _NaNExpert(), nn.Linear(D, D)]
     model = nn.ModuleDict({"block0": _layer(num_experts=4, top_k=2), "block1": MoE(
         moe_config(dim=D, num_experts=4, expert_hidden=1, top_k=3), experts=experts)})
-    moekit.moe_layers(model)
+    moekit.name_moe_layers(model)
     model.eval()  # check_finite=None: the checks run in eval mode (serving), not in training
     y = model["block0"](torch.randn(20, D))
     with pytest.raises(ExpertNonFiniteError, match=r"block1: expert\(s\) \[2\] produced NaN/Inf") as info:
@@ -269,9 +270,9 @@ def test_bf16_forward_backward_close_to_fp32():
     x = torch.randn(64, D).to(torch.bfloat16)
     x32 = x.float().requires_grad_(True)
     x16 = x.clone().requires_grad_(True)
-    y32, y16 = layer32(x32), layer16(x16)
+    (y32, event32), (y16, event16) = routed(layer32, x32), routed(layer16, x16)
     assert y16.dtype == torch.bfloat16
-    assert torch.equal(layer32.last_routing.topk_idx_TK, layer16.last_routing.topk_idx_TK)
+    assert torch.equal(event32.routing.topk_idx_TK, event16.routing.topk_idx_TK)
     assert _rel(y16, y32) < 1e-2
     g = torch.randn(64, D).to(torch.bfloat16)
     (y32 * g.float()).sum().backward()

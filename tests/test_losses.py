@@ -16,6 +16,8 @@ import moekit
 from moekit.balance import losses as L
 from moekit.router import Routing
 
+from capture_util import captured, routed
+
 # Worked example: 4 tokens, 3 experts, k=2. Rows are softmax probabilities.
 PROBS = [[0.50, 0.30, 0.20],   # top-2: 0, 1
          [0.10, 0.60, 0.30],   # top-2: 1, 2
@@ -156,8 +158,7 @@ def test_smooth_load_ignores_masked_experts():
 def test_noisy_layer_masks_noisy_logits_for_the_load_estimate():
     layer = moekit.MoE(dim=8, num_experts=5, expert_hidden=8, router="noisy_topk", top_k=2, cv_loss_coef=0.1).train()
     layer.mask_experts([3])
-    layer(torch.randn(30, 8))
-    r = layer.last_routing
+    r = routed(layer, torch.randn(30, 8))[1].routing
     assert bool((r.noisy_logits_TE[:, 3] == -math.inf).all())
     assert float(L.smooth_load(r, 5, 2)[3]) == 0.0
     assert bool(torch.isfinite(layer.aux_loss))
@@ -193,8 +194,7 @@ def test_megatron_convention_matches_megatron_formula(kind):
     divided by its row sum), routing_map = top-k of those probs, and
     loss = sum_i (sum_t probs_ti) * tokens_per_expert_i * E / (k * T^2)."""
     layer = _layer("megatron", kind, top_k=3)
-    layer(torch.randn(2, 25, 8))
-    logits = layer.last_routing.logits_TE.double()
+    logits = routed(layer, torch.randn(2, 25, 8))[1].routing.logits_TE.double()
     T, E, k = logits.shape[0], 6, 3
     if kind == "softmax_topk":
         probs = torch.softmax(logits, -1)
@@ -214,8 +214,7 @@ def _biased_layer_output(convention: str, kind: str):
     with torch.no_grad():
         layer.router.weight.normal_(0.0, 0.5)
         layer.router.selection_bias.copy_(torch.tensor([0.3, 0.0, 0.0, 0.0, 0.0, -0.3]))
-    layer(torch.randn(4, 10, 8))
-    r = layer.last_routing
+    r = routed(layer, torch.randn(4, 10, 8))[1].routing
     probs = torch.softmax(r.logits_TE.double(), -1) if kind == "softmax_topk" else torch.sigmoid(r.logits_TE.double())
     probs = probs / probs.sum(-1, keepdim=True)
     plain = probs.topk(2, dim=-1).indices
@@ -261,8 +260,7 @@ def test_sequence_aux_loss_counts_the_plain_top_k():
 
 def test_switch_convention_counts_top1_choice():
     layer = _layer("switch", top_k=2)
-    layer(torch.randn(50, 8))
-    logits = layer.last_routing.logits_TE.double()
+    logits = routed(layer, torch.randn(50, 8))[1].routing.logits_TE.double()
     probs = torch.softmax(logits, -1)
     f = torch.bincount(probs.argmax(-1), minlength=6).double() / 50
     expected = 6 * (f * probs.mean(0)).sum()
@@ -271,8 +269,7 @@ def test_switch_convention_counts_top1_choice():
 
 def test_moekit_convention_is_share_of_assignments():
     layer = _layer("moekit", top_k=3)
-    layer(torch.randn(40, 8))
-    r = layer.last_routing
+    r = routed(layer, torch.randn(40, 8))[1].routing
     f = torch.bincount(r.topk_idx_TK.reshape(-1), minlength=6).double() / (40 * 3)
     expected = 6 * (f * torch.softmax(r.logits_TE.double(), -1).mean(0)).sum()
     assert float(layer.last_losses["aux"]) == pytest.approx(float(expected), rel=1e-5)
@@ -284,8 +281,8 @@ def test_mixtral_convention_matches_transformers_pooled_over_layers():
     with torch.no_grad():
         for layer in model:
             layer.router.weight.normal_(0.0, 0.5)
-    model(torch.randn(3, 7, 8))
-    gate_logits = tuple(layer.last_routing.logits_TE for layer in model)
+    _, cap = captured(model, torch.randn(3, 7, 8))
+    gate_logits = tuple(cap.last(name).routing.logits_TE for name in cap.names)
     expected = load_balancing_loss_func(gate_logits, num_experts=6, top_k=2)
     # Pooled is not the mean of per-layer values (f and P multiply after pooling).
     per_layer = [load_balancing_loss_func((g,), num_experts=6, top_k=2) for g in gate_logits]
@@ -307,13 +304,14 @@ def test_aux_loss_sums_per_layer_and_pools_mixtral_groups():
     ec = moekit.MoE(dim=8, num_experts=4, expert_hidden=8, router="expert_choice", capacity_factor=1.0,
                     aux_loss_convention="mixtral", z_loss_coef=0.1).train()
     model = nn.Sequential(_layer("moekit"), mix_a, _layer("switch"), mix_b, mix_c, ec)
-    model(torch.randn(2, 9, 8))
+    _, cap = captured(model, torch.randn(2, 9, 8))
     per_layer = sum(float(layer.aux_loss.detach()) for layer in model)
-    gate = [layer.last_routing.logits_TE for layer in (mix_a, mix_b)]
+    gate = [cap.last(name).routing.logits_TE for name in ("1", "3")]
     pooled_ab = 0.02 * float(load_balancing_loss_func(tuple(gate), num_experts=6, top_k=2))
-    pooled_c = 0.05 * float(load_balancing_loss_func((mix_c.last_routing.logits_TE,), num_experts=4, top_k=2))
+    pooled_c = 0.05 * float(load_balancing_loss_func((cap.last("4").routing.logits_TE,), num_experts=4, top_k=2))
     # Expert choice has no switch loss, so it joins no pool; its z-loss is its own.
-    assert float(ec.aux_loss.detach()) == pytest.approx(0.1 * float(L.z_loss(ec.last_routing.logits_TE)), rel=1e-6)
+    ec_logits = cap.last("5").routing.logits_TE
+    assert float(ec.aux_loss.detach()) == pytest.approx(0.1 * float(L.z_loss(ec_logits)), rel=1e-6)
     total = float(moekit.aux_loss(model).detach())
     assert total == pytest.approx(per_layer + pooled_ab + pooled_c, rel=1e-5)
 
@@ -321,8 +319,7 @@ def test_aux_loss_sums_per_layer_and_pools_mixtral_groups():
 def test_layer_sums_weighted_losses():
     layer = moekit.MoE(dim=8, num_experts=6, expert_hidden=8, router="noisy_topk", top_k=2, aux_loss_coef=0.1,
                        z_loss_coef=0.01, cv_loss_coef=0.5, seq_aux_loss_coef=0.2).train()
-    layer(torch.randn(2, 10, 8))
-    r = layer.last_routing
+    r = routed(layer, torch.randn(2, 10, 8))[1].routing
     terms = layer.last_losses
     assert set(terms) == {"aux", "z", "cv", "seq_aux"}
     torch.testing.assert_close(terms["z"], L.z_loss(r.logits_TE))
@@ -351,8 +348,7 @@ def test_bias_update_direction_and_no_autograd():
     layer = _biased_layer(0.01)
     x = torch.randn(64, 8)
     x[:, 0] = x[:, 0].abs() + 0.1
-    layer(x)
-    counts = torch.bincount(layer.last_routing.topk_idx_TK.reshape(-1), minlength=4)
+    counts = torch.bincount(routed(layer, x)[1].routing.topk_idx_TK.reshape(-1), minlength=4)
     assert counts.tolist() == [64, 0, 0, 0]
     moekit.update_router_biases(layer)
     b = layer.router.selection_bias
@@ -370,9 +366,9 @@ def test_bias_counts_accumulate_over_micro_batches():
         layer.router.weight.normal_()
     total = torch.zeros(4, dtype=torch.long)
     for _ in range(3):
-        out = layer(torch.randn(16, 8))
+        out, event = routed(layer, torch.randn(16, 8))
         out.sum().backward()
-        total += torch.bincount(layer.last_routing.topk_idx_TK.reshape(-1), minlength=4)
+        total += torch.bincount(event.routing.topk_idx_TK.reshape(-1), minlength=4)
     torch.testing.assert_close(layer.bias_load_E, total)
     layer.eval()
     layer(torch.randn(16, 8))  # evaluation does not count

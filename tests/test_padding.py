@@ -23,6 +23,8 @@ from moekit.balance import losses as L
 from moekit.lm import LM, LMConfig
 from moekit.router import Routing
 
+from capture_util import captured, routed
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 B, S, E, K = 3, 7, 6, 2
@@ -271,7 +273,7 @@ def test_layer_capacity_mask_routes_real_tokens_only(router, kw):
     mask_BS = _mask()
     valid_T = mask_BS.reshape(-1).bool()
     x.requires_grad_(True)
-    out = layer(x, token_mask=mask_BS)
+    out, event = routed(layer, x, token_mask=mask_BS)
     flat = _moe(router=router, **kw)
     flat.load_state_dict(layer.state_dict())
     x_flat = x.detach().reshape(-1, 8)[valid_T].clone().requires_grad_(True)
@@ -288,9 +290,9 @@ def test_layer_capacity_mask_routes_real_tokens_only(router, kw):
     (flat_out.square().sum() + flat.aux_loss).backward()
     torch.testing.assert_close(x.grad.reshape(-1, 8)[valid_T], x_flat.grad)
     assert float(x.grad.reshape(-1, 8)[~valid_T].abs().max()) == 0.0
-    # last_routing / last_plan index the T tokens of the padded batch.
-    assert layer.last_routing.num_tokens == B * S
-    assert bool(valid_T[layer.last_plan.token_idx_R].all())
+    # The captured routing and plan index the T tokens of the padded batch.
+    assert event.routing.num_tokens == B * S
+    assert bool(valid_T[event.plan.token_idx_R].all()) and torch.equal(event.valid_T, valid_T)
 
 
 def test_layer_all_ones_mask_is_the_unmasked_forward():
@@ -330,9 +332,8 @@ def test_lm_mixtral_aux_loss_with_padding_matches_transformers():
     model = _lm("mixtral")
     ids = torch.randint(0, 50, (B, S), generator=torch.Generator().manual_seed(0))
     mask_BS = _mask()
-    logits = model(ids, token_mask=mask_BS)
-    layers = [m for _, m in moekit.moe_layers(model)]
-    gate_logits = tuple(m.last_routing.logits_TE for m in layers)
+    logits, cap = captured(model, ids, token_mask=mask_BS)
+    gate_logits = tuple(cap.last(name).routing.logits_TE for name in cap.names)
     ref = mixtral_lb(gate_logits, E, K, mask_BS)
     ours = moekit.aux_loss(model) / 0.02
     assert abs(float(ours.detach()) - float(ref)) < 1e-6

@@ -14,6 +14,8 @@ from moekit.recipes.selective import freeze_except
 from moekit.train import TrainConfig, Trainer
 from moekit.train.trainer import load_trained
 
+from capture_util import captured
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,10 +55,11 @@ def test_upcycled_model_equals_dense_at_init_without_noise():
     dense = LM(dense_cfg()).double().eval()
     moe = upcycle(dense, num_experts=4, top_k=2).double().eval()
     x = ids()
-    torch.testing.assert_close(moe(x), dense(x), rtol=0, atol=1e-10)
-    for _, layer in moe_layers(moe):
+    out, cap = captured(moe, x)
+    torch.testing.assert_close(out, dense(x), rtol=0, atol=1e-10)
+    for name, layer in moe_layers(moe):
         assert torch.equal(layer.experts.gate_up_proj[0], layer.experts.gate_up_proj[3])
-        w = layer.last_routing.topk_weight_TK
+        w = cap.last(name).routing.topk_weight_TK
         torch.testing.assert_close(w.sum(-1), torch.ones_like(w[:, 0]))
 
 
@@ -88,9 +91,11 @@ def test_added_experts_leave_outputs_unchanged_on_calibration_inputs():
     x = ids(batch=4)
     bigger = add_experts(model, 2, calibration=x).double().eval()
     assert bigger.config.moe.num_experts == 6
-    torch.testing.assert_close(bigger(x), model(x), rtol=0, atol=1e-10)
-    for (_, old), (_, new) in zip(moe_layers(model), moe_layers(bigger)):
-        assert torch.equal(old.last_routing.topk_idx_TK, new.last_routing.topk_idx_TK)
+    (out_big, cap_big), (out, cap) = captured(bigger, x), captured(model, x)
+    torch.testing.assert_close(out_big, out, rtol=0, atol=1e-10)
+    assert cap.names == cap_big.names and cap.names
+    for (name, old), (_, new) in zip(moe_layers(model), moe_layers(bigger)):
+        assert torch.equal(cap.last(name).routing.topk_idx_TK, cap_big.last(name).routing.topk_idx_TK)
         assert torch.equal(new.experts.down_proj[4], old.experts.down_proj[0])
     # the new experts still get gradient through the softmax
     bigger.train()
@@ -109,9 +114,9 @@ def test_added_experts_get_tokens_with_aux_loss_free_balancing():
     new_share = []
     for _ in range(40):
         with torch.no_grad():
-            bigger(x)
+            _, cap = captured(bigger, x)
         update_router_biases(bigger)
-        new_share.append(float(bigger.layers[0].mlp.last_routing.topk_idx_TK.ge(4).float().mean()))
+        new_share.append(float(cap.last("layers.0.mlp").routing.topk_idx_TK.ge(4).float().mean()))
     # the sign rule oscillates on a fixed batch once the new experts are reached
     assert new_share[0] == 0 and np.mean(new_share[-10:]) > 0.1
 

@@ -17,6 +17,8 @@ from moekit.lm import LM, LMConfig, generate
 from moekit.model_ops import moe_layers
 from moekit.replay import RoutingRecord, RoutingRecordError, record_routing, replay_routing
 
+from capture_util import captured
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -27,8 +29,10 @@ def tiny_lm(seed: int = 0, n_layers: int = 3, E: int = 8, k: int = 2, **moe_kw) 
     return LM(cfg)
 
 
-def used_experts(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [layer.last_routing.topk_idx_TK.clone() for _, layer in moe_layers(model)]
+def used_experts(model: torch.nn.Module, *args) -> list[torch.Tensor]:
+    """Each MoE layer's (T, K) expert ids in ``model(*args)``."""
+    _, cap = captured(model, *args)
+    return [cap.last(name).routing.topk_idx_TK for name in cap.names]
 
 
 def nudge_routers(model: torch.nn.Module, scale: float = 0.5, seed: int = 1) -> None:
@@ -76,13 +80,12 @@ def test_generation_record_replays_in_a_training_forward() -> None:
     assert record.shape == (2, 4 + 12 - 1)
     nudge_routers(model)
     model.train()
-    model(record.tokens)
-    free = used_experts(model)
+    free = used_experts(model, record.tokens)
     assert any(not torch.equal(f.view(2, -1, 2), r) for f, r in zip(free, record.topk_idx)), \
         "the nudge should change the free routing, else this test shows nothing"
     with replay_routing(model, record):
-        model(record.tokens)
-    for used, recorded in zip(used_experts(model), record.topk_idx):
+        replayed = used_experts(model, record.tokens)
+    for used, recorded in zip(replayed, record.topk_idx):
         assert torch.equal(used.view(2, -1, 2), recorded)
 
 
@@ -289,14 +292,14 @@ def test_replay_on_converted_hf_family(family: str, tmp_path) -> None:
         assert torch.equal(model(record.tokens), full)
     nudge_routers(model, scale=1.0)
     with replay_routing(model, record):
-        model.train()(record.tokens)
-    for used, recorded_idx in zip(used_experts(model), record.topk_idx):
+        replayed = used_experts(model.train(), record.tokens)
+    for used, recorded_idx in zip(replayed, record.topk_idx):
         assert torch.equal(used.view(recorded_idx.shape), recorded_idx)
     # The same rollout replayed in transformers' own model (its MoE blocks patched), layers paired by order.
     patch_model(hf_model)
     with replay_routing(hf_model, record, match_names=False):
-        hf_model.train()(record.tokens)
-    for used, recorded_idx in zip(used_experts(hf_model), record.topk_idx):
+        replayed = used_experts(hf_model.train(), record.tokens)
+    for used, recorded_idx in zip(replayed, record.topk_idx):
         assert torch.equal(used.view(recorded_idx.shape), recorded_idx)
 
 
@@ -344,8 +347,8 @@ def test_server_returns_routing_records_per_choice(tmp_path) -> None:
         assert record.tokens[0, :len(prompt)].tolist() == prompt
         assert record.tokens[0, len(prompt):].tolist() == choice["token_ids"][:record.shape[1] - len(prompt)]
         with replay_routing(model, record):
-            model(record.tokens)
-        for used, recorded_idx in zip(used_experts(model), record.topk_idx):
+            replayed = used_experts(model, record.tokens)
+        for used, recorded_idx in zip(replayed, record.topk_idx):
             assert torch.equal(used.view(recorded_idx.shape), recorded_idx)
     batch, mask = RoutingRecord.stack(records)
     with replay_routing(model, batch):
@@ -362,8 +365,8 @@ def test_cli_generate_records_routing(tmp_path, capsys) -> None:
     assert record.shape == (1, 5 + 6 - 1) and record.tokens[0, :5].tolist() == list(b"hello")
     model.train()
     with replay_routing(model, record):
-        model(record.tokens)
-    for used, recorded_idx in zip(used_experts(model), record.topk_idx):
+        replayed = used_experts(model, record.tokens)
+    for used, recorded_idx in zip(replayed, record.topk_idx):
         assert torch.equal(used.view(recorded_idx.shape), recorded_idx)
     assert main(["generate", str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "2",
                  "--record-routing", str(tmp_path / "missing" / "r.safetensors")]) == 2

@@ -12,6 +12,8 @@ from torch import nn
 import moekit
 from moekit import MoE, RoutingCollapseWarning, moe_config
 
+from capture_util import routed as run_routed
+
 D = 8
 
 
@@ -32,14 +34,14 @@ def test_report_matches_direct_computation_over_two_passes():
     entropies, zs = [], []
     for T in (30, 17):
         x = torch.randn(T, D)
-        layer(x)
+        _, event = run_routed(layer, x)
         logits = x.double() @ layer.router.weight.detach().double().t()
         p = torch.softmax(logits, -1)
         entropies += (-(p * p.log()).sum(-1)).tolist()
         zs += torch.logsumexp(logits, -1).square().tolist()
-        idx = layer.last_routing.topk_idx_TK
+        idx = event.routing.topk_idx_TK
         routed += torch.bincount(idx.flatten(), minlength=5).double()
-        tokens += layer.last_plan.counts_E.double()
+        tokens += event.plan.counts_E.double()
         hit = torch.zeros(T, 5, dtype=torch.float64).scatter(1, idx, 1.0)
         co += hit.t() @ hit
     r = layer.report()

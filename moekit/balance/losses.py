@@ -28,6 +28,7 @@ token is left out of the per-sequence means. Without ``valid_T`` no extra op run
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -109,22 +110,53 @@ def switch_aux_loss(routing: Routing, num_experts: int, convention: str = "moeki
     raise ValueError(f"aux_loss_convention={convention!r} is not known")
 
 
+@dataclass
+class PooledSums:
+    """One layer's share of a loss pooled over layers (the ``mixtral`` convention).
+
+    counts_E   (E,) top-k picks of the plain scores per expert, over the valid tokens (no gradient).
+    scores_E   (E,) sum over the valid tokens of the normalized scores (differentiable).
+    tokens     number of valid tokens (an int, or a 0-dim tensor when a token mask was given).
+    """
+
+    counts_E: torch.Tensor
+    scores_E: torch.Tensor
+    tokens: torch.Tensor | int
+
+
+def mixtral_sums(routing: Routing, num_experts: int, valid_T: torch.Tensor | None = None) -> PooledSums:
+    """The per-expert sums ``pooled_mixtral_loss`` adds up over layers, for one token-choice routing."""
+    probs_TE = normalized_scores(routing)
+    w_T = token_weights(valid_T, probs_TE)
+    idx_TK = plain_topk(routing, routing.topk_idx_TK.shape[1])
+    counts_E = expert_counts(idx_TK, num_experts, probs_TE.dtype, w_T)
+    if w_T is None:
+        return PooledSums(counts_E, probs_TE.sum(dim=0), probs_TE.shape[0])
+    return PooledSums(counts_E, (probs_TE * w_T.unsqueeze(1)).sum(dim=0), w_T.sum())
+
+
+def pooled_mixtral_loss(sums: Sequence[PooledSums], num_experts: int) -> torch.Tensor:
+    """E * sum_i f_i * P_i with f and P taken over every layer's tokens at once (transformers'
+    load_balancing_loss_func): f_i = sum counts_i / n, P_i = sum scores_i / n, n all valid tokens."""
+    if not sums:
+        raise ValueError("pooled_mixtral_loss needs the sums of at least one layer")
+    counts_E = torch.stack([s.counts_E for s in sums]).sum(dim=0)
+    scores_E = torch.stack([s.scores_E for s in sums]).sum(dim=0)
+    n = sum(s.tokens for s in sums)
+    n = n.clamp_min(1.0) if isinstance(n, torch.Tensor) else max(n, 1)
+    return num_experts * (counts_E / n * (scores_E / n)).sum()
+
+
 def pooled_mixtral_aux_loss(routings: list[Routing], num_experts: int,
                             valid_Ts: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
     """transformers' load_balancing_loss_func: every layer's tokens pooled before f and P.
 
     ``valid_Ts`` gives each routing's token mask (its ``attention_mask`` flattened), or None."""
-    idx = torch.cat([plain_topk(r, r.topk_idx_TK.shape[1]) for r in routings], dim=0)
-    probs = torch.cat([normalized_scores(r) for r in routings], dim=0)
-    if valid_Ts is None or all(v is None for v in valid_Ts):
-        f_E = expert_counts(idx, num_experts, probs.dtype) / idx.shape[0]
-        return num_experts * (f_E * probs.mean(dim=0)).sum()
+    if valid_Ts is None:
+        valid_Ts = [None] * len(routings)
     if len(valid_Ts) != len(routings):
         raise ValueError(f"got {len(valid_Ts)} token masks for {len(routings)} routings")
-    w_T = torch.cat([torch.ones(r.num_tokens, dtype=probs.dtype, device=probs.device) if v is None
-                     else token_weights(v, r.logits_TE).to(probs.dtype) for r, v in zip(routings, valid_Ts)])
-    f_E = expert_counts(idx, num_experts, probs.dtype, w_T) / num_valid(idx, w_T)
-    return num_experts * (f_E * token_mean(probs, w_T)).sum()
+    return pooled_mixtral_loss([mixtral_sums(r, num_experts, v) for r, v in zip(routings, valid_Ts)], num_experts)
 
 
 def z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:

@@ -51,13 +51,13 @@ def run(args: argparse.Namespace) -> int:
     layer.eval()
     layer.reset_stats()
     x, _, c = batch(2048)
-    with torch.no_grad():
+    with torch.no_grad(), moekit.capture_routing(layer) as cap:
         layer(x)
     report = moekit.routing_report(layer)["MoE"]
     print("utilisation per expert:", " ".join(f"{u:.2f}" for u in report.utilization))
     print(f"routing entropy {report.mean_entropy:.2f} nats (max {report.max_entropy:.2f}), "
           f"max/mean load {report.max_over_mean_load:.2f}, dropped {report.dropped_fraction:.1%}")
-    idx = layer.last_routing.topk_idx_TK if layer.last_routing.topk_idx_TK is not None else None
+    idx = cap.last().routing.topk_idx_TK
     if idx is not None:
         for k in range(clusters):
             counts = torch.bincount(idx[c == k].flatten(), minlength=E)

@@ -19,15 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model_ops import moe_layers
+from ..model_ops import capture_routing, moe_layers
 
 
 def _routes(model: nn.Module, ids_BS: torch.Tensor) -> dict[str, torch.Tensor]:
-    model(ids_BS)
+    with capture_routing(model) as cap:
+        model(ids_BS)
     out = {}
-    for name, layer in moe_layers(model):
-        r = layer.last_routing
-        if r is None or r.topk_idx_TK is None:
+    for name in cap.names:
+        r = cap.last(name).routing
+        if r.topk_idx_TK is None:
             raise ValueError(f"{name}: routing comparison needs a token-choice router")
         order_TK = r.topk_weight_TK.argsort(dim=-1, descending=True)
         out[name] = r.topk_idx_TK.gather(1, order_TK)
@@ -111,11 +112,12 @@ def per_expert_loss(model: nn.Module, batches: Iterable[Any]) -> dict[str, dict[
                "w_n": torch.zeros(l.num_experts, dtype=torch.float64)} for n, l in layers}
     try:
         for b in batches:
-            logits_BSV = model(b.input_ids)
+            with capture_routing(model) as cap:
+                logits_BSV = model(b.input_ids)
             nll_T = F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]).float(), b.targets.reshape(-1),
                                     reduction="none").double()
-            for name, layer in layers:
-                r = layer.last_routing
+            for name, _ in layers:
+                r = cap.last(name).routing
                 idx_TK, w_TK = r.topk_idx_TK, r.topk_weight_TK.double()
                 top1_T = idx_TK.gather(1, w_TK.argmax(dim=1, keepdim=True)).squeeze(1)
                 a = acc[name]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..model_ops import moe_layers
+from ..model_ops import capture_routing, moe_layers
 
 # 12 distinguishable xterm-256 colours (expert e uses PALETTE[e % 12]) and their RGB for HTML.
 PALETTE = [196, 33, 40, 214, 129, 45, 202, 93, 118, 220, 27, 161]
@@ -84,13 +84,14 @@ def explain_ids(model: nn.Module, ids_S: list[int], tokenizer: Any | None = None
     was_training = model.training
     model.eval()
     try:
-        model(torch.tensor([ids_S], dtype=torch.long))
+        with capture_routing(model) as cap:
+            model(torch.tensor([ids_S], dtype=torch.long))
     finally:
         model.train(was_training)
     experts, weights = [], []
-    for name, layer in layers:
-        routing = layer.last_routing
-        if routing is None or routing.topk_idx_TK is None:
+    for name, _ in layers:
+        routing = cap.last(name).routing
+        if routing.topk_idx_TK is None:
             raise ValueError(f"{name}: explain needs a token-choice router")
         order_TK = routing.topk_weight_TK.argsort(dim=-1, descending=True)
         experts.append(routing.topk_idx_TK.gather(1, order_TK).tolist())

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from ..layer import MoE
-from ..router import Routing
 from .blocks import family_of, moe_from_hf_block
 
 def router_logit_collector() -> Any:
@@ -46,17 +45,14 @@ class PatchedMoE(MoE):
     collector: Any = None
 
     def forward(self, x: torch.Tensor) -> Any:  # type: ignore[override]
-        out = super().forward(x)
-        if self.returns_tuple:
-            assert self.last_routing is not None and self.last_routing.topk_weight_TK is not None
-            return out, self.last_routing.topk_weight_TK.to(out.dtype)
-        return out
-
-    def _record(self, routing: Routing, plan: Any, batch: int, valid_T: torch.Tensor | None = None) -> None:
-        super()._record(routing, plan, batch, valid_T)
+        out, routing = self.forward_with_routing(x)
         collected = None if self.collector is None else self.collector.get()
         if collected is not None and "router_logits" in collected:
             collected["router_logits"].append(routing.logits_TE)
+        if self.returns_tuple:
+            assert routing.topk_weight_TK is not None
+            return out, routing.topk_weight_TK.detach().to(out.dtype)
+        return out
 
 
 def text_config(hf_config: Any) -> Any:

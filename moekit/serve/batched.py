@@ -209,7 +209,7 @@ def decode_step(model: LM, tokens_B: torch.Tensor, caches: list[KVCache]) -> tor
 def prefill_step(model: LM, prompts: list[torch.Tensor], caches: list[KVCache]) -> tuple[torch.Tensor, list[int]]:
     """Feed each row's new tokens (``prompts[b]``, shape (S_b,) long) after its cache, all rows packed
     into one sequence. Returns (logits of each row's last new token (B, V) float32, the packed index
-    of each row's last token, i.e. its row in the MoE layers' ``last_routing``).
+    of each row's last token, i.e. its row in the routing ``moekit.capture_routing`` records).
 
     As with ``decode_step``, cache lengths advance only when the whole step succeeds.
     """

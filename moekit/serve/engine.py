@@ -26,6 +26,7 @@ Shape legend: B running sequences, S prompt length, V vocabulary, K top-k.
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import logging
 import random
@@ -41,7 +42,7 @@ from ..config_base import Config, check, spec
 from ..layer import ExpertNonFiniteError, MoE
 from ..lm.generate import sample_next
 from ..lm.model import LM, KVCache
-from ..model_ops import moe_layers
+from ..model_ops import capture_routing, moe_layers
 from .batched import KVPool, SlotCache, can_batch, decode_step, prefill_step, truncate_cache
 from .text import stop_ids, stream_decoder
 
@@ -153,6 +154,9 @@ class Engine:
         self.metrics = metrics
         self.device = next(model.parameters()).device
         self.layers: dict[str, MoE] = dict(moe_layers(model))
+        # (T, K) expert ids per layer of the last forward, captured when one of its requests traces
+        # or records routing (moekit.capture_routing; the layers keep no routing themselves).
+        self._last_topk: dict[str, torch.Tensor | None] = {}
         self.quarantined: dict[str, set[int]] = {name: set() for name in self.layers}
         self.batchable = can_batch(model)
         self.counts = {"requests": 0, "rejected": 0, "cancelled": 0, "errors": 0, "tokens_generated": 0,
@@ -499,9 +503,14 @@ class Engine:
     def _guarded(self, reqs: list[GenRequest], forward: Callable[[], Any]) -> Any | None:
         """Run a forward pass; quarantine experts that produce NaN/Inf and retry; on any other error
         fail ``reqs`` (the other requests keep running). None when the requests failed."""
+        want_routing = any(r.trace or r.record_routing for r in reqs)
         for _ in range(1 + sum(layer.num_experts for layer in self.layers.values())):
             try:
-                return forward()
+                with capture_routing(self.model) if want_routing else contextlib.nullcontext() as cap:
+                    out = forward()
+                self._last_topk = {} if cap is None else {
+                    name: events[-1].routing.topk_idx_TK for name, events in cap.events.items() if events}
+                return out
             except ExpertNonFiniteError as err:
                 for r in reqs:
                     if r.cache is not None:
@@ -537,20 +546,17 @@ class Engine:
 
     def _trace(self, row: int) -> dict[str, list[int]]:
         """Top-k expert ids per MoE layer for token row ``row`` of the last forward pass."""
-        trace = {}
-        for name, layer in self.layers.items():
-            routing = layer.last_routing
-            if routing is not None and routing.topk_idx_TK is not None:
-                trace[name] = routing.topk_idx_TK[row].tolist()
-        return trace
+        return {name: idx_TK[row].tolist() for name, idx_TK in self._last_topk.items() if idx_TK is not None}
 
     def _record_rows(self, req: GenRequest, last: int, n: int) -> None:
         """With ``req.record_routing``, keep the experts of the last forward's rows last-n+1..last."""
         if not req.record_routing:
             return
         rows = []
-        for layer in self.layers.values():
-            idx_TK = layer.last_routing.topk_idx_TK
+        for name in self.layers:
+            idx_TK = self._last_topk[name]
+            if idx_TK is None:
+                raise ValueError(f"{name}: record_routing needs a token-choice router (it has expert choice)")
             end = last % idx_TK.shape[0] + 1
             rows.append(idx_TK[end - n:end].to(torch.int32))
         req.routing_rows.append(torch.stack(rows).cpu())

@@ -10,14 +10,14 @@ Shape legend: B batch, S sequence, V vocabulary, T tokens (B*S), K top-k, E expe
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ..data.batches import Batch
-from ..model_ops import moe_layers, reset_routing_stats, routing_report
+from ..model_ops import capture_routing, moe_layers, reset_routing_stats, routing_report
 
 EVAL_ROUTING_KEYS = ("utilization", "dropped_fraction", "mean_entropy", "max_entropy", "max_over_mean_load",
                      "dead_experts")
@@ -52,7 +52,7 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[Batch], label_nam
     by_label_NE = {name: torch.zeros(n_labels, layer.num_experts, dtype=torch.float64, device=device)
                    for name, layer in layers}
     try:
-        with routing_stats_set_aside(model):
+        with routing_stats_set_aside(model), capture_routing(model) if routing_by_label else nullcontext() as cap:
             for b in batches:
                 b = b.to(device)
                 with autocast():
@@ -62,15 +62,16 @@ def evaluate_batches(model: torch.nn.Module, batches: Iterable[Batch], label_nam
                 labels_T = b.labels.reshape(-1)
                 loss_sum_N.index_add_(0, labels_T, nll_T)
                 count_N.index_add_(0, labels_T, torch.ones_like(nll_T))
-                if routing_by_label:
+                if cap is not None:
                     for name, layer in layers:
-                        idx_TK = layer.last_routing.topk_idx_TK if layer.last_routing is not None else None
+                        idx_TK = cap.last(name).routing.topk_idx_TK
                         if idx_TK is None:
                             continue
                         K = idx_TK.shape[1]
                         flat = labels_T.repeat_interleave(K) * layer.num_experts + idx_TK.reshape(-1)
                         by_label_NE[name].view(-1).index_add_(0, flat, torch.ones(flat.shape, dtype=torch.float64,
                                                                                   device=device))
+                    cap.clear()  # keep one batch's routing at a time
             eval_routing = {name: r.to_dict() for name, r in routing_report(model, warn=False).items()}
     finally:
         model.train(was_training)
