@@ -56,9 +56,11 @@ class DemoMoE:
     ``balance``: "aux" (the Switch load-balancing loss, ``aux_loss_coef``) or "bias" (DeepSeek-V3's
     aux-loss-free per-expert bias, ``bias_update_rate``). ``lr``/``warmup_steps`` None: dense's."""
 
-    num_experts: int = 16
-    top_k: int = 4
-    shared_experts: int = 0
+    # 64 experts of hidden 64, top-7 + 1 shared: the best equal-token loss of the sweep in
+    # docs/training.md ("Choosing the MoE").
+    num_experts: int = 64
+    top_k: int = 7
+    shared_experts: int = 1
     balance: str = "aux"
     aux_loss_coef: float = 0.01
     bias_update_rate: float = 1e-3
