@@ -288,7 +288,13 @@ class MoE(nn.Module):
         elif not again:
             self.aux_loss, self.last_losses = routing.logits_TE.new_zeros(()), {}
             self.pooled_loss_sums = None
-        if self._routing_hooks and not again:
+        if not again:
+            self._run_routing_hooks(routing, plan, lead, valid_T)
+
+    def _run_routing_hooks(self, routing: Routing, plan: DispatchPlan, lead: tuple[int, ...],
+                           valid_T: torch.Tensor | None = None) -> None:
+        """Hand one counted forward to the routing hooks (a subclass with its own forward calls this)."""
+        if self._routing_hooks:
             event = RoutingEvent(_detached(routing), _detached_plan(plan), lead, valid_T)
             for hook in list(self._routing_hooks.values()):
                 hook(self, event)

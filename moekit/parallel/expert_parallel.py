@@ -164,6 +164,7 @@ class ExpertParallelMoE(MoE):
         batch = math.prod(shape[:-2]) if len(shape) >= 3 else 1
         with self._phase("losses_stats"):
             self._record_global(routing, plan, batch)
+        self._run_routing_hooks(routing, plan, tuple(shape[:-1]))  # moekit.capture_routing
         return out_TD.view(shape)
 
     def _local_plan(self, routing: Routing) -> DispatchPlan:
