@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 import moekit
 from moekit import MoE, moe_config
@@ -219,3 +219,29 @@ def test_pooled_mixtral_sums_match_a_float64_reference_with_padding():
     want = E * (f_E / keep.sum() * probs.mean(0)).sum()
     torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
     torch.testing.assert_close(L.pooled_mixtral_aux_loss(routings, E, masks), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_patched_hf_model_under_transformers_gradient_checkpointing_counts_once(reentrant):
+    """transformers' gradient_checkpointing_enable wraps each decoder layer in torch.utils.checkpoint."""
+    pytest.importorskip("transformers")
+    from moekit.hf.testing import tiny_hf_model
+
+    plain, ckpt = tiny_hf_model("qwen3_moe"), tiny_hf_model("qwen3_moe")
+    for model in (plain, ckpt):
+        moekit.patch_model(model)
+        model.train()
+    ckpt.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    # Without early stop the non-reentrant recomputation runs each layer to its end (with it, the
+    # recomputation may stop before the statistics; either way nothing may count twice).
+    with warnings.catch_warnings(), set_checkpoint_early_stop(False):
+        warnings.simplefilter("ignore", UserWarning)  # the reentrant mode's balancing-loss warning
+        for model in (plain, ckpt):
+            model(ids, labels=ids).loss.backward()
+    want, got = moekit.routing_report(plain, warn=False), moekit.routing_report(ckpt, warn=False)
+    assert list(got) == list(want) and len(want) >= 2
+    for name in want:
+        assert got[name].forward_passes == want[name].forward_passes == 1
+        assert got[name].tokens_per_expert == want[name].tokens_per_expert
+        assert got[name].coactivation == want[name].coactivation
