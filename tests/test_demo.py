@@ -5,7 +5,8 @@ import torch
 
 from moekit.cli import main
 from moekit.cli.demo import (DemoMoE, compare, demo_configs, first_reach, interpolate, label_entropy,
-                             label_expert_mi, plain_words, run_demo, seed_statistics, specialisation)
+                             label_expert_mi, plain_words, run_demo, seed_statistics, specialisation,
+                             STORED_SEED_SPREAD)
 from moekit.config import ConfigError
 
 
@@ -128,6 +129,10 @@ def test_seed_statistics_and_plain_words_follow_the_numbers():
     assert stats["mean_gain"] == pytest.approx(0.205) and stats["beyond_noise"] is True
     close = seed_statistics([(run(0, 2.00), run(0, 1.99)), (run(1, 2.05), run(1, 2.04))], "small")
     assert close["beyond_noise"] is False
+    # One seed: the spread stored for the size (the larger of its two decides), named as stored.
+    one = seed_statistics([(run(0, 2.00), run(0, 1.99))], "small")
+    assert one["spread"] == STORED_SEED_SPREAD["small"] and one["spread_source"].startswith("stored")
+    assert one["beyond_noise"] is (0.01 > max(STORED_SEED_SPREAD["small"].values()))
     comparison = {"equal_tokens": {"tokens": 1000, "relative": -0.1},
                   "moe_reaches_dense_final_loss": {"fraction_of_dense_time": 0.75},
                   "tokens_per_s": {"moe_over_dense": 0.8}}
