@@ -9,6 +9,13 @@ timed in one process, on the same weights:
   moekit_inplace          the same model after patch_model (moekit dispatch, stats, finite checks).
   moekit_inplace_nocheck  patch_model(check_finite=False): no host sync on the finite checks.
   moekit_lm               the checkpoint converted by from_hf, generating with moekit.lm.generate.
+With ``--quantize int8`` three more rows of moekit's LM (moekit.experts.quantize_experts, applied after
+loading as ``moekit convert --dtype ... --quantize int8`` does):
+  moekit_lm_bf16          the whole LM cast to bfloat16.
+  moekit_lm_int8          experts weight-only int8 (per-channel scales), the rest float32.
+  moekit_lm_int8_bf16     cast to bfloat16, then experts int8 (bf16 activations: decode rows take
+                          ATen's int8 x bf16 kernel).
+Each of these also records its logits' relative error (Frobenius) against moekit_lm on the prompt.
 Prefill: tokens/s of one forward over a (B, S) prompt. Decode: new tokens/s of greedy KV-cache
 generation, (B * (N - 1)) / (time(N new tokens) - time(1 new token)), so prefill is excluded.
 Variants are timed in interleaved rounds (each round runs every variant once, after one
@@ -22,6 +29,7 @@ writes benchmarks/results/hf_generate.json.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -34,6 +42,7 @@ import torch
 
 import moekit
 from moekit.hf import from_hf, patch_model, unpatch_model
+from moekit.experts import quantize_experts
 from moekit.hf.testing import randomize_
 from moekit.lm import generate as lm_generate
 
@@ -96,6 +105,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 keeps timings steady on a machine "
                              "shared with other jobs, where idle OpenMP threads spin while a partner is descheduled")
+    parser.add_argument("--dim", type=int, default=None, help="model dim (default 256, 128 with --quick)")
+    parser.add_argument("--expert-hidden", type=int, default=None, help="expert hidden size (default dim / 2)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 4, 2 with --quick)")
+    parser.add_argument("--quantize", choices=("int8",), default=None,
+                        help="add moekit LM rows in bf16, int8 experts, and int8 experts with bf16 activations")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hf_generate.json"))
     args = parser.parse_args()
 
@@ -104,6 +118,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dim, layers, hidden = (128, 2, 64) if args.quick else (256, 4, 128)
+    dim, layers = args.dim or dim, args.layers or layers
+    hidden = args.expert_hidden or (dim // 2 if args.dim else hidden)
     prompt_len, new = (32, 24) if args.quick else (args.prompt, args.new)
     config = transformers.Qwen3MoeConfig(
         vocab_size=2048, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4,
@@ -143,6 +159,20 @@ def main() -> None:
         model.save_pretrained(folder)
         lm = from_hf(folder, check_finite=False).to(args.device)
     variants.append(Variant("moekit_lm", lambda: lm(ids), lambda n: lm_generate(lm, ids, n)))
+    logits_err: dict[str, float] = {}
+    if args.quantize is not None:
+        with torch.no_grad():
+            ref_logits = lm(ids).double()
+            for name, dtype, quantize in (("moekit_lm_bf16", torch.bfloat16, None),
+                                          (f"moekit_lm_{args.quantize}", None, args.quantize),
+                                          (f"moekit_lm_{args.quantize}_bf16", torch.bfloat16, args.quantize)):
+                other = copy.deepcopy(lm)
+                if dtype is not None:
+                    other.to(dtype)
+                if quantize is not None:
+                    quantize_experts(other, quantize)
+                logits_err[name] = float((other(ids).double() - ref_logits).norm() / ref_logits.norm())
+                variants.append(Variant(name, lambda m=other: m(ids), lambda n, m=other: lm_generate(m, ids, n)))
     load_before = os.getloadavg()
     with torch.no_grad():
         for _ in range(args.repeats + 1):
@@ -170,13 +200,15 @@ def main() -> None:
         r["prefill_vs_hf_best"] = r["prefill_tok_s"] / base_prefill
         r["decode_vs_hf_best"] = r["decode_tok_s"] / base_decode
         r["same_tokens_as_hf_best"] = same[name]
+        if name in logits_err:
+            r["logits_rel_err_vs_moekit_lm"] = logits_err[name]
         print(f"{name:24s} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.1f} {r['prefill_vs_hf_best']:10.2f} "
               f"{r['decode_vs_hf_best']:9.2f} {same[name]}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"config": {"dim": dim, "layers": layers, "experts": args.experts, "top_k": args.top_k,
                          "expert_hidden": hidden, "batch": args.batch, "prompt": prompt_len, "new": new,
-                         "repeats": args.repeats},
+                         "repeats": args.repeats, "quantize": args.quantize},
               "env": {"torch": torch.__version__, "transformers": transformers.__version__,
                       "threads": torch.get_num_threads(), "device": args.device,
                       "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
