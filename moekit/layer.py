@@ -133,6 +133,18 @@ class MoE(nn.Module):
         # in place of the router's top-k; the weights still come from the router's scores.
         self.replay_topk_idx: torch.Tensor | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles hold the last forward's losses detached: a copy must not share (or try to
+        deep-copy) the autograd graph of the forward that made them."""
+        state = super().__getstate__()
+        state["aux_loss"] = self.aux_loss.detach()
+        state["last_losses"] = {k: v.detach() if isinstance(v, torch.Tensor) else v
+                                for k, v in self.last_losses.items()}
+        sums = self.pooled_loss_sums
+        if sums is not None:
+            state["pooled_loss_sums"] = dataclasses.replace(sums, scores_E=sums.scores_E.detach())
+        return state
+
     @staticmethod
     def _build_experts(cfg: MoEConfig, experts: Sequence[nn.Module] | nn.Module | None) -> nn.Module:
         if experts is None:

@@ -245,3 +245,16 @@ def test_patched_hf_model_under_transformers_gradient_checkpointing_counts_once(
         assert got[name].forward_passes == want[name].forward_passes == 1
         assert got[name].tokens_per_expert == want[name].tokens_per_expert
         assert got[name].coactivation == want[name].coactivation
+
+
+def test_a_layer_deep_copies_after_a_training_forward():
+    """The losses a training forward keeps on the layer hold its graph; a copy gets them detached."""
+    layer = MoE(dim=16, num_experts=4, expert_hidden=16, top_k=2, aux_loss_convention="mixtral",
+                aux_loss_coef=0.01, z_loss_coef=1e-3).train()
+    y = layer(torch.randn(2, 5, 16))
+    clone = copy.deepcopy(layer)
+    assert clone.aux_loss.grad_fn is None and clone.pooled_loss_sums.scores_E.grad_fn is None
+    assert all(v.grad_fn is None for v in clone.last_losses.values() if isinstance(v, torch.Tensor))
+    torch.testing.assert_close(clone.aux_loss, layer.aux_loss.detach())
+    (y.sum() + moekit.aux_loss(layer)).backward()   # the original keeps its graph
+    assert any(p.grad is not None for p in layer.router.parameters())
