@@ -255,3 +255,36 @@ def test_unknown_scheme_in_file_is_a_checkpoint_error(saved, tmp_path: Path) -> 
     save_file(load_file(path), str(path), metadata={"format": "pt", "moekit.quantize": "int3"})
     with pytest.raises(CheckpointError, match=r"model\.safetensors: quantize='int3' is not one of"):
         load_moekit(tmp_path / "q")
+
+
+def test_served_int8_folder_matches_generate(tmp_path: Path) -> None:
+    """``moekit serve`` loads an int8 folder as it is; its batched decode (several requests in one
+    step) gives the tokens single-sequence ``generate`` gives with the same int8 model."""
+    import threading
+
+    from moekit.hf.convert import convert_folder
+    from moekit.hf.testing import tiny_tokenizer
+    from moekit.serve.engine import GenRequest, ServeLimits
+    from moekit.serve.server import load_engine
+
+    hf_dir = tmp_path / "hf"
+    tiny_hf_model("qwen3_moe", vocab_size=320).save_pretrained(hf_dir)
+    tiny_tokenizer(hf_dir, vocab_size=320)
+    convert_folder(hf_dir, tmp_path / "q8", quantize="int8")
+    engine = load_engine(tmp_path / "q8", ServeLimits(max_batch=4))
+    assert all(isinstance(layer.mlp.experts, Int8Experts) for layer in engine.model.layers)
+    prompts = [engine.tokenizer.encode(p) for p in ("The quick brown fox", "Le café est très", "日本語の")]
+    reqs = [GenRequest(prompt_ids=p, max_tokens=6, temperature=0.0) for p in prompts]
+    done = [threading.Event() for _ in reqs]
+    for r, d in zip(reqs, done):
+        r.on_event = lambda ev, d=d: d.set() if ev["type"] in ("done", "error") else None
+        engine.submit(r)
+    engine.start()
+    try:
+        assert all(d.wait(120) for d in done)
+    finally:
+        engine.stop()
+    model = load_moekit(tmp_path / "q8")
+    for p, r in zip(prompts, reqs):
+        want = generate(model, torch.tensor([p]), 6)[0, len(p):].tolist()
+        assert r.generated == want[:len(r.generated)] and len(r.generated) >= 1
