@@ -51,7 +51,7 @@ def cpu_info() -> dict:
                 flags = set(line.split(":", 1)[1].split())
             elif line.startswith("model name") and model is None:
                 model = line.split(":", 1)[1].strip()
-    from moekit.dispatch.kernels import cpu_kernels
+    from moekit.ops.kernels import cpu_kernels
 
     return {
         "cpu_model": model or platform.processor(),

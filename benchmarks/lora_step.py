@@ -41,7 +41,7 @@ from lm_step import DEMO, build, cpu_info  # noqa: E402
 
 from moekit import aux_loss  # noqa: E402
 from moekit.adapters import LoraConfig, apply_lora, count_lora_parameters  # noqa: E402
-from moekit.dispatch.run import _fused_weights  # noqa: E402
+from moekit.dispatch.run import kernel_weights  # noqa: E402
 from moekit.layer import MoE  # noqa: E402
 
 RANK = 8
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     for kind in kinds:
         model, params = variant(kind)
         layer = next(m for m in model.modules() if isinstance(m, MoE))
-        fused = _fused_weights(layer.experts, torch.zeros(1, DEMO["dim"])) is not None
+        fused = kernel_weights(layer.experts, torch.zeros(1, DEMO["dim"])) is not None
         trainable = sum(p.numel() for p in params)
         info[kind] = {"trainable_params": trainable, "adam_state_mib": round(2 * 4 * trainable / 2**20, 3),
                       "fused_path": fused}

@@ -34,7 +34,7 @@ moekit_unfused, hf_batched_mm, and hf_eager in forward+backward; every shape x d
 ``--device cuda`` runs bf16 at GPU sizes. ``--threads 1`` is the fair setting on a loaded machine
 (2-thread OpenMP regions stall on descheduled threads, which hurts many small products most).
 The JSON records the CPU flags, torch's CPU capability, threads, the OpenMP environment and
-moekit's run-time kernel probe (``moekit.dispatch.kernels``).
+moekit's run-time kernel probe (``moekit.ops.kernels``).
 Prints a table, writes JSON (rewritten after every shape, ``complete`` false until the end).
 """
 
@@ -137,7 +137,7 @@ def machine_info(device: str) -> dict:
         total = re.search(r"MemTotal:\s+(\d+)", mem.read_text())
         info["mem_total_gb"] = round(int(total.group(1)) / 2**20, 1) if total else None
     if device == "cpu":
-        from moekit.dispatch.kernels import cpu_kernels
+        from moekit.ops.kernels import cpu_kernels
         info["moekit_cpu_kernels"] = vars(cpu_kernels())  # native bf16, op latency, matmul rate
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)

@@ -26,9 +26,8 @@ LEVELS: list[set[str]] = [
     {"config"},                                     # MoEConfig and its parts
     {"router"},                                     # x_TD -> Routing
     {"balance"},                                    # losses of routing counts and scores
-    {"ops"},                                        # planned (issue 16 item 7): custom ops below dispatch/experts
-    {"dispatch"},                                   # Routing -> DispatchPlan, permute, grouped products, combine
-    {"experts"},                                    # experts(x_RD, counts_E) -> y_RD
+    {"ops"},                                        # kernels and custom ops, each with a reference and a benchmark
+    {"dispatch", "experts"},                        # Routing -> DispatchPlan -> run -> combine; experts(x_RD, counts_E)
     {"stats"},                                      # routing statistics kept on the layer
     {"layer"},                                      # MoE: the one forward
     {"model_ops", "reference"},                     # whole-model helpers over MoE layers; float64 reference
@@ -47,8 +46,6 @@ LEVEL = {unit: i for i, units in enumerate(LEVELS) for unit in units}
 
 # (importer, imported) -> why it is still there and what removes it.
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("dispatch", "experts"): "dispatch/run.py reads the stacked experts' weights for the fused path; "
-                             "the ops tier (issue 16 item 7) removes it",
     ("health", "train"): "health.mask_sweep loads a trained run and evaluates with the trainer; "
                          "the sweep belongs with explain/",
     ("health", "report"): "health.plot_mask_sweep draws with report.plots; it belongs with the sweep",
@@ -162,8 +159,8 @@ def test_the_checker_sees_lazy_and_string_imports(tmp_path):
     path = PACKAGE / "lm" / "config.py"
     found = {module for module, _ in _imports(path)}
     assert "moekit.lm.gpt_oss" in found and "moekit.config" in found
-    run_py = PACKAGE / "dispatch" / "run.py"
-    assert "moekit.experts.stacked" in {module for module, _ in _imports(run_py)}
+    export_py = PACKAGE / "hf" / "export.py"  # ``from ..lm.mla import ...`` inside a function
+    assert "moekit.lm.mla" in {module for module, _ in _imports(export_py)}
     assert _unit("moekit.__version__") == "__init__" and _unit("moekit.hf.convert") == "hf"
     assert not _is_module("moekit.routing_record") and _is_module("moekit.lm.gpt_oss")
     assert LEVEL["lm"] < LEVEL["hf"] and LEVEL["errors"] == 0

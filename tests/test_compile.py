@@ -13,7 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from moekit import MoE, moe_config
-from moekit.dispatch.fused import _fused_op
+from moekit.ops.fused import _fused_op
 
 D, E, F, K = 16, 4, 8, 2
 

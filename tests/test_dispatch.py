@@ -10,7 +10,7 @@ import torch
 
 from moekit.dispatch import (combine, grouped_matmul, permute, plan_expert_choice, plan_token_choice,
                              resolve_backend, run_experts, token_choice_capacity)
-from moekit.dispatch.grouped import fused_schedule
+from moekit.ops.grouped import fused_schedule
 from moekit.router import Routing
 
 E, K = 6, 3
@@ -138,8 +138,8 @@ def test_backend_resolution_on_cpu():
 def test_auto_schedule_follows_the_measured_loop_threshold(monkeypatch):
     """CPU float32 with backend auto: the op runs grouped below CPUKernels.loop_min_rows rows per
     expert and loop from it on, a threshold from the probe's op latency and product rate."""
-    from moekit.dispatch import kernels
-    from moekit.dispatch.grouped import resolve_schedule
+    from moekit.ops import kernels
+    from moekit.ops.grouped import resolve_schedule
 
     k = kernels.CPUKernels(capability="X", bf16_flags=False, native_bf16=False, threads=torch.get_num_threads(),
                            matmul_gflops=100.0, bf16_matmul_gflops=None, op_latency_us=10.0)
@@ -154,7 +154,7 @@ def test_auto_schedule_follows_the_measured_loop_threshold(monkeypatch):
 
 
 def test_cpu_probe_is_cached_and_consistent():
-    from moekit.dispatch.kernels import cpu_kernels
+    from moekit.ops.kernels import cpu_kernels
 
     k = cpu_kernels()
     assert cpu_kernels() is k and k.threads == torch.get_num_threads()

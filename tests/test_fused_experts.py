@@ -1,4 +1,4 @@
-"""The fused experts block (moekit.dispatch.fused) against references: a float64 per-row loop over
+"""The fused experts block (moekit.ops.fused) against references: a float64 per-row loop over
 ``expert_forward`` (independent of sorting and grouped products), and the plain composition
 permute -> experts.forward -> combine (``backend="reference"``). Outputs and every gradient (input,
 both expert weights, and the router logits through the combine weights), both schedules,
@@ -18,7 +18,7 @@ from doc_blocks import ROOT, python_blocks, run_blocks
 
 from moekit import MoE, moe_config
 from moekit.dispatch import plan_token_choice, run_experts
-from moekit.dispatch.fused import fused_experts
+from moekit.ops.fused import fused_experts
 from moekit.experts import MLPExperts, SwiGLUExperts
 from moekit.router import Routing
 
@@ -201,7 +201,7 @@ def test_fewer_rows_than_experts_matches_float64_loop(dtype):
     """Decode-sized: R = 6 rows over 32 experts (at least 26 empty), so the loop schedule reads
     only the non-empty experts' ids and counts. Output and every gradient (x, both weights, the
     combine weights) against a float64 per-row loop; empty experts get exactly zero gradient."""
-    from moekit.dispatch.fused import _nonempty_blocks
+    from moekit.ops.fused import _nonempty_blocks
 
     torch.manual_seed(0)
     T, Kd, Ee, Dd, Fd = 2, 3, 32, 16, 8
@@ -297,7 +297,7 @@ def test_decode_layer_output_equals_reference_backend():
 def test_bf16_blocks_with_and_without_native_bf16_products(native, monkeypatch):
     """Both CPU bf16 kernel choices (native bf16 products, or float32 compute stored back in bf16)
     give the float64 reference's output and gradients, whichever this CPU has."""
-    from moekit.dispatch import kernels
+    from moekit.ops import kernels
 
     found = kernels.cpu_kernels()
     monkeypatch.setitem(kernels._CACHE, torch.get_num_threads(),

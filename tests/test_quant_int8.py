@@ -1,4 +1,4 @@
-"""Weight-only int8 experts (moekit.dispatch.int8, moekit.experts.int8) against references.
+"""Weight-only int8 experts (moekit.ops.int8, moekit.experts.int8) against references.
 
 * Quantisation: |W - s q| <= s/2 per element, q in [-127, 127], the largest |W| of a channel at +-127.
 * Kernel exactness: the int8 layer equals the float layer built from the dequantised weights s * q
@@ -23,7 +23,7 @@ import torch
 
 from moekit import MoE, moe_config
 from moekit.dispatch import plan_token_choice, run_experts
-from moekit.dispatch.int8 import QMAX, dequantize, quantize_per_channel
+from moekit.ops.int8 import QMAX, dequantize, quantize_per_channel
 from moekit.experts import Int8Experts, MLPExperts, SwiGLUExperts, quantize_experts
 from moekit.router import Routing
 

@@ -20,7 +20,7 @@ hook that always runs removes it. The model code and the fused expert op run unc
 per-expert Python loop, and the unchanged op differentiates into W's gradient, from which autograd
 reaches A and B. ``torch.nn.utils.parametrize`` would compute the same thing, but it swaps the
 module's class for a generated subclass, and the fused path only takes ``SwiGLUExperts`` /
-``MLPExperts`` themselves (``moekit.dispatch.run``), so parametrized experts fall back to the
+``MLPExperts`` themselves (``SwiGLUExperts.fused_weights``), so parametrized experts fall back to the
 reference composition. Attention projections take the additive form y = x W^T + s (x A^T) B^T
 (a forward hook on the linear), which never forms W's gradient.
 

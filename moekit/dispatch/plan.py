@@ -38,7 +38,7 @@ class DispatchPlan:
     inverse_S     for token choice: the row of each slot t*K + j, R for a dropped slot; the combine
                   gathers each token's K rows back with it (deterministic, no atomics).
     topk_idx_TK, topk_weight_TK   for token choice: the routing's choices, for the sort-free
-                  decode path (``moekit.dispatch.fused.gather_experts``).
+                  decode path (``moekit.ops.fused.gather_experts``).
     """
 
     token_idx_R: torch.Tensor

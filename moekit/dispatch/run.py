@@ -1,12 +1,16 @@
 """Run experts on a dispatch plan: permute -> grouped expert products -> combine.
 
 This is the layer's hot path, behind one function so a fused implementation can replace it
-and tests can compare it with the plain composition. Stacked SwiGLU/MLP experts whose backend
-is not ``reference`` run through ``moekit.dispatch.fused``: the custom op (gather, both products,
-activation and combine, with a hand-written backward), or, when a dropless token-choice batch has
-few routed slots against the experts (decode), the sort-free gather path (``use_gather_path``).
-Weight-only int8 experts (``moekit.experts.int8``) run ``moekit.dispatch.int8``'s loop or gather
-kernel. Any other experts module, and ``backend="reference"``, run the plain composition.
+and tests can compare it with the plain composition. An experts module that has
+``fused_weights(x_TD)`` says itself which kernel runs it, by the weights it returns (dispatch
+never imports ``moekit.experts``; both build on ``moekit.ops``):
+  ``ops.fused.FusedWeights`` (stacked SwiGLU/MLP experts whose backend is not ``reference``): the
+      custom op ``moekit.ops.fused`` (gather, both products, activation and combine, with a
+      hand-written backward), or, when a dropless token-choice batch has few routed slots against
+      the experts (decode), the sort-free gather path (``use_gather_path``).
+  ``ops.int8.Int8Weights`` (weight-only int8 experts, ``moekit.experts.int8``): ``moekit.ops.int8``'s
+      loop or gather kernel.
+  None, or no such method (any other experts module, ``backend="reference"``): the plain composition.
 
 While a profiler runs, the MoE forward's stages are ``torch.profiler.record_function`` ranges
 (``stage``): moe.router, moe.dispatch, moe.experts, moe.combine (a fused path's permute and
@@ -22,10 +26,9 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from ..ops.fused import FusedWeights, fused_experts, gather_experts
+from ..ops.int8 import Int8Weights, int8_experts, int8_gather_experts
 from .combine import combine, permute
-from .fused import FUSED_ACTIVATIONS, fused_experts, gather_experts
-from .grouped import fused_schedule
-from .int8 import int8_experts, int8_gather_experts
 from .plan import DispatchPlan
 
 # Sort-free path: at most this many bytes of gathered expert weights (T*K copies of one expert's
@@ -61,30 +64,29 @@ def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
     check_rows, if given, sees the expert outputs (R, D) before they are combined (on the fused
     paths only when the combined output is not finite, which any non-finite expert row makes it).
     """
-    int8 = _int8_weights(experts)
-    if int8 is not None:  # weight-only int8 experts (moekit.experts.int8): inference kernels
+    weights = kernel_weights(experts, x_TD)
+    if isinstance(weights, Int8Weights):  # weight-only int8 experts: inference kernels
+        q1, s1, q2, s2, act, gated = weights
         with stage("experts"):
-            if use_gather_path(plan, int8[0], int8[2], x_TD):
-                out_TD = int8_gather_experts(x_TD, *int8, plan.topk_idx_TK, plan.topk_weight_TK, experts.activation,
-                                             experts.gated)
+            if use_gather_path(plan, q1, q2, x_TD):
+                out_TD = int8_gather_experts(x_TD, q1, s1, q2, s2, plan.topk_idx_TK, plan.topk_weight_TK, act, gated)
             else:
-                out_TD = int8_experts(x_TD, *int8, plan.weight_R, plan.token_idx_R, plan.counts_E, experts.activation,
-                                      experts.gated, plan.inverse_S)
+                out_TD = int8_experts(x_TD, q1, s1, q2, s2, plan.weight_R, plan.token_idx_R, plan.counts_E, act,
+                                      gated, plan.inverse_S)
         if check_rows is not None and not bool(torch.isfinite(out_TD).all()):
             check_rows(experts(permute(x_TD, plan), plan.counts_E), plan)
         return out_TD
-    fused = _fused_weights(experts, x_TD)
-    if fused is not None:
-        w1, w2, gated, schedule = fused
+    if isinstance(weights, FusedWeights):
+        w1, w2, act, gated, schedule = weights
         if use_gather_path(plan, w1, w2, x_TD):
             with stage("experts"):
-                out_TD = gather_experts(x_TD, w1, w2, plan.topk_idx_TK, plan.topk_weight_TK, experts.activation, gated)
+                out_TD = gather_experts(x_TD, w1, w2, plan.topk_idx_TK, plan.topk_weight_TK, act, gated)
             if check_rows is not None and not bool(torch.isfinite(out_TD).all()):
                 check_rows(experts(permute(x_TD, plan), plan.counts_E), plan)
             return out_TD
         with stage("experts"):
-            out_TD, y_RD = fused_experts(x_TD, w1, w2, plan.weight_R, plan.token_idx_R, plan.counts_E,
-                                         experts.activation, gated, schedule, plan.inverse_S)
+            out_TD, y_RD = fused_experts(x_TD, w1, w2, plan.weight_R, plan.token_idx_R, plan.counts_E, act, gated,
+                                         schedule, plan.inverse_S)
         if check_rows is not None and not bool(torch.isfinite(out_TD).all()):
             check_rows(y_RD, plan)
         return out_TD
@@ -98,26 +100,13 @@ def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
         return combine(y_RD, plan, x_TD.dtype)
 
 
-def _int8_weights(experts: nn.Module) -> tuple[torch.Tensor, ...] | None:
-    from ..experts.int8 import Int8Experts
-
-    if not isinstance(experts, Int8Experts) or experts.backend == "reference":
+def kernel_weights(experts: nn.Module, x_TD: torch.Tensor) -> FusedWeights | Int8Weights | None:
+    """What ``experts.fused_weights(x_TD)`` returns, or None for a module without that method."""
+    fused_weights = getattr(experts, "fused_weights", None)
+    if fused_weights is None:
         return None
-    return experts.int8_weights()
-
-
-def _fused_weights(experts: nn.Module, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool, str] | None:
-    from ..experts.stacked import MLPExperts, SwiGLUExperts
-
-    if type(experts) is SwiGLUExperts:
-        w1, gated = experts.gate_up_proj, True
-    elif type(experts) is MLPExperts:
-        w1, gated = experts.up_proj, False
-    else:
-        return None
-    if experts.activation not in FUSED_ACTIVATIONS:
-        return None
-    schedule = fused_schedule(experts.backend, x_TD, (x_TD.shape[-1], w1.shape[1], experts.down_proj.shape[-1]))
-    if schedule is None:
-        return None
-    return w1, experts.down_proj, gated, schedule
+    weights = fused_weights(x_TD)
+    if weights is not None and not isinstance(weights, (FusedWeights, Int8Weights)):
+        raise TypeError(f"{type(experts).__name__}.fused_weights returned {type(weights).__name__}; expected "
+                        f"moekit.ops.FusedWeights, moekit.ops.Int8Weights or None")
+    return weights

@@ -7,8 +7,8 @@ Quantisation is applied to a plain float model after loading, as gpt-fast does: 
 ``SwiGLUExperts`` / ``MLPExperts`` is replaced by an ``Int8Experts`` holding int8 buffers under the
 same names (``gate_up_proj`` (E, 2F, D) or ``up_proj`` (E, F, D), ``down_proj`` (E, D, F)) plus
 float32 per-output-channel scales (``gate_up_proj_scale`` (E, U), ``down_proj_scale`` (E, D)); the
-scheme is ``moekit.dispatch.int8``'s. The layer's expert path (``moekit.dispatch.run``) sends
-``Int8Experts`` to the int8 kernels; ``forward`` here is the plain reference (one expert's block
+scheme is ``moekit.ops.int8``'s. The layer's expert path (``moekit.dispatch.run``) sends
+``Int8Experts`` to the int8 kernels (through ``fused_weights``); ``forward`` here is the plain reference (one expert's block
 dequantised at a time, the same products as the float experts), which ``backend="reference"``
 runs. Inference only: the weights are buffers and any backward through them raises.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..dispatch.int8 import SCHEMES, dequantize, quantize_per_channel
+from ..ops.int8 import SCHEMES, Int8Weights, dequantize, quantize_per_channel
 from .activations import get_activation
 from .stacked import MLPExperts, SwiGLUExperts
 
@@ -69,6 +69,12 @@ class Int8Experts(nn.Module):
         """(q1_EUD int8, s1_EU, q2_EDF int8, s2_ED)."""
         return (getattr(self, self.w1_name), getattr(self, f"{self.w1_name}_scale"), self.down_proj,
                 self.down_proj_scale)
+
+    def fused_weights(self, x_TD: torch.Tensor) -> Int8Weights | None:
+        """The int8 kernels' inputs (``moekit.ops.int8``), or None for ``backend="reference"``."""
+        if self.backend == "reference":
+            return None
+        return Int8Weights(*self.int8_weights(), self.activation, self.gated)
 
     def to_float(self, dtype: torch.dtype = torch.float32) -> SwiGLUExperts | MLPExperts:
         """The float experts module with the dequantised weights (s * q): what this module computes."""

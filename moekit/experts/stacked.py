@@ -6,6 +6,8 @@ Weights use the Hugging Face transformers v5 layout, so checkpoints map without 
   *.down_proj (E, D, F).
 Every experts module has the same narrow interface: forward(x_RD, counts_E) -> y_RD, where the
 rows of x are grouped by expert in order and counts_E[e] is the size of expert e's block.
+``fused_weights(x_TD)`` hands ``moekit.dispatch.run`` the fused op's inputs (``moekit.ops.fused``),
+or None where this module runs the plain composition; any experts module may define it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import math
 import torch
 from torch import nn
 
-from ..dispatch.grouped import grouped_matmul
+from ..ops.fused import FUSED_ACTIVATIONS, FusedWeights
+from ..ops.grouped import fused_schedule, grouped_matmul
 from .activations import get_activation
 
 
@@ -47,6 +50,11 @@ class SwiGLUExperts(nn.Module):
         gate_NF, up_NF = (x_ND @ self.gate_up_proj[e].t().to(x_ND.dtype)).chunk(2, dim=-1)
         return (self.act(gate_NF) * up_NF) @ self.down_proj[e].t().to(x_ND.dtype)
 
+    def fused_weights(self, x_TD: torch.Tensor) -> FusedWeights | None:
+        """The fused op's inputs for tokens like x_TD, or None (backend ``reference``, an activation
+        without a fused form, or a subclass such as parametrize's, whose weights are not these)."""
+        return _fused_weights(self, SwiGLUExperts, self.gate_up_proj, True, x_TD)
+
 
 class MLPExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "gelu",
@@ -70,3 +78,18 @@ class MLPExperts(nn.Module):
 
     def expert_forward(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
         return self.act(x_ND @ self.up_proj[e].t().to(x_ND.dtype)) @ self.down_proj[e].t().to(x_ND.dtype)
+
+    def fused_weights(self, x_TD: torch.Tensor) -> FusedWeights | None:
+        """The fused op's inputs for tokens like x_TD, or None (see ``SwiGLUExperts.fused_weights``)."""
+        return _fused_weights(self, MLPExperts, self.up_proj, False, x_TD)
+
+
+def _fused_weights(experts: SwiGLUExperts | MLPExperts, cls: type, w1_EUD: torch.Tensor, gated: bool,
+                   x_TD: torch.Tensor) -> FusedWeights | None:
+    if type(experts) is not cls or experts.activation not in FUSED_ACTIVATIONS:
+        return None
+    widths = (x_TD.shape[-1], w1_EUD.shape[1], experts.down_proj.shape[-1])
+    schedule = fused_schedule(experts.backend, x_TD, widths)
+    if schedule is None:
+        return None
+    return FusedWeights(w1_EUD, experts.down_proj, experts.activation, gated, schedule)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ..dispatch.grouped import grouped_matmul
+from ..ops.grouped import grouped_matmul
 from .config import LMConfig
 from .model import Cache, NoCache, apply_rotary, attend_visible, causal_mask
 from .rope import rotary_inv_freq

@@ -22,7 +22,7 @@ Two schedules share the math:
   ``grouped``  whole-batch passes with torch.nn.functional.grouped_mm (CPU float32, CUDA bf16).
   ``loop``     one expert block at a time with torch.mm, products written straight into the
                (R, .) buffers.
-  ``auto``     resolved inside the op at run time (``moekit.dispatch.kernels``): loop where the
+  ``auto``     resolved inside the op at run time (``moekit.ops.kernels``): loop where the
                measured per-op latency is small against a block's product time, else grouped.
 On CPU, half-precision blocks run natively where the CPU has bf16 dot products (measured by
 ``cpu_kernels``), else in float32 and stored back in the input dtype, except blocks of at most
@@ -36,12 +36,26 @@ The plain composition (permute -> experts.forward -> combine) stays the referenc
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from .grouped import compute_dtype, resolve_schedule
+from .permute import token_sum as _token_sum
 
 SCHEDULES = ("grouped", "loop", "auto")
+
+
+class FusedWeights(NamedTuple):
+    """What a stacked experts module hands the fused path (``experts.fused_weights(x_TD)``, read by
+    ``moekit.dispatch.run``): the op's weights and settings, so dispatch never imports experts."""
+
+    w1_EUD: torch.Tensor   # gate_up_proj (E, 2F, D) when gated, else up_proj (E, F, D)
+    w2_EDF: torch.Tensor   # down_proj (E, D, F)
+    activation: str        # one of FUSED_ACTIVATIONS
+    gated: bool
+    schedule: str          # one of SCHEDULES
 
 
 def _act_forward(h_RU: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
@@ -87,18 +101,6 @@ NATIVE_DTYPE_MAX_ROWS = 8
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _token_sum(v_RD: torch.Tensor, inverse_S: torch.Tensor | None, token_idx_R: torch.Tensor, T: int,
-               acc: torch.dtype) -> torch.Tensor:
-    """sum over each token's rows: (R, D) -> (T, D) in acc. With inverse_S (S = T*K slots) the
-    rows are gathered back in slot order and summed over K (deterministic, no atomics)."""
-    R, D = v_RD.shape
-    if inverse_S is None:
-        return torch.zeros(T, D, dtype=acc, device=v_RD.device).index_add_(0, token_idx_R, v_RD.to(acc))
-    if inverse_S.shape[0] != R:  # dropped slots point at an appended zero row
-        v_RD = torch.cat((v_RD, v_RD.new_zeros(1, D)))
-    return v_RD.index_select(0, inverse_S).view(T, -1, D).sum(1, dtype=acc)
 
 
 def _combine(y_RD, weight_R, inverse_S, token_idx_R, T):

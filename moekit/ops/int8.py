@@ -10,7 +10,7 @@ in [-127, 127], so |W - s q| <= s / 2 elementwise. Because the scale is per outp
 factors out of a product: x W_e^T = (x q_e^T) * s_e. The kernels below never hold a dequantised
 copy of all E experts:
 
-  ``int8_experts``         the loop schedule of ``moekit.dispatch.fused``: one expert block at a time;
+  ``int8_experts``         the loop schedule of ``moekit.ops.fused``: one expert block at a time;
                            the block's int8 weight is converted to the compute dtype, multiplied, and
                            the output scaled by s_e (so the dequantised weight is one expert's, once).
   ``int8_gather_experts``  the sort-free decode path: the chosen experts' int8 weights are gathered
@@ -35,6 +35,8 @@ so the kernel is written here with no new dependency.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .fused import FUSED_ACTIVATIONS, NATIVE_DTYPE_MAX_ROWS, _act_forward, _combine, _nonempty_blocks
@@ -42,6 +44,18 @@ from .grouped import compute_dtype
 
 QMAX = 127
 SCHEMES = ("int8",)
+
+
+class Int8Weights(NamedTuple):
+    """What int8 experts hand the int8 kernels (``experts.fused_weights(x_TD)``, read by
+    ``moekit.dispatch.run``): per-output-channel int8 weights and their float32 scales."""
+
+    q1_EUD: torch.Tensor   # int8 gate_up_proj (E, 2F, D) when gated, else up_proj (E, F, D)
+    s1_EU: torch.Tensor
+    q2_EDF: torch.Tensor   # int8 down_proj (E, D, F)
+    s2_ED: torch.Tensor
+    activation: str
+    gated: bool
 # torch._weight_int8pack_mm (ATen CPU, torch >= 2.3) for half-precision blocks of at most this many
 # rows. Measured on this project's CPU (AVX-512 BF16), one thread, one expert 1536 x 2048: 1 row
 # 0.16 ms vs 0.52 ms float32 and 0.52 ms bf16; at 4 rows even with bf16; at 32 rows 2.4x slower than

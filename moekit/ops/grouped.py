@@ -6,12 +6,12 @@ counts_E[1] rows use w[1], and so on. Backends:
   ``loop``        one torch.mm per expert over its contiguous block (no masks; reads counts on
                   the host). Used where grouped_mm is slow or missing (CPU bfloat16).
   ``reference``   the same as loop, kept as the name tests force to compare against; it also
-                  turns off the fused experts path (moekit.dispatch.fused), so the layer runs
+                  turns off the fused experts path (moekit.ops.fused), so the layer runs
                   the plain permute -> experts.forward -> combine composition.
 ``auto`` picks the fastest correct backend for the device and dtype. With ``grouped_mm`` or
 ``loop``, stacked SwiGLU/MLP experts run through the fused path with the same schedule; with
 ``auto`` on CPU in float32 the fused path picks loop or grouped at run time from the block sizes
-and the measured CPU (``resolve_schedule``, ``moekit.dispatch.kernels``).
+and the measured CPU (``resolve_schedule``, ``moekit.ops.kernels``).
 grouped_mm needs every row stride to be a multiple of 16 bytes; ``auto`` falls back to ``loop``
 for widths that are not (e.g. float32 widths not divisible by 4), an explicit ``grouped_mm``
 raises naming the width.
@@ -53,7 +53,7 @@ def resolve_backend(backend: str, x: torch.Tensor, widths: tuple[int, ...] = ())
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a block product runs in: on CPU, half-precision inputs run natively where the CPU
     has bf16 dot products (float16 never does here) and in float32 otherwise (several times
-    faster there); elsewhere the input's own dtype. See ``moekit.dispatch.kernels``."""
+    faster there); elsewhere the input's own dtype. See ``moekit.ops.kernels``."""
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
         if x.dtype == torch.bfloat16 and cpu_kernels().native_bf16:
             return torch.bfloat16

@@ -1,0 +1,35 @@
+"""Gather and scatter of expert rows: the pure tensor steps around the expert products.
+
+Shape letters (docs/architecture.md): T tokens, D model dim, K slots per token, S = T*K slots,
+R rows grouped by expert (R <= S).
+
+``gather_rows``  x_RD = x_TD[token_idx_R]: each row is a copy of its source token.
+``token_sum``    the inverse: (R, D) -> (T, D), the sum of each token's rows in an accumulation
+                 dtype. With inverse_S (slot t*K + j -> its row, R for a dropped slot) the rows are
+                 gathered back in slot order and summed over K: deterministic, no atomics. Without
+                 it (expert choice: a token has any number of rows) rows are added with ``index_add_``.
+The plan-aware wrappers are ``moekit.dispatch.permute`` / ``combine``; the fused ops
+(``moekit.ops.fused``, ``moekit.ops.int8``) call ``token_sum`` for their combine and input gradient.
+References and a benchmark: ``moekit.ops.reference``, ``benchmarks/ops_permute.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_rows(x_TD: torch.Tensor, token_idx_R: torch.Tensor) -> torch.Tensor:
+    """(T, D) tokens -> (R, D) rows, row r a copy of token token_idx_R[r]."""
+    return x_TD.index_select(0, token_idx_R)
+
+
+def token_sum(v_RD: torch.Tensor, inverse_S: torch.Tensor | None, token_idx_R: torch.Tensor, T: int,
+              acc: torch.dtype) -> torch.Tensor:
+    """Sum over each token's rows: (R, D) -> (T, D) in ``acc``. inverse_S (S,) long with S a multiple
+    of T, or None to add rows at token_idx_R."""
+    R, D = v_RD.shape
+    if inverse_S is None:
+        return torch.zeros(T, D, dtype=acc, device=v_RD.device).index_add_(0, token_idx_R, v_RD.to(acc))
+    if inverse_S.shape[0] != R:  # dropped slots point at an appended zero row
+        v_RD = torch.cat((v_RD, v_RD.new_zeros(1, D)))
+    return v_RD.index_select(0, inverse_S).view(T, -1, D).sum(1, dtype=acc)
