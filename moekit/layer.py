@@ -196,13 +196,34 @@ class MoE(nn.Module):
             if forced_TK is not None:
                 routing = self.router.replay(routing, forced_TK)
         with stage("dispatch"):
-            if routing.is_token_choice:
-                plan = plan_token_choice(routing, self.num_experts, self.config.router.capacity_factor,
-                                         self.config.router.drop_policy)
-            else:
-                plan = plan_expert_choice(routing, available_E)
+            plan = self._plan(routing, available_E)
         check = self._check_expert_outputs if self.checks_finite else None
-        return routing, plan, run_experts(x_TD, plan, self.experts, check)
+        return routing, plan, self._run_routed(x_TD, plan, check)
+
+    # Seams for parallel transforms (moekit.parallel.expert_parallel overrides these five).
+    def _plan(self, routing: Routing, available_E: torch.Tensor | None) -> DispatchPlan:
+        """The dispatch plan of one routing (the kept slots, grouped by expert)."""
+        if routing.is_token_choice:
+            return plan_token_choice(routing, self.num_experts, self.config.router.capacity_factor,
+                                     self.config.router.drop_policy)
+        return plan_expert_choice(routing, available_E)
+
+    def _run_routed(self, x_TD: torch.Tensor, plan: DispatchPlan,
+                    check: Callable[[torch.Tensor, DispatchPlan], None] | None) -> torch.Tensor:
+        """x (T, D) -> (T, D): the plan's rows through the routed experts, combined in token order."""
+        return run_experts(x_TD, plan, self.experts, check)
+
+    def _batch_reduce(self) -> L.Reduce | None:
+        """The sum over every process's share of the batch for losses and bias counts; None: this
+        process holds the whole batch."""
+        return None
+
+    def _update_stats(self, routing: Routing, plan: DispatchPlan, valid_T: torch.Tensor | None) -> None:
+        self.stats.update(routing, plan, valid_T)
+
+    def _expert_rows(self) -> range:
+        """The global ids of the experts whose rows ``self.experts`` holds."""
+        return range(self.num_experts)
 
     def _route_and_run_valid(self, x_TD: torch.Tensor, valid_T: torch.Tensor,
                              forced_TK: torch.Tensor | None = None) -> tuple[Routing, DispatchPlan, torch.Tensor]:
@@ -284,14 +305,15 @@ class MoE(nn.Module):
         first forward saved for backward (the losses' too) to be saved again."""
         again = recomputing()
         cfg = self.config
+        reduce = self._batch_reduce()
         if cfg.track_stats and not again:
-            self.stats.update(routing, plan, valid_T)
+            self._update_stats(routing, plan, valid_T)
         if (self.training and self.router.selection_bias is not None and cfg.router.bias_update_rate is not None
                 and not again):
-            self.bias_load_E += plan.routed_E
+            self.bias_load_E += L.batch_total(plan.routed_E, reduce)
         if self.training and torch.is_grad_enabled():
             batch = math.prod(lead[:-1]) if len(lead) >= 2 else 1
-            losses = self._losses(routing, batch, valid_T)
+            losses = self._losses(routing, batch, valid_T, reduce)
             pooled = (cfg.balance.aux_loss_convention == "mixtral" and cfg.balance.aux_loss_coef > 0
                       and routing.is_token_choice)
             sums = L.mixtral_sums(routing, self.num_experts, valid_T) if pooled else None
@@ -319,24 +341,25 @@ class MoE(nn.Module):
         self._routing_hooks[handle.id] = hook
         return handle
 
-    def _losses(self, routing: Routing, batch: int,
-                valid_T: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted sum of this layer's balancing losses, and each unweighted term (detached)."""
+    def _losses(self, routing: Routing, batch: int, valid_T: torch.Tensor | None = None,
+                reduce: L.Reduce | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Weighted sum of this layer's balancing losses, and each unweighted term (detached); with
+        ``reduce``, those of the whole batch split over processes (``balance.losses``)."""
         b, E, K = self.config.balance, self.num_experts, self.top_k
         total = routing.logits_TE.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
         token_choice = routing.is_token_choice
         if b.aux_loss_coef > 0 and token_choice and b.aux_loss_convention != "mixtral":
-            terms["aux"] = value = L.switch_aux_loss(routing, E, b.aux_loss_convention, valid_T, batch)
+            terms["aux"] = value = L.switch_aux_loss(routing, E, b.aux_loss_convention, valid_T, batch, reduce)
             total = total + b.aux_loss_coef * value
         if b.z_loss_coef > 0:
-            terms["z"] = value = L.z_loss(routing.logits_TE, valid_T)
+            terms["z"] = value = L.z_loss(routing.logits_TE, valid_T, reduce)
             total = total + b.z_loss_coef * value
         if b.cv_loss_coef > 0 and token_choice:
-            terms["cv"] = value = L.cv_squared_loss(routing, E, K, valid_T, b.cv_unbiased)
+            terms["cv"] = value = L.cv_squared_loss(routing, E, K, valid_T, b.cv_unbiased, reduce)
             total = total + b.cv_loss_coef * value
         if b.seq_aux_loss_coef > 0 and token_choice:
-            terms["seq_aux"] = value = L.sequence_aux_loss(routing, E, batch, valid_T)
+            terms["seq_aux"] = value = L.sequence_aux_loss(routing, E, batch, valid_T, reduce)
             total = total + b.seq_aux_loss_coef * value
         return total, {k: v.detach() for k, v in terms.items()}
 
@@ -431,8 +454,9 @@ class MoE(nn.Module):
         still points at a live hook table (a deep copy's handles point at none)."""
         if isinstance(self.experts, ModuleExperts):
             return
+        rows = len(self._expert_rows())
         for p in self.experts.parameters():
-            if p.dim() >= 1 and p.shape[0] == self.num_experts:
+            if p.dim() >= 1 and p.shape[0] == rows:
                 handle = self._freeze_hooks.get(id(p))
                 if handle is None or handle.hooks_dict_ref() is None:
                     self._freeze_hooks[id(p)] = p.register_hook(self._zero_frozen_grad)
@@ -446,7 +470,8 @@ class MoE(nn.Module):
                 self.experts.experts[i].requires_grad_(True)
 
     def _zero_frozen_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        keep = (~self.frozen_E).to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
+        rows = self._expert_rows()
+        keep = (~self.frozen_E[rows.start:rows.stop]).to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
         return grad * keep
 
     @property

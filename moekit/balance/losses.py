@@ -23,16 +23,30 @@ Padding: every function takes an optional ``valid_T`` (bool or 0/1, shape (T,));
 is 0 count nowhere: means, counts, T and S become sums over the valid tokens only, as in
 transformers' ``load_balancing_loss_func(..., attention_mask=...)``. A sequence with no valid
 token is left out of the per-sequence means. Without ``valid_T`` no extra op runs.
+
+Batches split over processes: every loss is a formula over per-expert counts, per-expert score
+sums and token counts. Each per-layer loss takes an optional ``reduce`` (a ``Reduce``: the sum of
+a tensor over every process's share of the batch, e.g. ``parallel.all_to_all.global_sum``), applied
+to those sums before the formula, so the value is the loss of the whole batch on every process.
+Without ``reduce`` no extra op runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from ..router.routing import Routing
+
+# The sum of a tensor over every process's share of the batch (differentiable); None: one process.
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def batch_total(x: torch.Tensor, reduce: Reduce | None) -> torch.Tensor:
+    """x summed over the batch's shares (``reduce``), or x itself in one process."""
+    return x if reduce is None else reduce(x)
 
 
 def normalized_scores(routing: Routing) -> torch.Tensor:
@@ -64,6 +78,26 @@ def num_valid(idx_TK: torch.Tensor, w_T: torch.Tensor | None) -> torch.Tensor | 
     return idx_TK.shape[0] if w_T is None else w_T.sum().clamp_min(1.0)
 
 
+def batch_mean(x_TX: torch.Tensor, w_T: torch.Tensor | None, reduce: Reduce | None = None) -> torch.Tensor:
+    """``token_mean`` over every share of the batch: with ``reduce`` the sum and the token count are
+    reduced before dividing; without, exactly ``token_mean``."""
+    if reduce is None:
+        return token_mean(x_TX, w_T)
+    if w_T is None:
+        return reduce(x_TX.sum(dim=0)) / reduce(x_TX.new_tensor(float(x_TX.shape[0])))
+    w = w_T.view(-1, *([1] * (x_TX.dim() - 1)))
+    return reduce((x_TX * w).sum(dim=0)) / reduce(w_T.sum()).clamp_min(1.0)
+
+
+def batch_num_valid(idx_TK: torch.Tensor, w_T: torch.Tensor | None, like: torch.Tensor,
+                    reduce: Reduce | None = None) -> torch.Tensor | int:
+    """``num_valid`` over every share of the batch (a tensor in ``like``'s dtype under ``reduce``)."""
+    if reduce is None:
+        return num_valid(idx_TK, w_T)
+    n = like.new_tensor(float(idx_TK.shape[0])) if w_T is None else w_T.sum()
+    return reduce(n).clamp_min(1.0)
+
+
 def expert_counts(idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32,
                   w_T: torch.Tensor | None = None) -> torch.Tensor:
     """(E,) number of top-k picks of each expert (of valid tokens when weights ``w_T`` are given)."""
@@ -81,31 +115,36 @@ def plain_topk(routing: Routing, k: int) -> torch.Tensor:
 
 
 def switch_aux_loss(routing: Routing, num_experts: int, convention: str = "moekit",
-                    valid_T: torch.Tensor | None = None, batch: int = 1) -> torch.Tensor:
+                    valid_T: torch.Tensor | None = None, batch: int = 1,
+                    reduce: Reduce | None = None) -> torch.Tensor:
     """Unweighted switch/GShard loss of one layer (1 at perfect balance, k for ``mixtral``).
 
-    ``batch`` splits the T tokens into sequences, used by ``switch_group`` only."""
+    ``batch`` splits the T tokens into sequences, used by ``switch_group`` only; ``reduce``: see
+    the module docstring."""
     if not routing.is_token_choice:
         raise ValueError("the switch aux loss needs a token-choice router (expert choice is balanced by design)")
     T, K = routing.topk_idx_TK.shape
     probs_TE = normalized_scores(routing)
     w_T = token_weights(valid_T, probs_TE)
     if convention == "switch_group":
-        return _per_sequence(routing, probs_TE, plain_topk(routing, 1), num_experts, batch, w_T, 1)
-    P_E = token_mean(probs_TE, w_T)
-    n = num_valid(routing.topk_idx_TK, w_T)
+        return _per_sequence(routing, probs_TE, plain_topk(routing, 1), num_experts, batch, w_T, 1, reduce)
+    P_E = batch_mean(probs_TE, w_T, reduce)
+    n = batch_num_valid(routing.topk_idx_TK, w_T, P_E, reduce)
+
+    def counts(idx_TK: torch.Tensor) -> torch.Tensor:
+        return batch_total(expert_counts(idx_TK, num_experts, P_E.dtype, w_T), reduce)
+
     if convention == "moekit":
-        counts_E = expert_counts(routing.topk_idx_TK, num_experts, P_E.dtype, w_T)
-        return num_experts * (counts_E / (K * n) * P_E).sum()
+        return num_experts * (counts(routing.topk_idx_TK) / (K * n) * P_E).sum()
     if convention == "switch":
-        f_E = expert_counts(plain_topk(routing, 1), num_experts, P_E.dtype, w_T) / n
+        f_E = counts(plain_topk(routing, 1)) / n
         return num_experts * (f_E * P_E).sum()
     if convention == "megatron":
         # Megatron-Core writes this as E / (K * T^2) * sum_i (sum_t p_ti) * count_i.
-        counts_E = expert_counts(plain_topk(routing, K), num_experts, P_E.dtype, w_T)
+        counts_E = counts(plain_topk(routing, K))
         return num_experts / (K * n * n) * ((P_E * n) * counts_E).sum()
     if convention == "mixtral":
-        f_E = expert_counts(plain_topk(routing, K), num_experts, P_E.dtype, w_T) / n
+        f_E = counts(plain_topk(routing, K)) / n
         return num_experts * (f_E * P_E).sum()
     raise ValueError(f"aux_loss_convention={convention!r} is not known")
 
@@ -159,8 +198,8 @@ def pooled_mixtral_aux_loss(routings: list[Routing], num_experts: int,
     return pooled_mixtral_loss([mixtral_sums(r, num_experts, v) for r, v in zip(routings, valid_Ts)], num_experts)
 
 
-def z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None) -> torch.Tensor:
-    return token_mean(torch.logsumexp(logits_TE, dim=-1).square(), token_weights(valid_T, logits_TE))
+def z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None, reduce: Reduce | None = None) -> torch.Tensor:
+    return batch_mean(torch.logsumexp(logits_TE, dim=-1).square(), token_weights(valid_T, logits_TE), reduce)
 
 
 def cv_squared(x_E: torch.Tensor, eps: float = 1e-10, unbiased: bool = False) -> torch.Tensor:
@@ -212,23 +251,25 @@ def smooth_load(routing: Routing, num_experts: int, top_k: int, valid_T: torch.T
 
 
 def cv_squared_loss(routing: Routing, num_experts: int, top_k: int, valid_T: torch.Tensor | None = None,
-                    unbiased: bool = False) -> torch.Tensor:
-    return (cv_squared(importance(routing, num_experts, valid_T), unbiased=unbiased)
-            + cv_squared(smooth_load(routing, num_experts, top_k, valid_T), unbiased=unbiased))
+                    unbiased: bool = False, reduce: Reduce | None = None) -> torch.Tensor:
+    importance_E = batch_total(importance(routing, num_experts, valid_T), reduce)
+    load_E = batch_total(smooth_load(routing, num_experts, top_k, valid_T), reduce)
+    return cv_squared(importance_E, unbiased=unbiased) + cv_squared(load_E, unbiased=unbiased)
 
 
 def sequence_aux_loss(routing: Routing, num_experts: int, batch: int,
-                      valid_T: torch.Tensor | None = None) -> torch.Tensor:
+                      valid_T: torch.Tensor | None = None, reduce: Reduce | None = None) -> torch.Tensor:
     K = routing.topk_idx_TK.shape[1]
     probs_TE = normalized_scores(routing)
     return _per_sequence(routing, probs_TE, plain_topk(routing, K), num_experts, batch,
-                         token_weights(valid_T, probs_TE), K)
+                         token_weights(valid_T, probs_TE), K, reduce)
 
 
 def _per_sequence(routing: Routing, probs_TE: torch.Tensor, idx_TK: torch.Tensor, num_experts: int, batch: int,
-                  w_T: torch.Tensor | None, k: int) -> torch.Tensor:
+                  w_T: torch.Tensor | None, k: int, reduce: Reduce | None = None) -> torch.Tensor:
     """Mean over sequences of E/k * sum_i (count_i / S) * P_i, counts of ``idx_TK`` and P over
-    each sequence's (valid) tokens; sequences without a valid token are left out."""
+    each sequence's (valid) tokens; sequences without a valid token are left out. Under ``reduce``
+    the mean runs over every share's sequences."""
     T, K = idx_TK.shape
     if T % batch != 0:
         raise ValueError(f"{T} tokens do not split into {batch} sequences")
@@ -238,7 +279,10 @@ def _per_sequence(routing: Routing, probs_TE: torch.Tensor, idx_TK: torch.Tensor
     hits_BSK = probs_BSE.new_ones(batch, S, K)
     if w_T is None:
         counts_BE = probs_BSE.new_zeros(batch, E).scatter_add_(1, idx_TK.view(batch, S * K), hits_BSK.view(batch, -1))
-        return (counts_BE * (E / (k * S)) * probs_BSE.mean(dim=1)).sum(dim=-1).mean()
+        per_seq_B = (counts_BE * (E / (k * S)) * probs_BSE.mean(dim=1)).sum(dim=-1)
+        if reduce is None:
+            return per_seq_B.mean()
+        return reduce(per_seq_B.sum()) / reduce(per_seq_B.new_tensor(float(batch)))
     w_BS = w_T.view(batch, S)
     hits_BSK = hits_BSK * w_BS.unsqueeze(-1)
     counts_BE = probs_BSE.new_zeros(batch, E).scatter_add_(1, idx_TK.view(batch, S * K), hits_BSK.view(batch, -1))
@@ -246,7 +290,7 @@ def _per_sequence(routing: Routing, probs_TE: torch.Tensor, idx_TK: torch.Tensor
     P_BE = (probs_BSE * w_BS.unsqueeze(-1)).sum(dim=1) / n_B.clamp_min(1.0).unsqueeze(-1)
     per_seq_B = (counts_BE * P_BE).sum(dim=-1) * E / (k * n_B.clamp_min(1.0))
     has_B = (n_B > 0).to(per_seq_B.dtype)
-    return (per_seq_B * has_B).sum() / has_B.sum().clamp_min(1.0)
+    return batch_total((per_seq_B * has_B).sum(), reduce) / batch_total(has_B.sum(), reduce).clamp_min(1.0)
 
 
 def entropy(probs_TE: torch.Tensor) -> torch.Tensor:
@@ -260,4 +304,5 @@ def perfect_balance_value(convention: str, top_k: int) -> float:
 
 __all__ = ["switch_aux_loss", "pooled_mixtral_aux_loss", "plain_topk", "z_loss", "cv_squared", "cv_squared_loss",
            "importance", "smooth_load", "sequence_aux_loss", "entropy", "normalized_scores",
-           "perfect_balance_value", "token_weights", "token_mean", "expert_counts"]
+           "perfect_balance_value", "token_weights", "token_mean", "expert_counts", "Reduce", "batch_total",
+           "batch_mean", "batch_num_valid"]

@@ -17,11 +17,18 @@ that depends on more than one token is computed on that global batch:
   * capacity (C = ceil(T_global*K/E * capacity_factor)) and which slots drop: the top-k ids and
     weights (not the activations) are all-gathered, and each rank runs the single-process plan on
     the global batch and keeps its own slots;
-  * balancing losses use global counts and global score sums (all-reduced); every rank holds the
-    global value, and gradients are arranged so that *averaging* gradients over the ranks
-    (``reduce_gradients``) gives the single-process gradient (see ``all_to_all.global_sum``);
+  * balancing losses are ``balance.losses``' own functions, given a reduce hook (the layer's
+    ``_batch_reduce``: a world sum) that sums their per-expert counts, score sums and token counts
+    before the formula; every rank holds the global value, and gradients are arranged so that
+    *averaging* gradients over the ranks (``reduce_gradients``) gives the single-process gradient
+    (see ``all_to_all.global_sum``);
   * routing statistics and the aux-loss-free bias load are all-reduced, so every rank keeps the
-    single-process statistics and applies the same bias update.
+    single-process statistics and applies the same bias update; activation checkpointing's
+    recomputation counts nothing (``MoE._record``), on every rank alike.
+
+``shard_moe`` is a transform in place (as FSDP2's ``fully_shard``): the layer keeps its forward,
+router, shared experts, statistics and hooks; only its experts module (now this rank's slice) and
+its class (``ExpertParallelMoE``, which overrides the layer's plan/experts/reduce seams) change.
 
 ``state_dict()`` of a sharded layer returns full (E, ...) expert tensors gathered over the EP
 group, and ``load_state_dict`` accepts full tensors and keeps this rank's slice, so checkpoints
@@ -31,9 +38,8 @@ every rank of the group.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -104,34 +110,21 @@ def _slice_state_hook(groups: ParallelGroups, num_experts: int):
 
 
 class ExpertParallelMoE(MoE):
-    """An MoE layer whose experts are sharded over ``groups.ep_group``; built by ``shard_moe``.
+    """An MoE layer whose experts are sharded over ``groups.ep_group``; made by ``shard_moe``.
 
-    It adopts the given layer's router, shared experts, statistics and buffers and keeps only
-    its slice of the experts. Forward must run on every rank of the world (collectives).
+    A transform, not a copy: ``shard_moe`` keeps the layer object (its router, shared experts,
+    statistics, buffers and hooks), swaps its experts for this rank's slice and its class for this
+    one, as FSDP2's ``fully_shard`` does. The forward is ``MoE``'s; this class overrides only its
+    seams: the plan (capacity on the world's batch), the routed experts (all-to-all around the local
+    experts), the batch reduction of the losses and bias counts (a differentiable world sum), the
+    statistics (all-reduced) and the rows the freeze hooks cover. Forward must run on every rank of
+    the world (collectives).
     """
 
-    def __init__(self, layer: MoE, groups: ParallelGroups) -> None:
-        nn.Module.__init__(self)
-        cfg = layer.config
-        if not isinstance(layer.router, TopKRouter):
-            raise ConfigError(f"expert parallelism needs a token-choice router; router.kind={cfg.router.kind!r}")
-        if cfg.balance.aux_loss_convention == "mixtral" and cfg.balance.aux_loss_coef > 0:
-            raise ConfigError("balance.aux_loss_convention='mixtral' pools routings across layers in "
-                              "moekit.aux_loss, which is not all-reduced; use 'moekit' or 'switch' under "
-                              "expert parallelism")
-        if cfg.balance.aux_loss_convention == "switch_group" and cfg.balance.aux_loss_coef > 0:
-            raise ConfigError("balance.aux_loss_convention='switch_group' is not all-reduced under expert "
-                              "parallelism; use 'moekit' or 'switch'")
-        if cfg.num_experts % groups.ep_size != 0:
-            raise ConfigError(f"num_experts={cfg.num_experts} is not divisible by expert_parallel={groups.ep_size}")
-        # Adopt the layer's modules, buffers and state (the module dicts are copied, not shared).
-        self.__dict__.update({k: (dict(v) if k in ("_parameters", "_buffers", "_modules") else v)
-                              for k, v in vars(layer).items()})
-        self.groups = groups
-        self.local_experts = groups.experts_of(cfg.num_experts)
-        self._modules["experts"] = _shard_experts(layer.experts, groups)
-        # Set to a dict to accumulate seconds per phase and bytes sent (benchmarks/expert_parallel.py).
-        self.profile: dict[str, float] | None = None
+    groups: ParallelGroups
+    local_experts: range
+    # Set to a dict to accumulate seconds per phase and bytes sent (benchmarks/expert_parallel.py).
+    profile: dict[str, float] | None
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -147,44 +140,32 @@ class ExpertParallelMoE(MoE):
         self.profile[name] = self.profile.get(name, 0.0) + time.perf_counter() - start
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_with_routing(self, x: torch.Tensor,
+                             token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         if token_mask is not None:
             raise NotImplementedError(f"{self.layer_name}: token_mask (padding) is not supported under expert "
                                       f"parallelism yet; pack sequences without padding instead")
         self.groups.require_open(f"{self.layer_name} forward")
-        shape = x.shape
-        x_TD = self._tokens(x)
-        with self._phase("routing"):
-            routing = self.router(x_TD, self.available_E if self._any_masked else None)
-            plan = self._local_plan(routing)
-        out_TD = self._dispatch_compute_combine(x_TD, plan)
-        if self.shared_experts is not None:
-            with self._phase("shared_experts"):
-                out_TD = out_TD + self.shared_experts(x_TD)
-        batch = math.prod(shape[:-2]) if len(shape) >= 3 else 1
-        with self._phase("losses_stats"):
-            self._record_global(routing, plan, batch)
-        self._run_routing_hooks(routing, plan, tuple(shape[:-1]))  # moekit.capture_routing
-        return out_TD.view(shape)
+        return super().forward_with_routing(x)
 
-    def _local_plan(self, routing: Routing) -> DispatchPlan:
+    def _plan(self, routing: Routing, available_E: torch.Tensor | None) -> DispatchPlan:
         """This rank's kept slots, sorted by expert; capacity decided on the global batch."""
-        idx_TK, w_TK = routing.topk_idx_TK, routing.topk_weight_TK
-        assert idx_TK is not None and w_TK is not None
-        T, K = idx_TK.shape
-        E = self.num_experts
-        expert_S = idx_TK.reshape(-1)
-        routed_E = torch.bincount(expert_S, minlength=E)
-        cf = self.config.router.capacity_factor
-        if cf is None:
-            slot_R = torch.argsort(expert_S, stable=True)
-        else:
-            kept_S = torch.nonzero(self._global_keep(idx_TK, w_TK)).flatten()
-            slot_R = kept_S[torch.argsort(expert_S[kept_S], stable=True)]
-        counts_E = torch.bincount(expert_S[slot_R], minlength=E)
-        return DispatchPlan(token_idx_R=torch.div(slot_R, K, rounding_mode="floor"), weight_R=w_TK.reshape(-1)[slot_R],
-                            counts_E=counts_E, slot_idx_R=slot_R, routed_E=routed_E,
-                            num_dropped=(routed_E - counts_E).sum(), num_tokens=T, top_k=K)
+        with self._phase("routing"):
+            idx_TK, w_TK = routing.topk_idx_TK, routing.topk_weight_TK
+            assert idx_TK is not None and w_TK is not None
+            T, K = idx_TK.shape
+            E = self.num_experts
+            expert_S = idx_TK.reshape(-1)
+            routed_E = torch.bincount(expert_S, minlength=E)
+            if self.config.router.capacity_factor is None:
+                slot_R = torch.argsort(expert_S, stable=True)
+            else:
+                kept_S = torch.nonzero(self._global_keep(idx_TK, w_TK)).flatten()
+                slot_R = kept_S[torch.argsort(expert_S[kept_S], stable=True)]
+            counts_E = torch.bincount(expert_S[slot_R], minlength=E)
+            return DispatchPlan(token_idx_R=torch.div(slot_R, K, rounding_mode="floor"),
+                                weight_R=w_TK.reshape(-1)[slot_R], counts_E=counts_E, slot_idx_R=slot_R,
+                                routed_E=routed_E, num_dropped=(routed_E - counts_E).sum(), num_tokens=T, top_k=K)
 
     def _global_keep(self, idx_TK: torch.Tensor, w_TK: torch.Tensor) -> torch.Tensor:
         """Bool (S,): which local slots the single-process plan on the world's batch keeps."""
@@ -212,7 +193,10 @@ class ExpertParallelMoE(MoE):
         start = sum(sizes_W[:g.rank]) * K
         return keep_G[start:start + T * K]
 
-    def _dispatch_compute_combine(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def _run_routed(self, x_TD: torch.Tensor, plan: DispatchPlan,
+                    check: Callable[[torch.Tensor, DispatchPlan], None] | None) -> torch.Tensor:
+        """Rows to the ranks owning their experts, through the local experts, and back. ``check`` (the
+        finite check) is not run: raising on the ranks that hold a bad row would hang the others."""
         g = self.groups
         P, El = g.ep_size, self.num_experts // g.ep_size
         with self._phase("permute"):
@@ -245,70 +229,21 @@ class ExpertParallelMoE(MoE):
             return combine(y_RD, plan, x_TD.dtype)
 
     # ------------------------------------------------------------------ global losses and statistics
-    def _record_global(self, routing: Routing, plan: DispatchPlan, batch: int) -> None:
-        cfg, g, E = self.config, self.groups, self.num_experts
-        idx_TK = routing.topk_idx_TK
-        # The reference conventions count the picks of the plain scores (no selection bias, no group limit).
-        plain_top1_E = torch.bincount(L.plain_topk(routing, 1).reshape(-1), minlength=E)
-        plain_topk_E = torch.bincount(L.plain_topk(routing, idx_TK.shape[1]).reshape(-1), minlength=E)
-        counts = torch.cat([plan.routed_E, plain_top1_E, plain_topk_E,
-                            torch.tensor([routing.num_tokens, batch], device=idx_TK.device)])
-        guarded("all_reduce(expert counts)", lambda: dist.all_reduce(counts), g.timeout_s)
-        routed_E, top1_E, plain_E = counts[:E], counts[E:2 * E], counts[2 * E:3 * E]
-        T, B = int(counts[3 * E]), int(counts[3 * E + 1])
-        self.last_routing = Routing(**{k: (v.detach() if isinstance(v, torch.Tensor) else v)
-                                       for k, v in vars(routing).items()})
-        self.last_plan = plan
-        if cfg.track_stats:
-            self._update_stats_global(routing, plan)
-        if self.training and self.router.selection_bias is not None and cfg.router.bias_update_rate is not None:
-            self.bias_load_E += routed_E
-        self._pooled_routing = None
-        if self.training and torch.is_grad_enabled():
-            self.aux_loss, self.last_losses = self._global_losses(routing, routed_E, top1_E, plain_E, T, batch, B)
-        else:
-            self.aux_loss, self.last_losses = routing.logits_TE.new_zeros(()), {}
-
-    def _global_losses(self, routing: Routing, routed_E: torch.Tensor, top1_E: torch.Tensor, plain_E: torch.Tensor,
-                       T: int, batch: int, B: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The single-process losses of the world's batch, from all-reduced counts and sums.
-
-        ``routed_E`` counts the layer's own picks, ``top1_E``/``plain_E`` the plain-score top-1/top-k."""
-        b, E, K, g = self.config.balance, self.num_experts, self.top_k, self.groups
-        total = routing.logits_TE.new_zeros(())
-        terms: dict[str, torch.Tensor] = {}
-        if b.aux_loss_coef > 0:
-            psum_E = global_sum(L.normalized_scores(routing).sum(dim=0), None, g.timeout_s)
-            if b.aux_loss_convention == "switch":
-                value = E * ((top1_E.to(psum_E.dtype) / T) * (psum_E / T)).sum()
-            else:
-                counts_E = plain_E if b.aux_loss_convention == "megatron" else routed_E
-                value = E / (K * T * T) * (psum_E * counts_E.to(psum_E.dtype)).sum()
-            terms["aux"] = value
-            total = total + b.aux_loss_coef * value
-        if b.z_loss_coef > 0:
-            terms["z"] = value = global_sum(torch.logsumexp(routing.logits_TE, dim=-1).square().sum(), None,
-                                            g.timeout_s) / T
-            total = total + b.z_loss_coef * value
-        if b.cv_loss_coef > 0:
-            importance_E = global_sum(L.importance(routing, E), None, g.timeout_s)
-            load_E = global_sum(L.smooth_load(routing, E, K), None, g.timeout_s)
-            terms["cv"] = value = (L.cv_squared(importance_E, unbiased=b.cv_unbiased)
-                                   + L.cv_squared(load_E, unbiased=b.cv_unbiased))
-            total = total + b.cv_loss_coef * value
-        if b.seq_aux_loss_coef > 0:
-            local = L.sequence_aux_loss(routing, E, batch) * batch
-            terms["seq_aux"] = value = global_sum(local, None, g.timeout_s) / B
-            total = total + b.seq_aux_loss_coef * value
-        return total, {k: v.detach() for k, v in terms.items()}
+    def _batch_reduce(self) -> L.Reduce:
+        """The world sum (every rank holds a share of the batch), differentiable under gradient
+        averaging (``all_to_all.global_sum``): ``balance.losses`` reduces its counts and sums with it."""
+        timeout_s = self.groups.timeout_s
+        return lambda x: global_sum(x, None, timeout_s)
 
     @torch.no_grad()
-    def _update_stats_global(self, routing: Routing, plan: DispatchPlan) -> None:
+    def _update_stats(self, routing: Routing, plan: DispatchPlan, valid_T: torch.Tensor | None) -> None:
+        """``RoutingStats.update`` with this forward's increments summed over the world, so every rank
+        keeps the single-process statistics."""
         stats = self.stats
         names = [n for n, buf in stats.named_buffers(recurse=False) if buf.is_floating_point()]
         before = {n: getattr(stats, n).clone() for n in names}
         idle_before = stats.idle_steps_E.clone()
-        stats.update(routing, plan)
+        stats.update(routing, plan, valid_T)
         delta = torch.cat([(getattr(stats, n) - before[n]).reshape(-1) for n in names])
         guarded("all_reduce(routing statistics)", lambda: dist.all_reduce(delta), self.groups.timeout_s)
         offset = 0
@@ -319,19 +254,8 @@ class ExpertParallelMoE(MoE):
         used_E = (stats.tokens_E - before["tokens_E"]) > 0
         stats.idle_steps_E.copy_((idle_before + 1).masked_fill(used_E, 0))
 
-    # ------------------------------------------------------------------ expert control
-    def _zero_frozen_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        ids = self.local_experts
-        keep = (~self.frozen_E[ids.start:ids.stop]).to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
-        return grad * keep
-
-    def _ensure_freeze_hooks(self) -> None:
-        El = self.num_experts // self.groups.ep_size
-        for p in self.experts.parameters():
-            if p.dim() >= 1 and p.shape[0] == El:
-                hooks = getattr(p, "_backward_hooks", None) or {}
-                if not any(h == self._zero_frozen_grad for h in hooks.values()):
-                    p.register_hook(self._zero_frozen_grad)
+    def _expert_rows(self) -> range:
+        return self.local_experts
 
     def extra_repr(self) -> str:
         ids = self.local_experts
@@ -340,14 +264,36 @@ class ExpertParallelMoE(MoE):
 
 
 def shard_moe(layer: MoE, groups: ParallelGroups) -> ExpertParallelMoE:
-    """The expert-parallel version of ``layer`` on this rank (same router, its slice of experts)."""
+    """Make ``layer`` expert-parallel on this rank, in place (like ``fully_shard``), and return it:
+    same object, router and state; its experts become this rank's slice."""
     if isinstance(layer, ExpertParallelMoE):
         raise ValueError(f"{layer.layer_name} is already expert-parallel")
-    return ExpertParallelMoE(layer, groups)
+    cfg = layer.config
+    if not isinstance(layer.router, TopKRouter):
+        raise ConfigError(f"expert parallelism needs a token-choice router; router.kind={cfg.router.kind!r}")
+    if cfg.balance.aux_loss_convention == "mixtral" and cfg.balance.aux_loss_coef > 0:
+        raise ConfigError("balance.aux_loss_convention='mixtral' pools routings across layers in "
+                          "moekit.aux_loss, which is not all-reduced; use 'moekit' or 'switch' under "
+                          "expert parallelism")
+    if cfg.balance.aux_loss_convention == "switch_group" and cfg.balance.aux_loss_coef > 0:
+        raise ConfigError("balance.aux_loss_convention='switch_group' is not all-reduced under expert "
+                          "parallelism; use 'moekit' or 'switch'")
+    if cfg.num_experts % groups.ep_size != 0:
+        raise ConfigError(f"num_experts={cfg.num_experts} is not divisible by expert_parallel={groups.ep_size}")
+    shard = _shard_experts(layer.experts, groups)
+    # The old stacked weights go with their freeze hooks; the local ones are hooked on the next forward.
+    layer._freeze_hooks.clear()
+    layer.experts = shard
+    layer.__class__ = ExpertParallelMoE
+    assert isinstance(layer, ExpertParallelMoE)
+    layer.groups = groups
+    layer.local_experts = groups.experts_of(cfg.num_experts)
+    layer.profile = None
+    return layer
 
 
 def shard_model(model: nn.Module, groups: ParallelGroups, sync: bool = True) -> nn.Module:
-    """Replace every MoE layer of ``model`` (in place) by its expert-parallel shard; returns the model.
+    """Make every MoE layer of ``model`` expert-parallel (in place, ``shard_moe``); returns the model.
 
     With ``sync``, parameters are first made identical across replicas: non-expert parameters
     and buffers are broadcast from rank 0, so ranks that initialised differently still agree.
@@ -355,12 +301,9 @@ def shard_model(model: nn.Module, groups: ParallelGroups, sync: bool = True) -> 
     if sync and groups.world_size > 1:
         for t in list(model.parameters()) + list(model.buffers()):
             guarded("broadcast(parameters)", lambda t=t: dist.broadcast(t.data, src=0), groups.timeout_s)
-    if isinstance(model, MoE):
-        return shard_moe(model, groups)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, MoE) and not isinstance(child, ExpertParallelMoE):
-                setattr(module, child_name, shard_moe(child, groups))
+    for module in list(model.modules()):
+        if isinstance(module, MoE) and not isinstance(module, ExpertParallelMoE):
+            shard_moe(module, groups)
     return model
 
 
