@@ -149,6 +149,9 @@ def test_seed_statistics_and_plain_words_follow_the_numbers():
     assert "after 75% of the dense model's training time" in text
     assert "in l1 a token's expert choice carries 0.693 nats" in text and "ja is the most concentrated" in text
     assert "en and ja share expert" not in text and "each label has its own favourite expert" in text
+    assert "more in deeper layers" in text and "(100.0% of its picks on expert 0, where an even split gives 50.0%)" in text
+    flat = {**spec, "l1": {**spec["l1"], "mutual_information": spec["l0"]["mutual_information"]}}
+    assert "about as much in every layer" in plain_words(comparison, stats, flat)
 
 
 def test_label_expert_mutual_information_bounds():

@@ -329,12 +329,15 @@ def plain_words(comparison: dict[str, Any], seeds: dict[str, Any], spec: dict[st
             by_expert.setdefault(f["expert"], []).append(lab)
         shared = [f"{' and '.join(labs)} share expert {e}" for e, labs in sorted(by_expert.items()) if len(labs) > 1]
         strongest = max(fav, key=lambda lab: fav[lab]["share"])
-        parts.append(f"The experts specialise by label, more in deeper layers: in {layer} a token's expert choice "
+        first_mi = next(iter(spec.values()))["mutual_information"]
+        depth = ("more in deeper layers" if last["mutual_information"] > 1.1 * first_mi else
+                 "less in deeper layers" if last["mutual_information"] < first_mi / 1.1 else "about as much in every layer")
+        parts.append(f"The experts specialise by label, {depth}: in {layer} a token's expert choice "
                      f"carries {last['mutual_information']:.3f} nats about its label ({last['fraction_of_ceiling']:.0%} "
-                     f"of the most it could), against {next(iter(spec.values()))['mutual_information']:.3f} in the "
+                     f"of the most it could), against {first_mi:.3f} in the "
                      f"first MoE layer. There, {strongest} is the most concentrated label "
-                     f"({fav[strongest]['share']:.0%} of its picks on expert {fav[strongest]['expert']}, where an even "
-                     f"split gives {last['uniform_share']:.0%})"
+                     f"({fav[strongest]['share']:.1%} of its picks on expert {fav[strongest]['expert']}, where an even "
+                     f"split gives {last['uniform_share']:.1%})"
                      + (f"; {'; '.join(shared)}." if shared else "; each label has its own favourite expert."))
     return " ".join(parts)
 
