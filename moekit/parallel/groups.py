@@ -1,7 +1,9 @@
 """Process groups for expert parallelism (EP) combined with data parallelism (DP).
 
-World size N, EP size P (P divides N and the number of experts E). Ranks are split into N/P EP
-groups of P contiguous ranks, ``[0..P-1], [P..2P-1], ...``; within an EP group, rank ``j`` holds
+World size N, EP size P (P divides N and the number of experts E). The groups are the dimensions
+of a ``torch.distributed.device_mesh.DeviceMesh`` of shape (N/P, P) named ("dp", "ep"), as
+torchtitan lays out its parallel dimensions: rank r sits at (r // P, r % P). Ranks are thus split
+into N/P EP groups of P contiguous ranks, ``[0..P-1], [P..2P-1], ...``; within an EP group, rank ``j`` holds
 experts ``[j*E/P, (j+1)*E/P)``. Ranks holding the same experts (same EP index in different EP
 groups) form an expert-DP group: they average their expert gradients. Non-expert parameters are
 replicated on all N ranks and averaged over the world.
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from ..config import ConfigError
 from .errors import MoekitDistributedError
@@ -45,11 +48,14 @@ class ParallelGroups:
     device: torch.device
     timeout_s: float
     closed: bool = False
+    # The ("dp", "ep") device mesh the groups come from (None for groups built by hand, as in tests).
+    mesh: DeviceMesh | None = None
 
     def close(self) -> None:
-        """Drop this object's references to the EP and expert-DP process groups (see
+        """Drop this object's references to the mesh and its EP and expert-DP process groups (see
         ``destroy_parallel``); collectives on a closed object raise a ``MoekitDistributedError``."""
         self.ep_group = self.dp_group = None
+        self.mesh = None
         self.closed = True
 
     def require_open(self, op: str) -> None:
@@ -81,10 +87,20 @@ def default_backend(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def build_groups(ep_size: int, timeout_s: float | None = None) -> ParallelGroups:
-    """Build the EP and expert-DP groups on an initialised default process group.
+def _mesh_options(backend: str, timeout: datetime.timedelta) -> dist.ProcessGroup.Options | object:
+    """Process-group options carrying ``timeout`` (DeviceMesh passes only these on to new groups)."""
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return options
+    return torch._C._distributed_c10d.Backend.Options(backend, timeout)
 
-    Every rank must call this (``new_group`` is collective), in the same order.
+
+def build_groups(ep_size: int, timeout_s: float | None = None) -> ParallelGroups:
+    """Build the ("dp", "ep") device mesh and its EP and expert-DP groups on an initialised default
+    process group; a dimension smaller than the world gets a group with ``timeout_s``.
+
+    Every rank must call this (group creation is collective), in the same order.
     """
     if not dist.is_initialized():
         raise RuntimeError("build_groups needs torch.distributed initialised first (see init_parallel)")
@@ -93,24 +109,17 @@ def build_groups(ep_size: int, timeout_s: float | None = None) -> ParallelGroups
         raise ConfigError(f"expert_parallel={ep_size!r} must be an int >= 1 dividing the world size {world}")
     backend = dist.get_backend()
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else None
-    ep_group = dp_group = None
-    ep_ranks: list[int] = []
-    dp_ranks: list[int] = []
-    for start in range(0, world, ep_size):
-        ranks = list(range(start, start + ep_size))
-        group = dist.new_group(ranks, timeout=timeout) if ep_size < world else dist.group.WORLD
-        if rank in ranks:
-            ep_group, ep_ranks = group, ranks
     dp = world // ep_size
-    for j in range(ep_size):
-        ranks = [j + i * ep_size for i in range(dp)]
-        group = dist.new_group(ranks, timeout=timeout) if dp < world else dist.group.WORLD
-        if rank in ranks:
-            dp_group, dp_ranks = group, ranks
-    return ParallelGroups(world_size=world, rank=rank, ep_size=ep_size, ep_group=ep_group, dp_group=dp_group,
-                          ep_ranks=ep_ranks, dp_ranks=dp_ranks, backend=backend, device=device,
-                          timeout_s=timeout_s if timeout_s is not None else 1800.0)
+    override = None
+    if timeout_s is not None:
+        # A dimension spanning the world uses the default group (and its timeout) as it is.
+        options = _mesh_options(backend, datetime.timedelta(seconds=timeout_s))
+        override = {name: (backend, options) for name, size in (("dp", dp), ("ep", ep_size)) if size < world}
+    mesh = init_device_mesh(device.type, (dp, ep_size), mesh_dim_names=("dp", "ep"), backend_override=override)
+    return ParallelGroups(world_size=world, rank=rank, ep_size=ep_size, ep_group=mesh["ep"].get_group(),
+                          dp_group=mesh["dp"].get_group(), ep_ranks=mesh["ep"].mesh.tolist(),
+                          dp_ranks=mesh["dp"].mesh.tolist(), backend=backend, device=device,
+                          timeout_s=timeout_s if timeout_s is not None else 1800.0, mesh=mesh)
 
 
 def init_parallel(ep_size: int, timeout_s: float = 300.0, backend: str | None = None,
