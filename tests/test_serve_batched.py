@@ -8,8 +8,8 @@ import torch
 
 from moekit.config import ConfigError, moe_config
 from moekit.lm import LM, KVCache, LMConfig
-from moekit.lm.generate import generate
-from moekit.serve.batched import KVPool, can_batch, decode_step, prefill_step, truncate_cache
+from moekit.lm.generate import generate, nucleus_probs
+from moekit.serve.batched import KVPool, RowCaches, can_batch, decode_step, prefill_step, truncate_cache
 from moekit.serve.engine import Engine, GenRequest, QueueFullError, ServeLimits
 
 
@@ -24,12 +24,14 @@ def tiny_lm(**overrides) -> LM:
 
 
 def new_caches(model: LM, n: int, kind: str = "list") -> list[KVCache]:
-    """``list``: the LM's own growing KVCache; ``pool``: slots of one KVPool (slot order scrambled)."""
+    """``list``: the LM's own growing KVCache; ``pool``: slots of one KVPool (slot order scrambled,
+    read with a gather); ``consecutive``: slots 1..n in row order (read as one view of the pool)."""
     if kind == "list":
         return [KVCache(model.config.n_layers) for _ in range(n)]
     pool = KVPool(model.config.n_layers, n + 2, model.config.max_seq_len)
     pool.acquire()  # leave slot 0 unused, so rows and slots differ
-    return [pool.acquire() for _ in range(n)][::-1]
+    caches = [pool.acquire() for _ in range(n)]
+    return caches if kind == "consecutive" else caches[::-1]
 
 
 def prefilled(model: LM, prompts: list[torch.Tensor], kind: str = "list") -> list[KVCache]:
@@ -40,7 +42,7 @@ def prefilled(model: LM, prompts: list[torch.Tensor], kind: str = "list") -> lis
     return caches
 
 
-@pytest.mark.parametrize("kind", ["list", "pool"])
+@pytest.mark.parametrize("kind", ["list", "pool", "consecutive"])
 @pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 2}, {"qk_norm": "head"}, {"qk_norm": "full", "n_kv_heads": 1},
                                        {"moe_layers": [1]}])
 def test_decode_step_matches_lm_forward_per_row(overrides, kind):
@@ -63,7 +65,7 @@ def test_decode_step_matches_lm_forward_per_row(overrides, kind):
         torch.testing.assert_close(logits2_BV[1], model(full)[0, -1], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["list", "pool"])
+@pytest.mark.parametrize("kind", ["list", "pool", "consecutive"])
 @pytest.mark.parametrize("overrides", [{}, {"n_kv_heads": 1, "qk_norm": "head"}])
 def test_prefill_step_packs_prompts_like_separate_lm_forwards(overrides, kind):
     model = tiny_lm(**overrides)
@@ -239,10 +241,10 @@ def test_engine_quarantines_an_expert_that_produces_nan():
         engine.stop()
 
 
-def test_engine_serves_mla_models_row_by_row():
+def test_engine_batches_mla_models():
     options = {"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
     model = tiny_lm(attention="mla", attention_options=options)
-    assert not can_batch(model)
+    assert can_batch(model)
     engine = Engine(model, ByteTok(), ServeLimits(max_batch=4))
     try:
         reqs = [GenRequest(prompt_ids=[5 + i, 6, 7], max_tokens=5, temperature=0.9, seed=i) for i in range(3)]
@@ -250,7 +252,7 @@ def test_engine_serves_mla_models_row_by_row():
         for i, r in enumerate(reqs):
             ref = generate(model, torch.tensor([r.prompt_ids]), 5, temperature=0.9, seed=i, stop_token=256)
             assert r.generated == ref[0, 3:].tolist()
-        assert engine.counts["batched_steps"] == engine.counts["packed_prefills"] == 0
+        assert engine.counts["batched_steps"] >= 4 and engine.counts["packed_prefills"] == 1
     finally:
         engine.stop()
 
@@ -278,7 +280,7 @@ ATTENTION_KINDS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["list", "pool"])
+@pytest.mark.parametrize("kind", ["list", "pool", "consecutive"])
 @pytest.mark.parametrize("attention", sorted(ATTENTION_KINDS))
 def test_steps_serve_every_attention_kind_through_lm_forward(attention, kind):
     """The cache protocol carries MLA's latent cache and gpt-oss's sinks and per-layer window:
@@ -326,3 +328,42 @@ def test_lm_forward_takes_per_row_positions():
         model(ids, positions=torch.arange(6))
     with pytest.raises(ValueError, match="65 positions exceed max_seq_len=64"):
         model(ids, positions=torch.arange(7) + 58)
+
+
+def test_row_caches_read_consecutive_slots_as_one_view():
+    model = tiny_lm()
+    assert RowCaches(new_caches(model, 3, "consecutive"))._first_slot == 1
+    assert RowCaches(new_caches(model, 3, "pool"))._first_slot is None
+    assert RowCaches(new_caches(model, 3, "list"))._first_slot is None
+
+
+def test_nucleus_probs_rows_of_a_batch_equal_each_row_alone():
+    torch.manual_seed(0)
+    logits_BV = torch.randn(6, 257) * 3
+    for temperature, top_p in [(1.0, 1.0), (0.7, 0.9), (1e-40, 1.0), (1.3, 1e-61)]:
+        probs_BV = nucleus_probs(logits_BV, temperature, top_p)
+        for b in range(6):
+            assert torch.equal(probs_BV[b:b + 1], nucleus_probs(logits_BV[b:b + 1], temperature, top_p))
+
+
+def test_engine_draws_rows_alike_together_and_each_request_keeps_its_offline_tokens():
+    """Greedy rows, two (temperature, top_p) groups and a logit_bias row (sampled on its own) in one
+    batch: every seeded request gives ``generate``'s tokens; the biased one its forced token."""
+    torch.manual_seed(1)
+    model = tiny_lm()
+    settings = [(0.0, 1.0), (0.0, 1.0), (0.8, 0.9), (0.8, 0.9), (1.0, 1.0), (0.8, 0.9)]
+    reqs = [GenRequest(prompt_ids=[10 + i, 20, 30], max_tokens=8, temperature=t, top_p=p, seed=100 + i)
+            for i, (t, p) in enumerate(settings)]
+    reqs[-1].logit_bias = {65: 100.0}
+    engine = Engine(model, ByteTok(), ServeLimits(max_batch=len(reqs)))
+    try:
+        run_requests(engine, reqs)
+        assert engine.counts["batched_steps"] >= 7
+        for i, r in enumerate(reqs[:-1]):
+            t, p = settings[i]
+            ref = generate(model, torch.tensor([r.prompt_ids]), 8, temperature=t, top_p=p, seed=100 + i,
+                           stop_token=256)
+            assert r.generated == ref[0, 3:].tolist(), f"request {i} ({t}, {p})"
+        assert reqs[-1].generated == [65] * 8
+    finally:
+        engine.stop()

@@ -210,10 +210,10 @@ def test_a_failing_sequence_fails_alone_among_live_streams(served, monkeypatch):
     client, http, engine = served
     sample = engine._sample
 
-    def poisoned(req, logits_1V):
+    def poisoned(req, logits_1V, token=None):  # token: drawn already with the batch's other rows
         if req.seed == 666 and len(req.generated) >= 2:
             raise RuntimeError("invalid multinomial distribution (injected)")
-        return sample(req, logits_1V)
+        return sample(req, logits_1V, token)
 
     monkeypatch.setattr(engine, "_sample", poisoned)
     n, results, errors = 4, {}, []

@@ -16,6 +16,13 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
     """Next token ids (B,): argmax when temperature == 0, else a draw from the top-p nucleus."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
+    return torch.multinomial(nucleus_probs(logits_BV, temperature, top_p), 1, generator=generator).squeeze(1)
+
+
+def nucleus_probs(logits_BV: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """(B, V) float64 probabilities ``sample_next`` draws from at ``temperature`` > 0: each row is
+    computed on its own, so a row of a batch gives the bits it gives alone (the serving engine
+    computes a batch's rows at once and draws each with its request's generator)."""
     # Shifted by the row maximum and in float64, so every temperature > 0 gives a finite distribution:
     # a tiny one (1e-40) sends all but the maximum to -inf, which is greedy decoding.
     scaled_BV = logits_BV.double()
@@ -28,7 +35,7 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
         outside_BV[:, 0] = False
         sorted_BV = sorted_BV.masked_fill(outside_BV, 0.0)
         probs_BV = torch.zeros_like(probs_BV).scatter_(1, order_BV, sorted_BV)
-    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(1)
+    return probs_BV
 
 
 @torch.no_grad()

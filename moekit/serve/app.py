@@ -23,6 +23,7 @@ import asyncio
 import base64
 import hmac
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -166,6 +167,37 @@ class _Guard:
             return await receive()  # after the body: the client's disconnect
 
         return await self.app(scope, replay, send)
+
+
+# ---------------------------------------------------------------------- engine thread -> event loop
+class _Handoff:
+    """Engine events into the asyncio queues of one event loop, with one loop wake-up for all the
+    events that arrive before the loop runs (a decode step emits one event per running sequence;
+    ``call_soon_threadsafe`` per event woke the loop once per token)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, Any]] = []
+
+    def put(self, queue: asyncio.Queue, item: Any) -> None:
+        """Called from the engine thread; RuntimeError when the loop is closed."""
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:  # a wake-up is scheduled already and will deliver this one too
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:
+            with self._lock:
+                self._items.clear()
+            raise
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
 
 
 # ---------------------------------------------------------------------- one HTTP request's choices
@@ -343,14 +375,20 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
                 choices.append(_Choice(index=p * n + i, prompt_index=p, req=req, prompt_text=text))
         return choices
 
+    handoffs: dict[asyncio.AbstractEventLoop, _Handoff] = {}
+
     def submit(choices: list[_Choice], events: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
+        handoff = handoffs.get(loop)
+        if handoff is None or handoff.loop.is_closed():
+            handoffs.clear()  # one server runs one loop; a closed one's handoff is not needed
+            handoff = handoffs[loop] = _Handoff(loop)
         for choice in choices:
             req = choice.req
 
             def on_event(event: dict[str, Any], index: int = choice.index, req: GenRequest = req) -> None:
                 try:
-                    loop.call_soon_threadsafe(events.put_nowait, (index, event))
+                    handoff.put(events, (index, event))
                 except RuntimeError:  # the client's event loop is gone: nobody will read further tokens
                     req.cancelled = True
 

@@ -30,13 +30,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..lm.mla import MLAttention
 from ..lm.model import ALL, LM, Attention, KVCache, Visible, causal_mask, position_mask
 
 
 def can_batch(model: LM) -> bool:
-    """True when every attention module is the plain multi-head / grouped-query kind (the kind the
-    engine batches; the cache protocol serves the others too, see the module docstring)."""
-    return all(type(layer.self_attn) is Attention for layer in model.layers)
+    """True when every attention module is of a kind the engine batches: plain multi-head /
+    grouped-query, or MLA (its latent cache goes through the same protocol). gpt-oss attention is
+    served row by row."""
+    return all(type(layer.self_attn) in (Attention, MLAttention) for layer in model.layers)
 
 
 def truncate_cache(cache: KVCache) -> None:
@@ -114,6 +116,9 @@ class RowCaches:
         self.pool: KVPool | None = pool if one_pool else None
         self._positions_BS: torch.Tensor | None = None
         self._slots_B: torch.Tensor | None = None
+        # First slot when the rows hold consecutive slots in order (read as one view of the pool).
+        slots = [c.slot for c in caches] if self.pool is not None else []
+        self._first_slot = slots[0] if slots and slots == list(range(slots[0], slots[0] + len(slots))) else None
         self._visible: dict[int | None, list[Visible]] = {}
 
     def end(self, S: int) -> int:
@@ -139,7 +144,9 @@ class RowCaches:
             middle = (slice(None),) * (t.dim() - 3)
             # Row b's entries go to slot b at positions (B, S): the indexed view is (B, S, ..., X).
             buf[(self._slots_B[:, None], *middle, self._positions_BS)] = t.movedim(-2, 1)
-            full.append(buf.narrow(-2, 0, L).index_select(0, self._slots_B))
+            upto = buf.narrow(-2, 0, L)
+            full.append(upto.narrow(0, self._first_slot, len(self.caches)) if self._first_slot is not None
+                        else upto.index_select(0, self._slots_B))
         return tuple(full)
 
     def visible(self, positions_BS: torch.Tensor, window: int | None) -> list[Visible]:

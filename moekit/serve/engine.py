@@ -9,8 +9,9 @@ then (2) feeds every running sequence's last token through one batched forward
 (``moekit.serve.batched.decode_step``).
 
 Determinism: each request owns a ``torch.Generator`` seeded like offline ``moekit generate``
-(``moekit.lm.generate``) and draws its tokens with the same ``sample_next`` on its own (1, V)
-logits row, so a seeded request gives the offline tokens whether it runs alone (the same
+(``moekit.lm.generate``) and draws its tokens as ``sample_next`` does on its own (1, V) logits
+row (rows with the same temperature and top-p share one ``nucleus_probs`` call, which computes
+each row on its own, then draw with their own generators), so a seeded request gives the offline tokens whether it runs alone (the same
 ``LM.forward`` calls) or batched (logits equal up to float rounding; dropless token-choice
 routing is batch-independent, capacity-limited or expert-choice routing is not).
 
@@ -40,7 +41,7 @@ import torch
 
 from ..config_base import Config, check, spec
 from ..layer import ExpertNonFiniteError, MoE
-from ..lm.generate import sample_next
+from ..lm.generate import nucleus_probs, sample_next
 from ..lm.model import LM, KVCache
 from ..model_ops import capture_routing, moe_layers
 from .batched import KVPool, SlotCache, can_batch, decode_step, prefill_step, truncate_cache
@@ -159,6 +160,7 @@ class Engine:
         self._last_topk: dict[str, torch.Tensor | None] = {}
         self.quarantined: dict[str, set[int]] = {name: set() for name in self.layers}
         self.batchable = can_batch(model)
+        self._stop_ids = stop_ids(tokenizer)
         self.counts = {"requests": 0, "rejected": 0, "cancelled": 0, "errors": 0, "tokens_generated": 0,
                        "prompt_tokens": 0, "quarantine_events": 0, "steps": 0, "batched_steps": 0,
                        "packed_prefills": 0}
@@ -400,6 +402,9 @@ class Engine:
         rows = [r for r in self._active if r.finish_reason is None]
         if not rows:
             return
+        if self._pool is not None:
+            # Rows in slot order: consecutive slots are read as one view of the pool (RowCaches).
+            rows.sort(key=lambda r: r.cache.slot if isinstance(r.cache, SlotCache) else -1)
         tokens_B = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long, device=self.device)
         if self.batchable and len(rows) > 1:
             self.counts["batched_steps"] += 1
@@ -407,7 +412,7 @@ class Engine:
             if logits_BV is not None:
                 for b, r in enumerate(rows):
                     self._record_rows(r, b, 1)
-                    self._accept_one(r, logits_BV[b:b + 1], lambda b=b: self._trace(b))
+                self._accept_rows(rows, logits_BV, list(range(len(rows))))
         else:
             for b, r in enumerate(rows):
                 def forward(r: GenRequest = r, b: int = b) -> torch.Tensor:
@@ -437,16 +442,55 @@ class Engine:
         if result is None:
             return
         logits_BV, rows = result
-        for b, (req, row) in enumerate(zip(reqs, rows)):
+        for req, row in zip(reqs, rows):
             self._active.append(req)
             self._record_rows(req, row, len(req.prompt_ids))
-            self._accept_one(req, logits_BV[b:b + 1], lambda row=row: self._trace(row))
+        self._accept_rows(reqs, logits_BV, rows)
+
+    def _accept_rows(self, reqs: list[GenRequest], logits_BV: torch.Tensor, trace_rows: list[int]) -> None:
+        """``_accept`` for row b of ``logits_BV`` (B, V) and ``reqs[b]``, whose routing is row
+        ``trace_rows[b]`` of the last forward. Rows that sample alike are drawn together
+        (``_draw``); the rest, and any row whose draw failed, sample on their own."""
+        tokens: list[int | None] = [None] * len(reqs)
+        if len(reqs) > 1:
+            try:
+                tokens = self._draw(reqs, logits_BV)
+            except RuntimeError as err:  # every row samples on its own instead (and fails on its own)
+                log.warning("batched sampling failed, sampling row by row: %s", err)
+        for b, req in enumerate(reqs):
+            self._accept_one(req, logits_BV[b:b + 1], lambda row=trace_rows[b]: self._trace(row), tokens[b])
+
+    def _draw(self, reqs: list[GenRequest], logits_BV: torch.Tensor) -> list[int | None]:
+        """Next tokens of the rows without logit_bias or penalties, with finite logits: one argmax
+        for the greedy rows, one ``nucleus_probs`` per (temperature, top_p) shared by several rows,
+        then one multinomial per row with the row's own generator (``sample_next``'s draws, since
+        ``nucleus_probs`` computes every row on its own). None for the other rows."""
+        tokens: list[int | None] = [None] * len(reqs)
+        finite = torch.isfinite(logits_BV).all(dim=-1).tolist()
+        groups: dict[tuple[float, float], list[int]] = {}
+        for b, r in enumerate(reqs):
+            if finite[b] and not r.logit_bias and not (r.presence_penalty or r.frequency_penalty):
+                key = (0.0, 1.0) if r.temperature == 0 else (r.temperature, r.top_p)
+                groups.setdefault(key, []).append(b)
+        for (temperature, top_p), rows in groups.items():
+            group_GV = logits_BV if len(rows) == len(reqs) else logits_BV[rows]
+            if temperature == 0:
+                for b, token in zip(rows, group_GV.argmax(dim=-1).tolist()):
+                    tokens[b] = token
+                continue
+            probs_GV = nucleus_probs(group_GV, temperature, top_p)
+            for g, b in enumerate(rows):
+                try:
+                    tokens[b] = int(torch.multinomial(probs_GV[g:g + 1], 1, generator=reqs[b].generator)[0, 0])
+                except RuntimeError as err:  # this row's request fails (sampling again in _sample), not the batch
+                    log.warning("request %s: batched draw failed: %s", reqs[b].request_id, err)
+        return tokens
 
     def _accept_one(self, req: GenRequest, logits_1V: torch.Tensor,
-                    trace: Callable[[], dict[str, list[int]]]) -> None:
+                    trace: Callable[[], dict[str, list[int]]], token: int | None = None) -> None:
         """``_accept`` for one sequence; an error there (sampling, decoding) fails this sequence only."""
         try:
-            self._accept(req, logits_1V, trace() if req.trace else None)
+            self._accept(req, logits_1V, trace() if req.trace else None, token)
         except Exception as err:  # one sequence's failure must not reach the others in the batch
             log.exception("request %s failed", req.request_id)
             self._finish(req, "error", f"{type(err).__name__}: {err}")
@@ -464,11 +508,17 @@ class Engine:
         return {"logprob": float(logp_V[token]),
                 "top": [] if top is None else list(zip(top.indices.tolist(), top.values.tolist()))}
 
-    def _sample(self, req: GenRequest, logits_1V: torch.Tensor) -> tuple[int, dict[str, Any] | None]:
-        """The next token after logit_bias and the penalties, and its logprob entry when asked for.
+    def _sample(self, req: GenRequest, logits_1V: torch.Tensor,
+                token: int | None = None) -> tuple[int, dict[str, Any] | None]:
+        """The next token after logit_bias and the penalties (``token`` when ``_draw`` drew it
+        already), and its logprob entry when asked for.
 
         Logprobs are log-softmax of the biased, penalised logits before temperature and top-p (as
         vLLM reports them). Non-finite logits fail the request (``_accept_one``), not the batch."""
+        if token is not None:
+            if req.logprobs is None:
+                return token, None
+            return token, self._logprob_entry(torch.log_softmax(logits_1V[0].double(), dim=-1), token, req.logprobs)
         if not bool(torch.isfinite(logits_1V).all()):
             raise FloatingPointError("the model's logits hold NaN/Inf for this sequence")
         if req.logit_bias:
@@ -573,9 +623,11 @@ class Engine:
         return RoutingRecord(list(self.layers), [m.num_experts for m in self.layers.values()],
                              [idx_TK[None].long() for idx_TK in idx_LTK], tokens)
 
-    def _accept(self, req: GenRequest, logits_1V: torch.Tensor, trace: dict[str, list[int]] | None) -> None:
-        """Sample the request's next token, update its text, emit the new text, and finish it when done."""
-        token, logprob = self._sample(req, logits_1V)
+    def _accept(self, req: GenRequest, logits_1V: torch.Tensor, trace: dict[str, list[int]] | None,
+                token: int | None = None) -> None:
+        """Sample the request's next token (``token`` when drawn already), update its text, emit the
+        new text, and finish it when done."""
+        token, logprob = self._sample(req, logits_1V, token)
         now = time.perf_counter()
         if req.t_first is None:
             req.t_first = now
@@ -585,7 +637,7 @@ class Engine:
         self.counts["tokens_generated"] += 1
         if self.metrics is not None:
             self.metrics.tokens(1)
-        eos = token in stop_ids(self.tokenizer)
+        eos = token in self._stop_ids
         if req.detok is None:
             req.detok = stream_decoder(self.tokenizer, req.prompt_ids)
         # Only the new token is decoded (in the context of the last few); the end flushes what is held.
