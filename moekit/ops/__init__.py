@@ -6,6 +6,7 @@ with a plain-PyTorch reference (``reference.py``) and a benchmark (``benchmarks/
   ``int8``     weight-only int8 experts (``moekit::int8_experts``, ``moekit::int8_gather_experts``)
   ``permute``  gather of token rows into expert order and the deterministic per-token sum back
   ``kernels``  what this CPU can do (bf16 dot products, op latency), measured once per thread count
+               (a probe, not an op: it has no reference; its numbers are in every benchmark's JSON)
 Imports nothing else from moekit: ``moekit.dispatch`` and ``moekit.experts`` build on it.
 """
 
