@@ -17,7 +17,7 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-from moekit.parallel.testing import CASES, free_port, layer_worker, lifetime_worker
+from moekit.parallel.testing import CASES, checkpoint_worker, free_port, layer_worker, lifetime_worker
 
 TOL = 1e-5
 CASE_NAMES = [c[0] for c in CASES]
@@ -77,6 +77,20 @@ def test_cases_cover_idle_rank_and_drops(world2):
     assert world2[0]["ep2/capacity_probability"]["any_dropped"] > 0
     assert world2[0]["ep2/capacity_position_switch"]["any_dropped"] > 0
     assert "selection_bias" in world2[0]["ep2/sigmoid_bias"]
+
+
+def test_checkpoint_recomputation_counts_nothing_under_ep(tmp_path):
+    """Activation checkpointing re-runs the expert-parallel forward (collectives included) during
+    backward: outputs, losses and gradients equal the plain run's, and the statistics count one
+    forward, not two (MoE._record skips the recomputation on every rank alike)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(checkpoint_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        err = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert err.pop("passes") == 1, f"rank {rank}: statistics counted the recomputation"
+        assert any(k.startswith("stats:tokens_E") for k in err) and any(k.startswith("grad:experts.") for k in err)
+        bad = {k: v for k, v in err.items() if not v <= TOL}
+        assert not bad, f"rank {rank}: the checkpointed run differs from the plain run: {bad}"
 
 
 FAULT_TIMEOUT_S = 5

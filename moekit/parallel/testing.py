@@ -231,3 +231,34 @@ def lifetime_worker(rank: int, world: int, ports: list[int], out_dir: str) -> No
         results[mode] = {"threads_running": running, "threads_after": after, "outcome": outcome,
                          "initialized_after": dist.is_initialized(), "later_forward": later}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def checkpoint_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Entry point for torch.multiprocessing.spawn: the same expert-parallel layer run plainly and
+    under activation checkpointing (non-reentrant: its recomputation runs the forward, collectives
+    included, a second time during backward). Records the largest differences of the outputs, the
+    losses, every gradient and every statistics buffer, and the number of counted forwards."""
+    from torch.utils.checkpoint import checkpoint
+
+    init_loopback(rank, world, port)
+    groups = build_groups(world, timeout_s=60.0)
+    torch.manual_seed(0)
+    base = MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, top_k=2, aux_loss_coef=0.01, z_loss_coef=1e-3,
+               capacity_factor=1.0)
+    plain, ckpt = shard_moe(copy.deepcopy(base), groups), shard_moe(copy.deepcopy(base), groups)
+    torch.manual_seed(100 + rank)
+    x = torch.randn(2, 5, DIM)
+    out_p = plain(x)
+    (out_p.square().sum() + plain.aux_loss).backward()
+    out_c = checkpoint(ckpt, x, use_reentrant=False)
+    (out_c.square().sum() + ckpt.aux_loss).backward()
+    err = {"output": _max_err(out_c, out_p), "aux_loss": _max_err(ckpt.aux_loss, plain.aux_loss)}
+    grads_p = dict(plain.named_parameters())
+    for name, p in ckpt.named_parameters():
+        err[f"grad:{name}"] = _max_err(p.grad, grads_p[name].grad)
+    bufs_p = dict(plain.stats.named_buffers())
+    for name, buf in ckpt.stats.named_buffers():
+        err[f"stats:{name}"] = _max_err(buf.double(), bufs_p[name].double())
+    err["passes"] = float(ckpt.stats.passes)
+    destroy_parallel(groups)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(err))
