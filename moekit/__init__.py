@@ -12,6 +12,7 @@ Importing moekit has no side effects: it patches nothing and touches no device.
 
 from .errors import CheckpointError
 from .config import BalanceConfig, ConfigError, MoEConfig, RouterConfig, SharedExpertConfig, moe_config
+from .experts import quantize_experts
 from .layer import ExpertNonFiniteError, MoE, RoutingEvent
 from .model_ops import (RoutingCapture, aux_loss, capture_routing, mask_experts, moe_layers, name_moe_layers,
                         reset_routing_stats, routing_report, update_router_biases)
@@ -27,5 +28,5 @@ __all__ = [
     "CheckpointError",
     "ExpertNonFiniteError", "RoutingCollapseWarning", "aux_loss", "update_router_biases", "routing_report",
     "reset_routing_stats", "moe_layers", "name_moe_layers", "capture_routing", "RoutingCapture", "RoutingEvent",
-    "mask_experts", "from_hf", "patch_model", "to_hf", "__version__",
+    "mask_experts", "quantize_experts", "from_hf", "patch_model", "to_hf", "__version__",
 ]
