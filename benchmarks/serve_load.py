@@ -8,8 +8,11 @@ server's interpreter). For each mode and client count, N clients share a fixed n
 requests (``--requests`` of up to ``--max-tokens`` tokens, seeded temperature-1 sampling; a
 request ends early only if it draws the end-of-document byte), one after another per client.
 Reported per run: completion tokens/s over the run's wall time, p50/p99 request latency and
-p50/p99 time to first token; ratios compare batching on with off at the same client count, in
-the same process. The machine may be shared: compare ratios, not absolute numbers.
+p50/p99 time to first token, and the server's CPU time per completion token (user + system, all
+threads, from /proc on Linux); ratios compare batching on with off at the same client count, in
+the same process. The machine may be shared: compare ratios, not absolute numbers. On a loaded
+machine the tokens/s ratio moves with the load between runs; the CPU time per token does not
+(it counts only what the server did), so the record has both.
 
 Run ``python benchmarks/serve_load.py`` (``--quick`` for fewer requests); prints a table and
 writes benchmarks/results/serve_load.json. ``--hf mixtral`` (or qwen3_moe, deepseek_v3, ...) serves
@@ -66,6 +69,27 @@ def write_hf_checkpoint(folder: Path, args: argparse.Namespace) -> Path:
                           pad_token_id=tok.token_to_id("<|endoftext|>"))
     model.save_pretrained(folder / "hf")
     return convert_folder(folder / "hf", folder / "converted")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all its threads) from /proc; None off Linux."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_features() -> dict[str, object]:
+    """The SIMD level torch dispatches to and the CPU's vector flags (what the figures depend on)."""
+    flags: list[str] = []
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        line = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "")
+        wanted = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}
+        flags = sorted(wanted & set(line.split()))
+    return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "flags": flags,
+            "processor": platform.processor() or platform.machine()}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -165,26 +189,38 @@ def main() -> None:
             # that a change in the machine's load hits both alike.
             for clients in client_counts:
                 for mode, max_batch in modes.items():
+                    pid = servers[mode][0].pid
+                    cpu_before = cpu_seconds(pid)
                     run = asyncio.run(load(servers[mode][1], clients, args.requests, args.max_tokens))
+                    cpu_after = cpu_seconds(pid)
+                    # The warm-up request's few tokens are in the CPU time too (under 1% of a run's).
+                    run["server_cpu_ms_per_token"] = (None if cpu_before is None or cpu_after is None
+                                                      else 1000 * (cpu_after - cpu_before) / run["tokens"])
                     runs.append({"mode": mode, "max_batch": max_batch, **run})
                     print(f"{mode:>14} clients={clients:>2}: {run['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(30)
-    base = {r["clients"]: r["tokens_per_s"] for r in runs if r["mode"] == "one_at_a_time"}
+    base = {r["clients"]: r for r in runs if r["mode"] == "one_at_a_time"}
     for r in runs:
-        r["tokens_per_s_vs_one_at_a_time"] = r["tokens_per_s"] / base[r["clients"]]
+        off = base[r["clients"]]
+        r["tokens_per_s_vs_one_at_a_time"] = r["tokens_per_s"] / off["tokens_per_s"]
+        cpu, cpu_off = r["server_cpu_ms_per_token"], off["server_cpu_ms_per_token"]
+        # How many times less server CPU a token took than one at a time (load-independent).
+        r["cpu_per_token_vs_one_at_a_time"] = None if not cpu or cpu_off is None else cpu_off / cpu
     header = (f"{'mode':<14} {'clients':>7} {'tok/s':>8} {'x off':>6} {'p50 lat s':>9} {'p99 lat s':>9} "
-              f"{'p50 TTFT s':>10} {'p99 TTFT s':>10}")
+              f"{'p50 TTFT s':>10} {'p99 TTFT s':>10} {'CPU ms/tok':>10} {'x CPU':>6}")
     print(header)
     print("-" * len(header))
     for r in runs:
         print(f"{r['mode']:<14} {r['clients']:>7} {r['tokens_per_s']:>8.1f} "
               f"{r['tokens_per_s_vs_one_at_a_time']:>6.2f} {r['p50_latency_s']:>9.3f} {r['p99_latency_s']:>9.3f} "
-              f"{r['p50_ttft_s']:>10.3f} {r['p99_ttft_s']:>10.3f}")
+              f"{r['p50_ttft_s']:>10.3f} {r['p99_ttft_s']:>10.3f} {r['server_cpu_ms_per_token'] or 0:>10.2f} "
+              f"{r['cpu_per_token_vs_one_at_a_time'] or 0:>6.2f}")
     record = {"benchmark": "serve_load", "moekit": moekit.__version__, "torch": torch.__version__,
-              "platform": platform.platform(), "cpu_count": os.cpu_count(),
+              "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu": cpu_features(),
+              "torch_threads_server": args.threads,
               "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": runs}
     out = Path(args.out)
