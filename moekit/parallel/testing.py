@@ -127,6 +127,13 @@ def run_case(name: str, kwargs: dict[str, Any], mask_spec: Any, bs: tuple[int, i
     fresh = shard_moe(copy.deepcopy(MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, **kwargs)), groups)
     fresh.load_state_dict(ref.state_dict())
     err["state_dict_load_slice"] = max(_max_err(p, ep_params[k]) for k, p in fresh.named_parameters())
+    # The groups are the dims of a ("dp", "ep") DeviceMesh: EP groups of contiguous ranks.
+    mesh = groups.mesh
+    P = groups.ep_size
+    layout_ok = (mesh is not None and mesh.mesh_dim_names == ("dp", "ep") and tuple(mesh.mesh.shape) == (N // P, P)
+                 and groups.ep_ranks == list(range(rank - rank % P, rank - rank % P + P))
+                 and groups.dp_ranks == list(range(rank % P, N, P)))
+    err["mesh_layout"] = 0.0 if layout_ok else float("inf")
     err["rows_received"] = float(sum(ep.stats.tokens_E[ids.start:ids.stop]))
     err["any_dropped"] = float(ref.report().dropped)
     return err
