@@ -591,17 +591,24 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
         pending = len(choices)
         try:
             while pending:
-                index, event = await events.get()
-                c = by_index[index]
-                if event["type"] == "error":
-                    yield sse(_error_body(event["message"], None, "server_error"))
-                    return  # as OpenAI's API does: the error event ends the stream, no [DONE]
-                take(c, event)
-                if event["type"] == "token":
-                    yield chunk(piece(c, event["text"], event, None))
-                else:
-                    pending -= 1
-                    yield chunk(piece(c, event["text"], None, event["finish_reason"]))
+                # The events queued by now go out in one write (a client that fell behind, n > 1).
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                out = []
+                for index, event in batch:
+                    c = by_index[index]
+                    if event["type"] == "error":
+                        out.append(sse(_error_body(event["message"], None, "server_error")))
+                        yield "".join(out)
+                        return  # as OpenAI's API does: the error event ends the stream, no [DONE]
+                    take(c, event)
+                    if event["type"] == "token":
+                        out.append(chunk(piece(c, event["text"], event, None)))
+                    else:
+                        pending -= 1
+                        out.append(chunk(piece(c, event["text"], None, event["finish_reason"])))
+                yield "".join(out)
             if include_usage:
                 yield sse({"id": rid, "object": kind, "created": created, "model": engine.model_name,
                            "choices": [], "usage": usage_of(choices)})
