@@ -149,7 +149,8 @@ class ExpertParallelMoE(MoE):
         return super().forward_with_routing(x)
 
     def _plan(self, routing: Routing, available_E: torch.Tensor | None) -> DispatchPlan:
-        """This rank's kept slots, sorted by expert; capacity decided on the global batch."""
+        """This rank's kept slots, sorted by expert; capacity decided on the global batch. (The profile's
+        "routing" phase times this plan; the router itself runs in ``MoE._route_and_run``.)"""
         with self._phase("routing"):
             idx_TK, w_TK = routing.topk_idx_TK, routing.topk_weight_TK
             assert idx_TK is not None and w_TK is not None
@@ -229,6 +230,11 @@ class ExpertParallelMoE(MoE):
             return combine(y_RD, plan, x_TD.dtype)
 
     # ------------------------------------------------------------------ global losses and statistics
+    def _record(self, routing: Routing, plan: DispatchPlan, lead: tuple[int, ...],
+                valid_T: torch.Tensor | None = None) -> None:
+        with self._phase("losses_stats"):
+            super()._record(routing, plan, lead, valid_T)
+
     def _batch_reduce(self) -> L.Reduce:
         """The world sum (every rank holds a share of the batch), differentiable under gradient
         averaging (``all_to_all.global_sum``): ``balance.losses`` reduces its counts and sums with it."""
