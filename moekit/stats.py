@@ -82,26 +82,27 @@ class RoutingStats(nn.Module):
     def update(self, routing: Routing, plan: DispatchPlan, valid_T: torch.Tensor | None = None) -> None:
         """Add one forward pass. With ``valid_T`` (T,) the per-token sums (entropy, z, tokens,
         co-activation) skip padding; the plan's counts must already exclude it (MoE does that)."""
-        self.passes += 1
-        self.tokens_E += plan.counts_E
-        self.routed_E += plan.routed_E
-        self.dropped += plan.num_dropped
+        self.passes.add_(1)
+        # add_ in place: ``buffer += x`` would also go through nn.Module.__setattr__ on every forward.
+        self.tokens_E.add_(plan.counts_E)
+        self.routed_E.add_(plan.routed_E)
+        self.dropped.add_(plan.num_dropped)
         probs_TE = normalized_scores(routing)
         entropy_T = entropy(probs_TE)
         z_T = torch.logsumexp(routing.logits_TE, dim=-1).square()
         w_T = token_weights(valid_T, routing.logits_TE)
         if w_T is None:
-            self.entropy_sum += entropy_T.sum()
-            self.z_sum += z_T.sum()
-            self.num_tokens += routing.num_tokens
+            self.entropy_sum.add_(entropy_T.sum())
+            self.z_sum.add_(z_T.sum())
+            self.num_tokens.add_(routing.num_tokens)
         else:
-            self.entropy_sum += (entropy_T * w_T).sum()
-            self.z_sum += (z_T * w_T).sum()
-            self.num_tokens += w_T.sum()
+            self.entropy_sum.add_((entropy_T * w_T).sum())
+            self.z_sum.add_((z_T * w_T).sum())
+            self.num_tokens.add_(w_T.sum())
         if routing.topk_idx_TK is not None:
             hit_TE = torch.zeros_like(routing.logits_TE).scatter_(1, routing.topk_idx_TK, 1.0)
             hit_w_TE = hit_TE if w_T is None else hit_TE * w_T.unsqueeze(1)
-            self.coactivation_EE += (hit_w_TE.t() @ hit_TE).double()
+            self.coactivation_EE.add_((hit_w_TE.t() @ hit_TE).double())
         used_E = plan.counts_E > 0
         self.idle_steps_E.add_(1).masked_fill_(used_E, 0)
 
