@@ -15,6 +15,16 @@ from torch import nn
 import moekit
 
 
+def feed_forward(kind: str, dim: int, num_experts: int, expert_hidden: int, top_k: int) -> nn.Module:
+    """The block's feed-forward: an MoE of GELU experts ("moe"), or the dense MLP with the same active
+    width, top_k * expert_hidden ("dense")."""
+    if kind == "moe":
+        return moekit.MoE(dim=dim, num_experts=num_experts, expert_hidden=expert_hidden, top_k=top_k,
+                          expert_kind="mlp", activation="gelu", aux_loss_coef=0.01)
+    hidden = top_k * expert_hidden
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
+
+
 def active_params(model: nn.Module) -> int:
     """Parameters one input token uses: all but the unchosen routed experts (top_k of E per layer)."""
     inactive = 0

@@ -25,9 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared import compare, print_report, split  # noqa: E402
-
-import moekit  # noqa: E402
+from _shared import compare, feed_forward, print_report, split  # noqa: E402
 
 DATASETS = ("breast_cancer", "wine")
 
@@ -90,11 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def build(kind: str, seed: int) -> nn.Module:
         def ffn() -> nn.Module:
-            if kind == "moe":
-                return moekit.MoE(dim=args.dim, num_experts=args.experts, expert_hidden=args.expert_hidden,
-                                  top_k=args.top_k, expert_kind="mlp", activation="gelu", aux_loss_coef=0.01)
-            hidden = args.top_k * args.expert_hidden
-            return nn.Sequential(nn.Linear(args.dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, args.dim, bias=False))
+            return feed_forward(kind, args.dim, args.experts, args.expert_hidden, args.top_k)
         return TabularNet(x.shape[1], classes, args.dim, args.depth, ffn)
 
     results = compare(build, data, list(range(args.seeds)), args.epochs, args.batch_size, args.lr)
