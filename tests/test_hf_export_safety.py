@@ -174,17 +174,19 @@ def test_cli_convert_overwrite(src: Path, tmp_path: Path, capsys: pytest.Capture
 
 
 # ---------------------------------------------------------------------------------------- errors
-def _copy(folder: Path, tmp_path: Path) -> Path:
+def _copy(folder: Path, tmp_path: Path, **config_changes: object) -> Path:
+    """A copy of the checkpoint folder, with ``config_changes`` written into its config.json."""
     dst = tmp_path / "ckpt"
     shutil.copytree(folder, dst)
+    if config_changes:
+        config = json.loads((dst / "config.json").read_text())
+        config.update(config_changes)
+        (dst / "config.json").write_text(json.dumps(config))
     return dst
 
 
 def test_config_with_fewer_experts_than_the_checkpoint(src: Path, tmp_path: Path) -> None:
-    folder = _copy(src, tmp_path)
-    config = json.loads((folder / "config.json").read_text())
-    config["num_local_experts"] = 4
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = _copy(src, tmp_path, num_local_experts=4)
     with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.block_sparse_moe\.experts\.4\.w1\.weight' in "
                                               r".*ckpt/model\.safetensors belongs to expert 4, but config\.json "
                                               r"gives 4 experts"):
@@ -193,20 +195,14 @@ def test_config_with_fewer_experts_than_the_checkpoint(src: Path, tmp_path: Path
 
 def test_config_with_fewer_layers_than_the_checkpoint(src: Path, tmp_path: Path) -> None:
     """Extra layers were skipped silently (a truncated model); only DeepSeek-V3's MTP layers are."""
-    folder = _copy(src, tmp_path)
-    config = json.loads((folder / "config.json").read_text())
-    config["num_hidden_layers"] = 2
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = _copy(src, tmp_path, num_hidden_layers=2)
     with pytest.raises(CheckpointError, match=r"ckpt/model\.safetensors: tensor 'model\.layers\.2\.[\w.]+' is for "
                                               r"layer 2, but config\.json gives num_hidden_layers=2"):
         from_hf(folder)
 
 
 def test_config_with_more_experts_names_the_mismatched_tensor(src: Path, tmp_path: Path) -> None:
-    folder = _copy(src, tmp_path)
-    config = json.loads((folder / "config.json").read_text())
-    config["num_local_experts"] = 9
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = _copy(src, tmp_path, num_local_experts=9)
     # The router's (9, D) weight no longer fits the checkpoint's (8, D).
     with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.block_sparse_moe\.gate\.weight' in "
                                               r".*model\.safetensors has shape \(8, 32\)"):
