@@ -77,7 +77,8 @@ def build(kind: str, seed: int = 0) -> LM:
 
 
 def make_step(model: LM, compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=DEMO["lr"], weight_decay=0.1)
+    on_cuda = next(model.parameters()).is_cuda
+    opt = torch.optim.AdamW(model.parameters(), lr=DEMO["lr"], weight_decay=0.1, fused=True if on_cuda else None)
     params = list(model.parameters())
 
     def loss_of(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -96,29 +97,33 @@ def make_step(model: LM, compiled: bool) -> Callable[[torch.Tensor, torch.Tensor
     return step
 
 
-def measure(compiled: bool, repeats: int, steps: int) -> dict:
+def measure(compiled: bool, repeats: int, steps: int, device: torch.device) -> dict:
     gen = torch.Generator().manual_seed(0)
     B, S, V = DEMO["batch_size"], DEMO["seq_len"], 257
-    batches = [torch.randint(0, V, (B, S + 1), generator=gen) for _ in range(4)]
+    batches = [torch.randint(0, V, (B, S + 1), generator=gen).to(device) for _ in range(4)]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     runs = {}
     for kind in ("dense", "moe"):
-        model = build(kind)
+        model = build(kind).to(device)
         runs[kind] = (model, make_step(model, compiled))
     warm_start = time.perf_counter()
     for kind, (_, step) in runs.items():
         for i in range(3):  # compile, then settle the allocator
             b = batches[i % len(batches)]
             step(b[:, :-1], b[:, 1:])
+    sync()
     warm_s = time.perf_counter() - warm_start
     times: dict[str, list[float]] = {"dense": [], "moe": []}
     ratios = []
     for r in range(repeats):
         per = {}
         for kind, (_, step) in runs.items():
+            sync()
             start = time.perf_counter()
             for i in range(steps):
                 b = batches[(r * steps + i) % len(batches)]
                 step(b[:, :-1], b[:, 1:])
+            sync()
             per[kind] = (time.perf_counter() - start) / steps * 1e3
             times[kind].append(per[kind])
         ratios.append(per["moe"] / per["dense"])
@@ -140,17 +145,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own choice, as a user gets it)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda (fused AdamW there)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "lm_step.json"))
     args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA device")
     repeats = args.repeats or (5 if args.quick else 9)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     info = cpu_info()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    info["device"] = str(device)
     info["loadavg_start"] = os.getloadavg()
     started = time.time()
     rows = []
     for compiled in (False, True) if not (args.quick or args.no_compile) else (False,):
-        rows.append(measure(compiled, repeats, args.steps))
+        rows.append(measure(compiled, repeats, args.steps, device))
         print(f"{rows[-1]['mode']}: moe/dense {rows[-1]['moe_over_dense']}", flush=True)
     info["loadavg_end"] = os.getloadavg()
     if len(rows) == 2:
