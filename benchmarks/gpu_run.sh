@@ -2,7 +2,8 @@
 # Every GPU check in one short run (for a lent GPU machine with PyTorch, transformers and pytest
 # installed; moekit is used from this checkout). Writes one log (run.log) and the benchmarks' JSON
 # to $OUT (default benchmarks/results/gpu): tests/test_gpu.py, then the CUDA modes of lm_step,
-# moe_layer and hf_generate. Each step has its own time limit, so one slow step cannot starve the rest.
+# moe_layer, hf_generate and expert_parallel (NCCL, world size 1). Each step has its own time
+# limit, so one slow step cannot starve the rest.
 #   OUT=/tmp/gpu bash benchmarks/gpu_run.sh
 set -u
 OUT=${OUT:-benchmarks/results/gpu}
@@ -27,4 +28,5 @@ step lm_step 80 $PY benchmarks/lm_step.py --device cuda --repeats 5 --out "$OUT/
 step moe_layer 110 $PY benchmarks/moe_layer.py --device cuda --out "$OUT/moe_layer_cuda.json"
 step hf_generate_b1 45 $PY benchmarks/hf_generate.py --device cuda --batch 1 --out "$OUT/hf_generate_cuda_b1.json"
 step hf_generate_b4 45 $PY benchmarks/hf_generate.py --device cuda --batch 4 --out "$OUT/hf_generate_cuda_b4.json"
+step expert_parallel 45 $PY benchmarks/expert_parallel.py --device cuda --ep 1 --out "$OUT/expert_parallel_cuda.json"
 tail -n 60 "$LOG"
