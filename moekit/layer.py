@@ -99,6 +99,10 @@ class MoE(nn.Module):
         layer = MoE(cfg, experts=[my_module_0, my_module_1, ...])   # arbitrary nn.Module experts
     """
 
+    # True on a layer whose experts are split over processes (``moekit.parallel.shard_moe``): its
+    # forward runs collectives, so single-process tools (router replay) refuse it.
+    sharded: bool = False
+
     def __init__(self, config: MoEConfig | None = None, *, experts: Sequence[nn.Module] | nn.Module | None = None,
                  **kwargs: Any) -> None:
         super().__init__()

@@ -235,8 +235,6 @@ def _safetensors_metadata(data: bytes, source: str) -> dict[str, str]:
 
 def _replayable_layers(model: nn.Module, what: str) -> list[tuple[str, MoE]]:
     """The model's MoE layers, checked to be token-choice layers whose forward takes the replay hook."""
-    from .parallel.expert_parallel import ExpertParallelMoE
-
     layers = moe_layers(model)
     if not layers:
         raise RoutingRecordError(f"{what}: the model has no moekit MoE layer")
@@ -244,7 +242,7 @@ def _replayable_layers(model: nn.Module, what: str) -> list[tuple[str, MoE]]:
         if layer.config.router.kind == "expert_choice":
             raise RoutingRecordError(f"{what}: {name} uses expert-choice routing, which has no per-token top-k "
                                      f"to record or replay")
-        if isinstance(layer, ExpertParallelMoE):
+        if layer.sharded:
             raise RoutingRecordError(f"{what}: {name} is expert-parallel; router replay supports "
                                      f"single-device layers only")
     return layers

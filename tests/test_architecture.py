@@ -49,8 +49,6 @@ KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("health", "train"): "health.mask_sweep loads a trained run and evaluates with the trainer; "
                          "the sweep belongs with explain/",
     ("health", "report"): "health.plot_mask_sweep draws with report.plots; it belongs with the sweep",
-    ("replay", "parallel"): "replay recognises ExpertParallelMoE layers; gone once expert parallelism is a "
-                            "transform of the one MoE (issue 16 item 2)",
     ("parallel", "train"): "parallel/training.py saves with train.checkpoint; DCP checkpoints in parallel/ "
                            "(issue 16 item 2) remove it",
 }

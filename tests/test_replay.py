@@ -250,6 +250,14 @@ def test_unreplayable_models_and_states() -> None:
     with pytest.raises(RoutingRecordError, match=r"uses expert-choice routing"):
         with record_routing(ec):
             pass
+    from moekit.parallel import ParallelGroups, shard_moe
+
+    one_rank = ParallelGroups(world_size=1, rank=0, ep_size=1, ep_group=None, dp_group=None, ep_ranks=[0],
+                              dp_ranks=[0], backend="gloo", device=torch.device("cpu"), timeout_s=10.0)
+    sharded = shard_moe(MoE(dim=16, num_experts=4, expert_hidden=8, top_k=2), one_rank)
+    with pytest.raises(RoutingRecordError, match=r"MoE is expert-parallel"):
+        with record_routing(sharded):
+            pass
     model = tiny_lm()
     record = recorded(model)
     with replay_routing(model, record):

@@ -121,6 +121,7 @@ class ExpertParallelMoE(MoE):
     the world (collectives).
     """
 
+    sharded = True
     groups: ParallelGroups
     local_experts: range
     # Set to a dict to accumulate seconds per phase and bytes sent (benchmarks/expert_parallel.py).
