@@ -101,9 +101,8 @@ def batch_num_valid(idx_TK: torch.Tensor, w_T: torch.Tensor | None, like: torch.
 def expert_counts(idx_TK: torch.Tensor, num_experts: int, dtype: torch.dtype = torch.float32,
                   w_T: torch.Tensor | None = None) -> torch.Tensor:
     """(E,) number of top-k picks of each expert (of valid tokens when weights ``w_T`` are given)."""
-    if w_T is None:
-        return torch.bincount(idx_TK.reshape(-1), minlength=num_experts).to(dtype)
-    w_TK = w_T.to(dtype).unsqueeze(1).expand(idx_TK.shape)
+    # scatter_add_ rather than bincount: bincount on CUDA reads the ids' max back to the host (a sync).
+    w_TK = (idx_TK.new_ones((), dtype=dtype) if w_T is None else w_T.to(dtype).unsqueeze(1)).expand(idx_TK.shape)
     return torch.zeros(num_experts, dtype=dtype, device=idx_TK.device).scatter_add_(0, idx_TK.reshape(-1),
                                                                                   w_TK.reshape(-1))
 
