@@ -3,7 +3,7 @@
 The demo's shapes (``moekit demo``, size small): dim 128, 4 layers, 4 heads, sequence 128, batch
 16; dense SwiGLU feed-forward of hidden 512 against 16 experts of hidden 128 with top-4 (equal
 active FLOPs), aux loss 0.01 and z-loss 1e-3 as in the demo. A step is forward, cross-entropy +
-balancing losses, backward, gradient clipping, AdamW and the router-bias update, as the trainer
+balancing losses, backward, gradient clipping, AdamW (the trainer's choice of kernel) and the router-bias update, as the trainer
 does it (loss terms are not read on the host inside the step).
 
 Eager and ``torch.compile`` (fullgraph where the model allows it) are timed in one process with
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from moekit import aux_loss, moe_config, update_router_biases
 from moekit.lm.config import LMConfig
 from moekit.lm.model import LM
+from moekit.train.loop import adamw_options
 
 DEMO = {"dim": 128, "n_layers": 4, "n_heads": 4, "ffn_hidden": 512, "seq_len": 128, "batch_size": 16,
         "num_experts": 16, "top_k": 4, "lr": 3e-3}
@@ -77,8 +78,8 @@ def build(kind: str, seed: int = 0) -> LM:
 
 
 def make_step(model: LM, compiled: bool) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    on_cuda = next(model.parameters()).is_cuda
-    opt = torch.optim.AdamW(model.parameters(), lr=DEMO["lr"], weight_decay=0.1, fused=True if on_cuda else None)
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=DEMO["lr"], weight_decay=0.1, **adamw_options(device))
     params = list(model.parameters())
 
     def loss_of(ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@ cosine decay, gradient clipping and accumulation, optional bf16 autocast, the Mo
 losses of every layer (``moekit.aux_loss``) and aux-loss-free bias updates after each step.
 
 The model trains on ``TrainConfig.device`` (cpu, cuda, auto); autocast follows that device's type
-and AdamW uses its fused kernel on CUDA. Loss terms stay on the device as float64 sums across
-micro-batches and are read with the gradient norm once per optimizer step: one host sync.
+and AdamW uses torch's fused kernel (``adamw_options``). Loss terms stay on the device as float64
+sums across micro-batches and are read with the gradient norm once per optimizer step: one host sync.
 
 Batches are a pure function of (seed, step, micro-step) (``moekit.data.batches``), so the data
 position is the step count; a checkpoint holds model, optimizer, step, RNG states, routing
@@ -50,12 +50,15 @@ LossFn = Callable[[LM, Batch, torch.Tensor], torch.Tensor]
 
 
 def adamw_options(device: torch.device) -> dict[str, bool]:
-    """AdamW's implementation for parameters on ``device``: the fused kernel on CUDA (one launch for
-    every parameter); on the CPU the single-tensor loop, torch's own CPU default, which keeps CPU
-    runs bit-identical to the checkpoints and reference curves recorded before the device option."""
-    if device.type == "cuda":
+    """AdamW's implementation for parameters on ``device``: torch's fused kernel on CUDA and on the
+    CPU. It makes one pass over each parameter (moments, decay and update together) where torch's
+    CPU default, the single-tensor loop, runs about ten ops per parameter tensor, so it does less
+    work on any CPU: the demo MoE's 3.5M parameters took 2.8 ms per step against 12.5 ms (1 thread,
+    ``benchmarks/lm_step.py``). Results differ from the loop in the last bits only; a checkpoint
+    saved by the loop resumes with the loop (its parameter groups carry the choice)."""
+    if device.type in ("cuda", "cpu"):
         return {"fused": True}
-    return {"fused": False, "foreach": False}
+    return {}
 
 
 class Trainer:
