@@ -3,8 +3,8 @@
 The demo's shapes (``moekit demo``, size small): dim 128, 4 layers, 4 heads, sequence 128, batch
 16; dense SwiGLU feed-forward of hidden 512 against 16 experts of hidden 128 with top-4 (equal
 active FLOPs), aux loss 0.01 and z-loss 1e-3 as in the demo. A step is forward, cross-entropy +
-balancing losses, backward, gradient clipping, AdamW (the trainer's choice of kernel) and the router-bias update, as the trainer
-does it (loss terms are not read on the host inside the step).
+balancing losses, backward, gradient clipping, AdamW (the trainer's kernel, ``adamw_options``) and
+the router-bias update, as the trainer does it (loss terms are not read on the host inside the step).
 
 Eager and ``torch.compile`` (fullgraph where the model allows it) are timed in one process with
 torch's default thread count and the user's OpenMP environment (nothing is set here). On a loaded
