@@ -8,7 +8,7 @@ import torch
 
 from moekit.config import ConfigError, moe_config
 from moekit.lm import LM, KVCache, LMConfig
-from moekit.lm.generate import generate, nucleus_probs
+from moekit.lm.generate import draw, generate, nucleus_probs
 from moekit.serve.batched import KVPool, RowCaches, can_batch, decode_step, prefill_step, truncate_cache
 from moekit.serve.engine import Engine, GenRequest, QueueFullError, ServeLimits
 
@@ -344,6 +344,89 @@ def test_nucleus_probs_rows_of_a_batch_equal_each_row_alone():
         probs_BV = nucleus_probs(logits_BV, temperature, top_p)
         for b in range(6):
             assert torch.equal(probs_BV[b:b + 1], nucleus_probs(logits_BV[b:b + 1], temperature, top_p))
+
+
+def test_nucleus_probs_takes_per_row_temperature_and_top_p():
+    torch.manual_seed(0)
+    logits_BV = torch.randn(4, 257) * 3
+    temperature, top_p = [0.3, 1.0, 1e-40, 1.7], [0.9, 0.5, 0.99, 1e-61]
+    probs_BV = nucleus_probs(logits_BV, torch.tensor(temperature, dtype=torch.float64), torch.tensor(top_p))
+    for b in range(4):
+        assert torch.equal(probs_BV[b:b + 1], nucleus_probs(logits_BV[b:b + 1], temperature[b], top_p[b]))
+    with pytest.raises(ValueError, match="top_p: a tensor must hold values below 1 in every row or 1"):
+        nucleus_probs(logits_BV, 1.0, torch.tensor([0.9, 1.0, 1.0, 1.0]))
+
+
+def test_draw_is_torch_multinomial_and_each_row_draws_from_its_own_generator():
+    """One generator: the tokens torch.multinomial draws from the same state (seeded answers did not
+    change); a generator per row: row b's token is the one it draws alone from generator b."""
+    torch.manual_seed(0)
+    for B in (1, 5):
+        probs_BV = torch.softmax(torch.randn(B, 257, dtype=torch.float64) * 3, dim=-1)
+        probs_BV[:, ::5] = 0.0
+        for seed in range(20):
+            want = torch.multinomial(probs_BV, 1, generator=torch.Generator().manual_seed(seed))[:, 0]
+            assert torch.equal(draw(probs_BV, torch.Generator().manual_seed(seed)), want)
+            gens = [torch.Generator().manual_seed(seed * 10 + b) for b in range(B)]
+            alone = [int(draw(probs_BV[b:b + 1], torch.Generator().manual_seed(seed * 10 + b))[0]) for b in range(B)]
+            assert draw(probs_BV, gens).tolist() == alone
+    bad_BV = torch.full((3, 4), 0.25, dtype=torch.float64)
+    bad_BV[1] = 0.0
+    bad_BV[2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"rows \[1, 2\] of the probabilities are not distributions"):
+        draw(bad_BV, None)
+    with pytest.raises(ValueError, match="2 generators for 3 rows"):
+        draw(torch.full((3, 4), 0.25), [None, None])
+
+
+def test_rows_with_penalties_and_logit_bias_draw_in_the_batch_as_they_do_alone():
+    """Penalties (values not exact in float32), logit_bias, greedy and sampled rows in one batch: each
+    request's tokens equal its run alone (``_sample`` on its own row, which tests/test_serve_openai.py
+    checks against a float64 reference) and its logprobs too, up to the rounding by which batched
+    logits differ from unbatched ones; the batch drew every row."""
+    torch.manual_seed(3)
+    model = tiny_lm()
+    settings = [dict(temperature=0.0, frequency_penalty=0.3, presence_penalty=0.7),
+                dict(temperature=0.9, top_p=0.8, frequency_penalty=1.1, logit_bias={97: 2.3, 98: -0.7}),
+                dict(temperature=1.0, presence_penalty=-0.4, logprobs=3),
+                dict(temperature=0.0, logit_bias={65: 1.7}, logprobs=2),
+                dict(temperature=1.2),
+                dict(temperature=0.7, top_p=0.95, frequency_penalty=0.3, presence_penalty=0.7, logprobs=1)]
+
+    def requests():
+        return [GenRequest(prompt_ids=[40 + i, 50, 60], max_tokens=10, seed=7 + i, **kw) for i, kw in enumerate(settings)]
+
+    batched = requests()
+    engine = Engine(model, ByteTok(), ServeLimits(max_batch=len(batched)))
+    drawn = []
+    draw_rows = engine._draw
+
+    def spy(reqs, logits_BV):
+        tokens, adjusted_BV = draw_rows(reqs, logits_BV)
+        drawn.append(tokens)
+        return tokens, adjusted_BV
+
+    engine._draw = spy
+    try:
+        events = run_requests(engine, batched)
+    finally:
+        engine.stop()
+    assert drawn and all(None not in tokens for tokens in drawn)
+    for i, req in enumerate(requests()):
+        alone = Engine(model, ByteTok(), ServeLimits(max_batch=1))
+        try:
+            alone_events = run_requests(alone, [req])[0]
+        finally:
+            alone.stop()
+        assert batched[i].generated == req.generated, f"request {i}: {settings[i]}"
+        got = [e["logprob"] for e in events[i] if e["type"] == "token"]
+        want = [e["logprob"] for e in alone_events if e["type"] == "token"]
+        assert (got[0] is None) == (want[0] is None) == (batched[i].logprobs is None)
+        for g, w in zip(got, want):
+            if w is not None:
+                assert [t for t, _ in g["top"]] == [t for t, _ in w["top"]], f"request {i}: top ids"
+                values = [(g["logprob"], w["logprob"])] + [(a, b) for (_, a), (_, b) in zip(g["top"], w["top"])]
+                assert all(abs(a - b) < 1e-5 for a, b in values), f"request {i}: logprobs {values}"
 
 
 def test_engine_draws_rows_alike_together_and_each_request_keeps_its_offline_tokens():

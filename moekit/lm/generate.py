@@ -16,18 +16,56 @@ def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
     """Next token ids (B,): argmax when temperature == 0, else a draw from the top-p nucleus."""
     if temperature == 0:
         return logits_BV.argmax(dim=-1)
-    return torch.multinomial(nucleus_probs(logits_BV, temperature, top_p), 1, generator=generator).squeeze(1)
+    return draw(nucleus_probs(logits_BV, temperature, top_p), generator)
 
 
-def nucleus_probs(logits_BV: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+def draw(probs_BV: torch.Tensor, generator: torch.Generator | None | list[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of ``probs_BV`` (B, V) (non-negative, each row with a positive finite sum):
+    (B,) long, argmax_v p_v / q_v with q_v ~ Exp(1) (the exponential race, Gumbel-max with the
+    logarithms taken off; what ``torch.multinomial`` does for one sample, and it gives the same tokens
+    from the same generator state, tested). With one generator the whole (B, V) noise comes from it
+    in one call, as ``torch.multinomial`` draws it; with a list, row b's noise comes from
+    ``generator[b]`` alone, so a row gives the token it gives alone (the serving engine draws a
+    batch's rows with their requests' generators at once). ValueError names the rows that are not
+    distributions."""
+    total_B = probs_BV.sum(dim=-1)
+    bad_B = ~(torch.isfinite(total_B) & (total_B > 0)) | (probs_BV.amin(dim=-1) < 0)
+    if bool(bad_B.any()):
+        raise ValueError(f"rows {bad_B.nonzero().flatten().tolist()} of the probabilities are not distributions "
+                         "(a negative, NaN or infinite entry, or a sum of 0)")
+    noise_BV = torch.empty_like(probs_BV)
+    if isinstance(generator, list):
+        if len(generator) != probs_BV.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {probs_BV.shape[0]} rows; need one per row")
+        for noise_V, gen in zip(noise_BV.unbind(0), generator):
+            noise_V.exponential_(generator=gen)
+    else:
+        noise_BV.exponential_(generator=generator)
+    return (probs_BV / noise_BV).argmax(dim=-1)
+
+
+def nucleus_probs(logits_BV: torch.Tensor, temperature: float | torch.Tensor,
+                  top_p: float | torch.Tensor) -> torch.Tensor:
     """(B, V) float64 probabilities ``sample_next`` draws from at ``temperature`` > 0: each row is
     computed on its own, so a row of a batch gives the bits it gives alone (the serving engine
-    computes a batch's rows at once and draws each with its request's generator)."""
+    computes a batch's rows at once and draws each with its request's generator). ``temperature``
+    and ``top_p`` are numbers or (B,) float64 tensors (one value per row; a row's bits are those of
+    its values given as numbers, provided every row's top_p is below 1 or every row's is 1)."""
     # Shifted by the row maximum and in float64, so every temperature > 0 gives a finite distribution:
     # a tiny one (1e-40) sends all but the maximum to -inf, which is greedy decoding.
+    if isinstance(temperature, torch.Tensor):
+        temperature = temperature.to(torch.float64).reshape(-1, 1)
     scaled_BV = logits_BV.double()
     probs_BV = torch.softmax((scaled_BV - scaled_BV.amax(dim=-1, keepdim=True)) / temperature, dim=-1)
-    if top_p < 1.0:
+    if isinstance(top_p, torch.Tensor):
+        top_p = top_p.to(torch.float64).reshape(-1, 1)
+        nucleus = bool((top_p < 1.0).any())
+        if nucleus and not bool((top_p < 1.0).all()):
+            raise ValueError("top_p: a tensor must hold values below 1 in every row or 1 in every row (a row "
+                             "with top_p = 1 skips the nucleus cut, which rounding could change)")
+    else:
+        nucleus = top_p < 1.0
+    if nucleus:
         sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p; the first token is always kept, also for a
         # top_p below rounding (1e-61).

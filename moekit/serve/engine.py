@@ -10,8 +10,9 @@ then (2) feeds every running sequence's last token through one batched forward
 
 Determinism: each request owns a ``torch.Generator`` seeded like offline ``moekit generate``
 (``moekit.lm.generate``) and draws its tokens as ``sample_next`` does on its own (1, V) logits
-row (rows with the same temperature and top-p share one ``nucleus_probs`` call, which computes
-each row on its own, then draw with their own generators), so a seeded request gives the offline tokens whether it runs alone (the same
+row (a step's rows share one ``nucleus_probs`` call, which computes each row on its own, and one
+``draw``, whose noise for each row comes from that row's generator), so a seeded request gives the
+offline tokens whether it runs alone (the same
 ``LM.forward`` calls) or batched (logits equal up to float rounding; dropless token-choice
 routing is batch-independent, capacity-limited or expert-choice routing is not).
 
@@ -41,7 +42,7 @@ import torch
 
 from ..config_base import Config, check, spec
 from ..layer import ExpertNonFiniteError, MoE
-from ..lm.generate import nucleus_probs, sample_next
+from ..lm.generate import draw, nucleus_probs, sample_next
 from ..lm.model import LM, KVCache
 from ..model_ops import capture_routing, moe_layers
 from .batched import KVPool, SlotCache, can_batch, decode_step, prefill_step, truncate_cache
@@ -449,42 +450,74 @@ class Engine:
 
     def _accept_rows(self, reqs: list[GenRequest], logits_BV: torch.Tensor, trace_rows: list[int]) -> None:
         """``_accept`` for row b of ``logits_BV`` (B, V) and ``reqs[b]``, whose routing is row
-        ``trace_rows[b]`` of the last forward. Rows that sample alike are drawn together
-        (``_draw``); the rest, and any row whose draw failed, sample on their own."""
+        ``trace_rows[b]`` of the last forward. The rows are drawn together (``_draw``); a row it
+        leaves out, or every row when it fails, samples on its own (and fails on its own)."""
         tokens: list[int | None] = [None] * len(reqs)
+        adjusted_BV = logits_BV
         if len(reqs) > 1:
             try:
-                tokens = self._draw(reqs, logits_BV)
-            except RuntimeError as err:  # every row samples on its own instead (and fails on its own)
+                tokens, adjusted_BV = self._draw(reqs, logits_BV)
+            except (RuntimeError, ValueError) as err:  # every row samples on its own instead
                 log.warning("batched sampling failed, sampling row by row: %s", err)
         for b, req in enumerate(reqs):
-            self._accept_one(req, logits_BV[b:b + 1], lambda row=trace_rows[b]: self._trace(row), tokens[b])
+            row_1V = (logits_BV if tokens[b] is None else adjusted_BV)[b:b + 1]
+            self._accept_one(req, row_1V, lambda row=trace_rows[b]: self._trace(row), tokens[b])
 
-    def _draw(self, reqs: list[GenRequest], logits_BV: torch.Tensor) -> list[int | None]:
-        """Next tokens of the rows without logit_bias or penalties, with finite logits: one argmax
-        for the greedy rows, one ``nucleus_probs`` per (temperature, top_p) shared by several rows,
-        then one multinomial per row with the row's own generator (``sample_next``'s draws, since
-        ``nucleus_probs`` computes every row on its own). None for the other rows."""
+    def _draw(self, reqs: list[GenRequest], logits_BV: torch.Tensor) -> tuple[list[int | None], torch.Tensor]:
+        """Next tokens of all rows with finite logits at once, with ``_sample``'s result for each row:
+        logit_bias and penalties applied to the rows that set them (``_adjusted``), one argmax for the
+        greedy rows, one ``nucleus_probs`` (per-row temperature) for the sampled rows with top_p < 1
+        and one for those with top_p = 1, then one ``draw`` in which each row's noise comes from its
+        request's generator (``sample_next``'s draw, since both compute every row on its own).
+        Returns the tokens (None for rows with NaN/Inf logits, left to ``_sample`` to fail) and the
+        adjusted logits (B, V) (the logprobs' source)."""
         tokens: list[int | None] = [None] * len(reqs)
         finite = torch.isfinite(logits_BV).all(dim=-1).tolist()
-        groups: dict[tuple[float, float], list[int]] = {}
-        for b, r in enumerate(reqs):
-            if finite[b] and not r.logit_bias and not (r.presence_penalty or r.frequency_penalty):
-                key = (0.0, 1.0) if r.temperature == 0 else (r.temperature, r.top_p)
-                groups.setdefault(key, []).append(b)
-        for (temperature, top_p), rows in groups.items():
-            group_GV = logits_BV if len(rows) == len(reqs) else logits_BV[rows]
-            if temperature == 0:
-                for b, token in zip(rows, group_GV.argmax(dim=-1).tolist()):
-                    tokens[b] = token
+        adjusted_BV = self._adjusted(reqs, logits_BV)
+        greedy = [b for b, r in enumerate(reqs) if finite[b] and r.temperature == 0]
+        nucleus = [b for b, r in enumerate(reqs) if finite[b] and r.temperature != 0 and r.top_p < 1]
+        full = [b for b, r in enumerate(reqs) if finite[b] and r.temperature != 0 and r.top_p == 1]
+        if greedy:
+            for b, token in zip(greedy, _rows(adjusted_BV, greedy).argmax(dim=-1).tolist()):
+                tokens[b] = token
+        for rows in (nucleus, full):
+            if not rows:
                 continue
-            probs_GV = nucleus_probs(group_GV, temperature, top_p)
-            for g, b in enumerate(rows):
-                try:
-                    tokens[b] = int(torch.multinomial(probs_GV[g:g + 1], 1, generator=reqs[b].generator)[0, 0])
-                except RuntimeError as err:  # this row's request fails (sampling again in _sample), not the batch
-                    log.warning("request %s: batched draw failed: %s", reqs[b].request_id, err)
-        return tokens
+            probs_GV = nucleus_probs(_rows(adjusted_BV, rows), _per_row([reqs[b].temperature for b in rows]),
+                                     _per_row([reqs[b].top_p for b in rows]))
+            for b, token in zip(rows, draw(probs_GV, [reqs[b].generator for b in rows]).tolist()):
+                tokens[b] = token
+        return tokens, adjusted_BV
+
+    @staticmethod
+    def _adjusted(reqs: list[GenRequest], logits_BV: torch.Tensor) -> torch.Tensor:
+        """``logits_BV`` (B, V) with row b's ``logit_bias`` added, then OpenAI's penalties over its
+        generated tokens subtracted: logit - frequency x count - presence x (count > 0). The same
+        tensor when no row sets either; rows that set neither keep their values."""
+        biased = [b for b, r in enumerate(reqs) if r.logit_bias]
+        penalised = [b for b, r in enumerate(reqs) if (r.presence_penalty or r.frequency_penalty) and r.generated]
+        if not biased and not penalised:
+            return logits_BV
+        V, dtype, device = logits_BV.shape[-1], logits_BV.dtype, logits_BV.device
+        out_BV = logits_BV.clone()
+        if biased:
+            rows = torch.tensor([b for b in biased for _ in reqs[b].logit_bias], device=device)
+            ids = torch.tensor([t for b in biased for t in reqs[b].logit_bias], device=device)
+            bias = torch.tensor([v for b in biased for v in reqs[b].logit_bias.values()], dtype=dtype, device=device)
+            out_BV.index_put_((rows, ids), bias, accumulate=True)  # a request's ids are distinct keys
+        if penalised:
+            longest = max(len(reqs[b].generated) for b in penalised)
+            # Generated ids padded with V (a column past the vocabulary, dropped after counting).
+            ids_PN = torch.tensor([reqs[b].generated + [V] * (longest - len(reqs[b].generated)) for b in penalised],
+                                  device=device)
+            counts_PV = torch.zeros(len(penalised), V + 1, dtype=dtype, device=device).scatter_add_(
+                1, ids_PN, torch.ones(ids_PN.shape, dtype=dtype, device=device))[:, :V]
+            frequency_P1 = torch.tensor([[reqs[b].frequency_penalty] for b in penalised], dtype=dtype, device=device)
+            presence_P1 = torch.tensor([[reqs[b].presence_penalty] for b in penalised], dtype=dtype, device=device)
+            index = torch.tensor(penalised, device=device)
+            out_BV.index_copy_(0, index, out_BV.index_select(0, index) - frequency_P1 * counts_PV
+                               - presence_P1 * (counts_PV > 0).to(dtype))
+        return out_BV
 
     def _accept_one(self, req: GenRequest, logits_1V: torch.Tensor,
                     trace: Callable[[], dict[str, list[int]]], token: int | None = None) -> None:
@@ -511,7 +544,8 @@ class Engine:
     def _sample(self, req: GenRequest, logits_1V: torch.Tensor,
                 token: int | None = None) -> tuple[int, dict[str, Any] | None]:
         """The next token after logit_bias and the penalties (``token`` when ``_draw`` drew it
-        already), and its logprob entry when asked for.
+        already from these logits, ``logits_1V`` then adjusted already), and its logprob entry when
+        asked for.
 
         Logprobs are log-softmax of the biased, penalised logits before temperature and top-p (as
         vLLM reports them). Non-finite logits fail the request (``_accept_one``), not the batch."""
@@ -521,16 +555,7 @@ class Engine:
             return token, self._logprob_entry(torch.log_softmax(logits_1V[0].double(), dim=-1), token, req.logprobs)
         if not bool(torch.isfinite(logits_1V).all()):
             raise FloatingPointError("the model's logits hold NaN/Inf for this sequence")
-        if req.logit_bias:
-            logits_1V = logits_1V.clone()
-            ids = torch.tensor(list(req.logit_bias), dtype=torch.long, device=logits_1V.device)
-            logits_1V[0, ids] += torch.tensor(list(req.logit_bias.values()), dtype=logits_1V.dtype,
-                                              device=logits_1V.device)
-        if (req.presence_penalty or req.frequency_penalty) and req.generated:
-            counts_V = torch.bincount(torch.tensor(req.generated, device=logits_1V.device),
-                                      minlength=logits_1V.shape[-1])[:logits_1V.shape[-1]].to(logits_1V.dtype)
-            logits_1V = logits_1V - req.frequency_penalty * counts_V - req.presence_penalty * (counts_V > 0).to(
-                logits_1V.dtype)
+        logits_1V = self._adjusted([req], logits_1V)
         token = int(sample_next(logits_1V, req.temperature, req.top_p, req.generator)[0])
         if req.logprobs is None:
             return token, None
@@ -715,3 +740,13 @@ def prompt_room(model: LM, limits: ServeLimits) -> int:
     """Longest prompt a request may send, in tokens."""
     room = model.config.max_seq_len - 1
     return room if limits.max_prompt_tokens is None else min(room, limits.max_prompt_tokens)
+
+
+def _rows(x_BV: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """Rows ``rows`` of x (B, V): x itself when they are all of its rows in order."""
+    return x_BV if rows == list(range(x_BV.shape[0])) else x_BV[rows]
+
+
+def _per_row(values: list[float]) -> float | torch.Tensor:
+    """One number when every row shares it, else the rows' values as a (G,) float64 tensor."""
+    return values[0] if all(v == values[0] for v in values) else torch.tensor(values, dtype=torch.float64)
