@@ -199,3 +199,119 @@ def test_dense_train_step_syncs_the_host_once(tmp_path: Path):
     t.optimizer.zero_grad(set_to_none=True)
     in_step = syncs(t.train_step)
     assert len(in_step) == 3 * len(in_kernels) + 1, (in_step, in_kernels)
+
+
+# ---------------------------------------------------------------------- host syncs and kernel choices
+def _sync_warnings(fn) -> list[str]:
+    """The synchronizing CUDA calls fn makes (torch.cuda.set_sync_debug_mode counts them)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+def _first_sync_traceback(fn) -> str:
+    """Where the first synchronizing call happens (run again with the debug mode raising)."""
+    import traceback
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError:
+        return traceback.format_exc(limit=-8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return "(no sync on the second run)"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_grouped_mm_probe_says_what_the_kernel_does(dtype):
+    """cuda_grouped_mm's answer holds on a larger call than the probe's: ``native`` runs under
+    set_sync_debug_mode("error") and matches per-group float64 products (an empty group included);
+    ``host_sync`` runs and matches. bfloat16 on sm90/sm100 has had the one-kernel path since torch 2.8."""
+    import torch.nn.functional as F
+
+    from moekit.ops.cuda_kernels import GROUPED_MM_SUPPORT, cuda_grouped_mm
+
+    support = cuda_grouped_mm("cuda", dtype)
+    assert support in GROUPED_MM_SUPPORT
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] in (9, 10):
+        assert support == "native"
+    if support == "unsupported":
+        pytest.skip(f"grouped_mm does not run in {dtype} on {torch.cuda.get_device_name()}")
+    counts = [50, 0, 7, 143]
+    x = torch.randn(sum(counts), 64)
+    w = torch.randn(len(counts), 64, 96) / 8
+    offs = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
+    xc, wc = x.to("cuda", dtype), w.to("cuda", dtype)
+    torch.cuda.synchronize()
+    if support == "native":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = F.grouped_mm(xc, wc, offs=offs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = torch.cat([blk @ w[e].double() for e, blk in enumerate(torch.split(xc.double().cpu(), counts))])
+    assert _rel(out, ref) < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_dropless_layer_train_forward_backward_does_not_sync(dtype):
+    """Router, plan, the fused grouped experts op, combine, balancing losses and statistics of a
+    training forward + backward run without one host sync wherever grouped_mm is one kernel (the
+    probe says ``native``); with the host-sync fallback, at most one sync per grouped product
+    (2 in forward, 4 in backward)."""
+    from moekit.ops.cuda_kernels import cuda_grouped_mm
+
+    layer = MoE(moe_config(dim=D, num_experts=8, expert_hidden=F, top_k=2, z_loss_coef=1e-3)).to("cuda", dtype)
+    layer.train()
+    x = torch.randn(600, D, device="cuda", dtype=dtype, requires_grad=True)
+
+    def step() -> None:
+        y = layer(x)
+        (y.float().square().mean() + layer.aux_loss).backward()
+
+    step()  # the probe runs here (it syncs), and the allocator settles
+    found = _sync_warnings(step)
+    if cuda_grouped_mm("cuda", dtype) == "native":
+        assert not found, (found, _first_sync_traceback(step))
+    else:
+        assert len(found) <= 6, (found, _first_sync_traceback(step))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, 1e-4)], ids=["bf16", "fp32"])
+def test_cuda_decode_takes_the_gather_path_past_the_cpu_limit(dtype, tol):
+    """Decode (T*K <= E/2) with 24 MiB of gathered weights, over the CPU's 16 MiB limit: on CUDA the
+    limit comes from the device's memory, so the sort-free gather path runs, without a host sync
+    (finite checks off), and matches a float64 CPU recomputation."""
+    from moekit.dispatch import plan_token_choice
+    from moekit.dispatch.run import GATHER_MAX_BYTES, use_gather_path
+
+    torch.manual_seed(0)
+    Ee, Kd, Dd, Fd, T = 16, 2, 1024, 1024, 2
+    layer = MoE(moe_config(dim=Dd, num_experts=Ee, expert_hidden=Fd, top_k=Kd, check_finite=False)).eval()
+    with torch.no_grad():
+        layer.router.weight.normal_(0.0, 0.05)  # well-separated top-k: no near tie that rounding flips
+    cuda = layer.to("cuda", dtype)
+    ref = copy.deepcopy(cuda).cpu().double()  # the same (rounded) weights and input, in float64
+    ref.experts.backend = "reference"
+    xc = torch.randn(T, Dd).to("cuda", dtype)
+    x = xc.cpu().double()
+    with torch.no_grad():
+        plan = plan_token_choice(cuda.router(xc), Ee, None)
+        w1, w2 = cuda.experts.gate_up_proj, cuda.experts.down_proj
+        nbytes = T * Kd * (w1[0].numel() + w2[0].numel()) * xc.element_size()
+        assert nbytes > GATHER_MAX_BYTES and use_gather_path(plan, w1, w2, xc)
+        cuda(xc)
+        out = []
+        assert not _sync_warnings(lambda: out.append(cuda(xc)))
+        want = ref(x)
+    assert _rel(out[0], want) < tol

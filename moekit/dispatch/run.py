@@ -26,27 +26,45 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from ..ops.cuda_kernels import gather_max_bytes
 from ..ops.fused import FusedWeights, fused_experts, gather_experts
 from ..ops.int8 import Int8Weights, int8_experts, int8_gather_experts
 from .combine import combine, permute
 from .plan import DispatchPlan
 
-# Sort-free path: at most this many bytes of gathered expert weights (T*K copies of one expert's
-# weights). Past it the copy (a read and a write of every chosen expert) costs more than the
+# Sort-free path on the CPU: at most this many bytes of gathered expert weights (T*K copies of one
+# expert's weights). Past it the copy (a read and a write of every chosen expert) costs more than the
 # loop schedule's per-expert ops, which read each distinct expert once: 16 MiB at ~10 GB/s is
-# ~1.6 ms, about 16 experts x 6 ops x 15 us of per-op latency.
+# ~1.6 ms, about 16 experts x 6 ops x 15 us of per-op latency. On CUDA the limit is a share of the
+# device's memory (``moekit.ops.cuda_kernels.gather_max_bytes``): there the copy streams at
+# memory bandwidth while the sorted path pays a kernel launch per op.
 GATHER_MAX_BYTES = 16 * 2**20
+
+
+@torch.compiler.assume_constant_result
+def _cuda_gather_max_bytes(index: int) -> int:
+    return gather_max_bytes(torch.device("cuda", index))
+
+
+def gather_limit_bytes(x_TD: torch.Tensor) -> int:
+    """The most bytes of gathered expert weights ``use_gather_path`` allows on x's device."""
+    if x_TD.device.type == "cuda":
+        index = x_TD.device.index
+        return _cuda_gather_max_bytes(torch.cuda.current_device() if index is None else index)
+    return GATHER_MAX_BYTES
 
 
 def use_gather_path(plan: DispatchPlan, w1: torch.Tensor, w2: torch.Tensor, x_TD: torch.Tensor) -> bool:
     """Sort-free decode path: dropless token choice whose T*K slots are at most half the experts
-    (most slots then hit distinct experts and grouping buys nothing), within GATHER_MAX_BYTES."""
+    (most slots then hit distinct experts and grouping buys nothing), within ``gather_limit_bytes``."""
     if plan.topk_idx_TK is None or not plan.dropless:
         return False
     E = w1.shape[0]
     slots = plan.num_tokens * plan.top_k
+    if 2 * slots > E:
+        return False
     nbytes = slots * (w1[0].numel() + w2[0].numel()) * x_TD.element_size()
-    return 2 * slots <= E and nbytes <= GATHER_MAX_BYTES
+    return nbytes <= gather_limit_bytes(x_TD)
 
 
 def stage(name: str) -> contextlib.AbstractContextManager[object]:

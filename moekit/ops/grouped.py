@@ -8,7 +8,8 @@ counts_E[1] rows use w[1], and so on. Backends:
   ``reference``   the same as loop, kept as the name tests force to compare against; it also
                   turns off the fused experts path (moekit.ops.fused), so the layer runs
                   the plain permute -> experts.forward -> combine composition.
-``auto`` picks the fastest correct backend for the device and dtype. With ``grouped_mm`` or
+``auto`` picks the fastest correct backend for the device and dtype (on CUDA: grouped_mm wherever a
+probe finds it runs on this device and dtype, ``moekit.ops.cuda_kernels``). With ``grouped_mm`` or
 ``loop``, stacked SwiGLU/MLP experts run through the fused path with the same schedule; with
 ``auto`` on CPU in float32 the fused path picks loop or grouped at run time from the block sizes
 and the measured CPU (``resolve_schedule``, ``moekit.ops.kernels``).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cuda_kernels import cuda_grouped_mm
 from .kernels import cpu_kernels
 
 _HAS_GROUPED_MM = hasattr(F, "grouped_mm")
@@ -45,7 +47,10 @@ def resolve_backend(backend: str, x: torch.Tensor, widths: tuple[int, ...] = ())
     if not _HAS_GROUPED_MM or misaligned or x.dtype not in _GROUPED_MM_DTYPES:
         return "loop"
     if x.device.type == "cuda":
-        return "grouped_mm" if x.dtype == torch.bfloat16 else "loop"
+        # Wherever grouped_mm runs on this device and dtype (probed once, ``cuda_kernels``). Even its
+        # host-sync fallback (one mm per group, launched from C++) launches fewer ops than the loop
+        # schedule, which runs the gather, activation and products from Python once per expert.
+        return "grouped_mm" if cuda_grouped_mm(x.device, x.dtype) != "unsupported" else "loop"
     # On CPU grouped_mm is a good float32 kernel but orders of magnitude slower in bfloat16.
     return "grouped_mm" if x.dtype == torch.float32 else "loop"
 
@@ -94,6 +99,11 @@ def fused_schedule(backend: str, x: torch.Tensor, widths: tuple[int, ...] = ()) 
     """The fused experts schedule a backend maps to (None: use the plain composition). ``auto``
     stays ``auto`` where grouped_mm can run: the op resolves it at run time from the block sizes
     (``resolve_schedule``), so nothing host-side is traced under torch.compile."""
+    if backend == "auto" and x.device.type == "cuda":
+        # Resolved inside the op: the device probe (``cuda_kernels``) never runs under tracing.
+        static_ok = _HAS_GROUPED_MM and x.dtype in _GROUPED_MM_DTYPES and not any(
+            (w * x.element_size()) % 16 for w in widths)
+        return "auto" if static_ok else "loop"
     resolved = resolve_backend(backend, x, widths)
     if backend == "reference" or resolved == "reference":
         return None
