@@ -7,6 +7,8 @@ with a plain-PyTorch reference (``reference.py``) and a benchmark (``benchmarks/
   ``permute``  gather of token rows into expert order and the deterministic per-token sum back
   ``kernels``  what this CPU can do (bf16 dot products, op latency), measured once per thread count
                (a probe, not an op: it has no reference; its numbers are in every benchmark's JSON)
+  ``cuda_kernels``  what this CUDA device's grouped_mm does per dtype (one kernel, host-sync fallback,
+               or none), probed once; the gather decode path's limit from the device's memory
 Imports nothing else from moekit: ``moekit.dispatch`` and ``moekit.experts`` build on it.
 """
 
