@@ -65,25 +65,42 @@ def _act_forward(h_RU: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor
     return _ACT[act_name](gate_RF) * up_RF
 
 
-def _act_backward(h_RU: torch.Tensor, da_RF: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor:
-    """dL/dh (R, U) from dL/da (R, F), given the pre-activation h."""
+def _act_forward_parts(h_RU: torch.Tensor, act_name: str,
+                       gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(a (R, F), act(gate) (R, F) when gated else None): backward recomputes a and hands act(gate)
+    on to ``_act_backward``, so the activation runs once there."""
+    if not gated:
+        return _ACT[act_name](h_RU), None
+    gate_RF, up_RF = h_RU.chunk(2, dim=-1)
+    act_gate_RF = _ACT[act_name](gate_RF)
+    return act_gate_RF * up_RF, act_gate_RF
+
+
+def _act_backward(h_RU: torch.Tensor, da_RF: torch.Tensor, act_name: str, gated: bool,
+                  act_gate_RF: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dh (R, U) from dL/da (R, F), given the pre-activation h (and act(gate), if at hand).
+    Overwrites da_RF; both halves of a gated dh are written in place (no copy)."""
     if not gated:
         return _act_grad(h_RU, da_RF, act_name)
     gate_RF, up_RF = h_RU.chunk(2, dim=-1)
     dh_RU = torch.empty_like(h_RU)
     dgate_RF, dup_RF = dh_RU.chunk(2, dim=-1)
-    torch.mul(da_RF, _ACT[act_name](gate_RF), out=dup_RF)
-    dgate_RF.copy_(_act_grad(gate_RF, da_RF.mul_(up_RF), act_name))
+    torch.mul(da_RF, _ACT[act_name](gate_RF) if act_gate_RF is None else act_gate_RF, out=dup_RF)
+    _act_grad(gate_RF, da_RF.mul_(up_RF), act_name, out=dgate_RF)
     return dh_RU
 
 
-def _act_grad(z: torch.Tensor, grad: torch.Tensor, act_name: str) -> torch.Tensor:
-    """grad * act'(z) with ATen's fused backward kernels (one pass; the op runs below autograd)."""
+def _act_grad(z: torch.Tensor, grad: torch.Tensor, act_name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """grad * act'(z) with ATen's fused backward kernels (one pass; the op runs below autograd),
+    into ``out`` if given."""
+    if out is None:
+        out = torch.empty_like(grad)
     if act_name == "silu":
-        return torch.ops.aten.silu_backward(grad, z)
+        return torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=out)
     if act_name == "relu":
-        return torch.ops.aten.threshold_backward(grad, z, 0)
-    return torch.ops.aten.gelu_backward(grad, z, approximate="tanh" if act_name == "gelu_tanh" else "none")
+        return torch.ops.aten.threshold_backward.grad_input(grad, z, 0, grad_input=out)
+    return torch.ops.aten.gelu_backward.grad_input(grad, z, approximate="tanh" if act_name == "gelu_tanh" else "none",
+                                                   grad_input=out)
 
 
 _ACT = {
@@ -194,7 +211,7 @@ def _backward_grouped(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD
     w1 = w1_EUD.to(dtype)
     w2 = w2_EDF.to(dtype)
     dout_RD = dout_TD.to(dtype).index_select(0, token_idx_R)
-    a_RF = _act_forward(h_RU, act_name, gated)
+    a_RF, act_gate_RF = _act_forward_parts(h_RU, act_name, gated)
     # g_r = dout_t W2_e: dw_r = <dout_t, y_r> = <g_r, a_r>, and dL/da_r = w_r g_r.
     g_RF = F.grouped_mm(dout_RD, w2, offs=offs_E)
     dweight_R = (g_RF * a_RF).sum(-1, dtype=_acc_dtype(g_RF)).to(weight_R.dtype)
@@ -202,8 +219,8 @@ def _backward_grouped(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD
     dy_RD = dout_RD.mul_(w_R1)
     dw2_EDF = F.grouped_mm(dy_RD.t(), a_RF, offs=offs_E)
     del a_RF, dy_RD, dout_RD
-    dh_RU = _act_backward(h_RU, g_RF.mul_(w_R1), act_name, gated)
-    del g_RF
+    dh_RU = _act_backward(h_RU, g_RF.mul_(w_R1), act_name, gated, act_gate_RF)
+    del g_RF, act_gate_RF
     dx_RD = F.grouped_mm(dh_RU, w1, offs=offs_E)
     x_RD = x_TD.index_select(0, token_idx_R)
     dw1_EUD = F.grouped_mm(dh_RU.t(), x_RD, offs=offs_E)
@@ -227,12 +244,12 @@ def _backward_loop(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, a
         tok_N = token_idx_R[rows]
         dout_ND = dout_TD.index_select(0, tok_N).to(cdt)
         h_NU = h_RU[rows].to(cdt)
-        a_NF = _act_forward(h_NU, act_name, gated)
+        a_NF, act_gate_NF = _act_forward_parts(h_NU, act_name, gated)
         g_NF = dout_ND @ w2_EDF[e].to(cdt)
         dweight_R[rows] = (g_NF * a_NF).sum(-1)
         w_N1 = weight_R[rows].to(cdt).unsqueeze(-1)
         torch.mm(dout_ND.mul_(w_N1).t(), a_NF, out=dw2[e])
-        dh_NU = _act_backward(h_NU, g_NF.mul_(w_N1), act_name, gated)
+        dh_NU = _act_backward(h_NU, g_NF.mul_(w_N1), act_name, gated, act_gate_NF)
         torch.mm(dh_NU.t(), x_TD.index_select(0, tok_N).to(cdt), out=dw1[e])
         torch.mm(dh_NU, w1_EUD[e].to(cdt), out=dx_RD[rows])
     return dx_RD, dw1.to(w1_EUD.dtype), dw2.to(w2_EDF.dtype), dweight_R
