@@ -84,6 +84,17 @@ def test_gather_rows_and_token_sum_match_reference(capacity_factor):
     for inverse_S in (plan.inverse_S, None):  # slot-order gather and index_add_ give the same sums
         got = ops.token_sum(v_RD, inverse_S, plan.token_idx_R, 20, torch.float64)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    w_R = torch.rand(rows.shape[0], dtype=torch.float64)
+    expected = ref.token_sum(v_RD * w_R.unsqueeze(-1), plan.token_idx_R, 20, torch.float64)
+    for inverse_S in (plan.inverse_S, None):  # weighted: each row times its weight
+        got = ops.token_sum(v_RD, inverse_S, plan.token_idx_R, 20, torch.float64, w_R)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    # bfloat16 rows, float32 weights, float32 sums: the rows' values exactly, products and sums in float32
+    v_bf = v_RD.bfloat16()
+    expected = ref.token_sum(v_bf.double() * w_R.float().double().unsqueeze(-1), plan.token_idx_R, 20, torch.float64)
+    got = ops.token_sum(v_bf, plan.inverse_S, plan.token_idx_R, 20, torch.float32, w_R.float())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-6)
     if capacity_factor is not None:
         assert plan.token_idx_R.shape[0] < 20 * K, "the capacity dropped nothing: the case is not tested"
 

@@ -121,8 +121,7 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _combine(y_RD, weight_R, inverse_S, token_idx_R, T):
-    acc = _acc_dtype(y_RD)
-    return _token_sum(y_RD.to(acc) * weight_R.to(acc).unsqueeze(-1), inverse_S, token_idx_R, T, acc)
+    return _token_sum(y_RD, inverse_S, token_idx_R, T, _acc_dtype(y_RD), weight_R)
 
 
 def _nonempty_blocks(counts_E: torch.Tensor, R: int) -> list[tuple[int, int, int]]:
@@ -278,9 +277,13 @@ def _setup_context(ctx, inputs, output) -> None:
     x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule = inputs
     ctx.save_for_backward(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, output[2])
     ctx.act_name, ctx.gated, ctx.schedule = act_name, gated, schedule
+    # y and h carry no gradient: without this autograd would zero-fill (R, D) and (R, U) for them.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dout_TD, _dy, _dh):
+    if dout_TD is None:  # only y or h reached the loss (they are outputs without a gradient)
+        return (None,) * 10
     x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RU = ctx.saved_tensors
     dx, dw1, dw2, dweight = _fused_backward_op(dout_TD, x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S,
                                                counts_E, h_RU, ctx.act_name, ctx.gated, ctx.schedule)

@@ -24,12 +24,32 @@ def gather_rows(x_TD: torch.Tensor, token_idx_R: torch.Tensor) -> torch.Tensor:
 
 
 def token_sum(v_RD: torch.Tensor, inverse_S: torch.Tensor | None, token_idx_R: torch.Tensor, T: int,
-              acc: torch.dtype) -> torch.Tensor:
-    """Sum over each token's rows: (R, D) -> (T, D) in ``acc``. inverse_S (S,) long with S a multiple
-    of T, or None to add rows at token_idx_R."""
+              acc: torch.dtype, weight_R: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over each token's rows, weighted by weight_R (R,) if given: (R, D) -> (T, D) in ``acc``.
+    inverse_S (S,) long with S a multiple of T, or None to add rows at token_idx_R.
+
+    The slot-order sum runs over the K slots: each step gathers one slot's (T, D) rows in v's own
+    dtype and adds them (times their weights) into the ``acc`` accumulator, so a half-precision
+    v_RD is never copied whole into ``acc`` nor gathered whole into (T, K, D)."""
     R, D = v_RD.shape
     if inverse_S is None:
-        return torch.zeros(T, D, dtype=acc, device=v_RD.device).index_add_(0, token_idx_R, v_RD.to(acc))
-    if inverse_S.shape[0] != R:  # dropped slots point at an appended zero row
+        v_RD = v_RD.to(acc) if weight_R is None else v_RD.to(acc) * weight_R.to(acc).unsqueeze(-1)
+        return torch.zeros(T, D, dtype=acc, device=v_RD.device).index_add_(0, token_idx_R, v_RD)
+    if inverse_S.shape[0] != R:  # dropped slots point at an appended zero row (weight 0)
         v_RD = torch.cat((v_RD, v_RD.new_zeros(1, D)))
-    return v_RD.index_select(0, inverse_S).view(T, -1, D).sum(1, dtype=acc)
+        if weight_R is not None:
+            weight_R = torch.cat((weight_R, weight_R.new_zeros(1)))
+    idx_TK = inverse_S.view(T, -1)
+    w_TK = None if weight_R is None else weight_R.to(acc)[inverse_S].view(T, -1)
+    out_TD = None
+    for k in range(idx_TK.shape[1]):
+        rows_TD = v_RD.index_select(0, idx_TK[:, k])
+        if out_TD is None:
+            out_TD = rows_TD.to(acc) if w_TK is None else torch.mul(rows_TD, w_TK[:, :1]).to(acc)
+        elif w_TK is None:
+            out_TD.add_(rows_TD)
+        else:
+            out_TD.addcmul_(rows_TD, w_TK[:, k:k + 1])
+    if out_TD is None:  # K = 0
+        return torch.zeros(T, D, dtype=acc, device=v_RD.device)
+    return out_TD
