@@ -329,10 +329,11 @@ def gather_experts(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tenso
     order, no host read. Plain differentiable ops. -> (T, D) in x's dtype, summed in float32."""
     T, K = idx_TK.shape
     dtype = x_TD.dtype
-    w1_NUD = w1_EUD.to(dtype).index_select(0, idx_TK.reshape(-1))
+    # Gather, then cast: only the chosen experts' weights are converted (never all E of them).
+    w1_NUD = w1_EUD.index_select(0, idx_TK.reshape(-1)).to(dtype)
     h_NU = torch.bmm(w1_NUD, x_TD.repeat_interleave(K, dim=0).unsqueeze(-1)).squeeze(-1)
     a_NF = _act_forward(h_NU, act_name, gated)
-    y_ND = torch.bmm(w2_EDF.to(dtype).index_select(0, idx_TK.reshape(-1)), a_NF.unsqueeze(-1)).squeeze(-1)
+    y_ND = torch.bmm(w2_EDF.index_select(0, idx_TK.reshape(-1)).to(dtype), a_NF.unsqueeze(-1)).squeeze(-1)
     acc = _acc_dtype(x_TD)
     out_TD = (y_ND.view(T, K, -1).to(acc) * weight_TK.to(acc).unsqueeze(-1)).sum(1)
     return out_TD.to(dtype)
