@@ -503,3 +503,42 @@ def test_serve_cli_names_a_missing_checkpoint(tmp_path, capsys):
 
     assert main(["serve", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_events_of_a_step_reach_the_event_loop_in_one_wake_up():
+    """On the engine thread events wait for the end of the step (one wake-up for all of them); from
+    another thread they wake the loop at once; a closed loop cancels the requests it would feed."""
+    import asyncio
+
+    from moekit.serve.app import _Handoff
+    from moekit.serve.engine import GenRequest
+
+    class FakeEngine:
+        engine_thread = True
+
+        def on_engine_thread(self):
+            return self.engine_thread
+
+    loop = asyncio.new_event_loop()
+    wakes = []
+    wake = loop.call_soon_threadsafe
+    loop.call_soon_threadsafe = lambda fn: wakes.append(fn) or wake(fn)
+    engine, queue, reqs = FakeEngine(), asyncio.Queue(), [GenRequest(prompt_ids=[1], max_tokens=1) for _ in range(3)]
+    handoff = _Handoff(loop, engine)
+    for i, req in enumerate(reqs):
+        handoff.put(queue, i, req)
+    assert not wakes
+    handoff.flush()
+    handoff.flush()
+    assert len(wakes) == 1
+    loop.run_until_complete(asyncio.sleep(0))
+    assert [queue.get_nowait() for _ in range(3)] == [0, 1, 2]
+    engine.engine_thread = False
+    handoff.put(queue, 3, reqs[0])
+    handoff.put(queue, 4, reqs[1])
+    assert len(wakes) == 2
+    loop.run_until_complete(asyncio.sleep(0))
+    assert [queue.get_nowait() for _ in range(2)] == [3, 4]
+    loop.close()
+    handoff.put(queue, 5, reqs[2])
+    assert reqs[2].cancelled and not reqs[0].cancelled

@@ -172,31 +172,46 @@ class _Guard:
 # ---------------------------------------------------------------------- engine thread -> event loop
 class _Handoff:
     """Engine events into the asyncio queues of one event loop, with one loop wake-up for all the
-    events that arrive before the loop runs (a decode step emits one event per running sequence;
-    ``call_soon_threadsafe`` per event woke the loop once per token)."""
+    events of a step: events put on the engine thread wait for ``flush`` (the engine calls it after
+    each step), so the loop wakes once per step, not at the step's first event to run beside the
+    rest of it; events from any other thread wake the loop at once."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
+        self.loop, self.engine = loop, engine
         self._lock = threading.Lock()
-        self._items: list[tuple[asyncio.Queue, Any]] = []
+        self._items: list[tuple[asyncio.Queue, Any, GenRequest]] = []
+        self._scheduled = False
 
-    def put(self, queue: asyncio.Queue, item: Any) -> None:
-        """Called from the engine thread; RuntimeError when the loop is closed."""
+    def put(self, queue: asyncio.Queue, item: Any, req: GenRequest) -> None:
+        """Queue ``item`` for ``queue``; ``req`` is cancelled if the loop is gone (nobody reads it)."""
         with self._lock:
-            self._items.append((queue, item))
-            if len(self._items) > 1:  # a wake-up is scheduled already and will deliver this one too
+            self._items.append((queue, item, req))
+            if self._scheduled or self.engine.on_engine_thread():
                 return
+            self._scheduled = True
+        self._wake()
+
+    def flush(self) -> None:
+        """Wake the loop for the events put since its last wake-up (called after each engine step)."""
+        with self._lock:
+            if self._scheduled or not self._items:
+                return
+            self._scheduled = True
+        self._wake()
+
+    def _wake(self) -> None:
         try:
             self.loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:
+        except RuntimeError:  # the loop is closed: nobody will read these requests' further tokens
             with self._lock:
-                self._items.clear()
-            raise
+                items, self._items, self._scheduled = self._items, [], False
+            for _, _, req in items:
+                req.cancelled = True
 
     def _deliver(self) -> None:
         with self._lock:
-            items, self._items = self._items, []
-        for queue, item in items:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, item, _ in items:
             queue.put_nowait(item)
 
 
@@ -376,21 +391,19 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
         return choices
 
     handoffs: dict[asyncio.AbstractEventLoop, _Handoff] = {}
+    engine.add_step_listener(lambda: [handoff.flush() for handoff in list(handoffs.values())])
 
     def submit(choices: list[_Choice], events: asyncio.Queue) -> None:
         loop = asyncio.get_running_loop()
         handoff = handoffs.get(loop)
         if handoff is None or handoff.loop.is_closed():
             handoffs.clear()  # one server runs one loop; a closed one's handoff is not needed
-            handoff = handoffs[loop] = _Handoff(loop)
+            handoff = handoffs[loop] = _Handoff(loop, engine)
         for choice in choices:
             req = choice.req
 
             def on_event(event: dict[str, Any], index: int = choice.index, req: GenRequest = req) -> None:
-                try:
-                    handoff.put(events, (index, event))
-                except RuntimeError:  # the client's event loop is gone: nobody will read further tokens
-                    req.cancelled = True
+                handoff.put(events, (index, event), req)
 
             req.on_event = on_event
         try:

@@ -178,6 +178,8 @@ class Engine:
         self._pool: KVPool | None = None
         self._stopping = False
         self._ids = itertools.count(1)
+        # Called on the engine thread after each step (the app wakes its event loop once per step).
+        self._step_listeners: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> Engine:
@@ -196,6 +198,22 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+    def add_step_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` on the engine thread after each step, once the events the step emitted are
+        all out (an app hands them to its event loop in one wake-up)."""
+        self._step_listeners.append(fn)
+
+    def on_engine_thread(self) -> bool:
+        """True when called from the engine's own thread (in a step, events come in batches)."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def _steps_done(self) -> None:
+        for fn in self._step_listeners:
+            try:
+                fn()
+            except Exception:  # a listener's failure must not stop the engine
+                log.exception("step listener failed")
 
     # ------------------------------------------------------------------ requests
     def submit(self, req: GenRequest) -> GenRequest:
@@ -368,6 +386,7 @@ class Engine:
                             for req in admit + self._active:
                                 self._finish(req, "error", f"{type(err).__name__}: {err}")
                             self._active = []
+                self._steps_done()
                 if self.metrics is not None:
                     self.metrics.set_load(self.queue_depth, self.active)
                 # Let threads waiting for the model lock (metrics, stats) in between two steps.
@@ -380,6 +399,7 @@ class Engine:
                 self._finish(req, "error", "server is shutting down")
             self._waiting.clear()
             self._active = []
+        self._steps_done()
 
     def _step(self, admit: list[GenRequest]) -> None:
         self.counts["steps"] += 1
