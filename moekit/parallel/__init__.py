@@ -1,6 +1,7 @@
 """Expert parallelism on torch.distributed: experts sharded over an EP process group, tokens
 exchanged by all-to-all (GShard, Lepikhin et al. 2020; the layout of DeepSpeed-MoE and
-Megatron-Core), composed with data parallelism, resharding checkpoints and bounded timeouts.
+Megatron-Core), composed with data parallelism (DistributedDataParallel on the mesh's dimensions), resharding
+checkpoints and bounded timeouts.
 
 Nothing here initialises a process group at import; see ``init_parallel``.
 """
@@ -8,8 +9,9 @@ Nothing here initialises a process group at import; see ``init_parallel``.
 from .errors import MoekitDistributedError
 from .groups import ParallelGroups, build_groups, destroy_parallel, init_parallel
 from .expert_parallel import ExpertParallelMoE, shard_model, shard_moe
-from .training import clip_grad_norm, reduce_gradients, save_checkpoint_parallel, shard_batch
+from .data_parallel import replicate
+from .training import clip_grad_norm, save_checkpoint_parallel, shard_batch
 
 __all__ = ["MoekitDistributedError", "ParallelGroups", "build_groups", "init_parallel", "destroy_parallel",
-           "ExpertParallelMoE", "shard_moe", "shard_model", "reduce_gradients", "clip_grad_norm",
+           "ExpertParallelMoE", "shard_moe", "shard_model", "replicate", "clip_grad_norm",
            "save_checkpoint_parallel", "shard_batch"]

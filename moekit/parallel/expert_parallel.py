@@ -20,7 +20,7 @@ that depends on more than one token is computed on that global batch:
   * balancing losses are ``balance.losses``' own functions, given a reduce hook (the layer's
     ``_batch_reduce``: a world sum) that sums their per-expert counts, score sums and token counts
     before the formula; every rank holds the global value, and gradients are arranged so that
-    *averaging* gradients over the ranks (``reduce_gradients``) gives the single-process gradient
+    *averaging* gradients over the ranks (``data_parallel.replicate``) gives the single-process gradient
     (see ``all_to_all.global_sum``);
   * routing statistics and the aux-loss-free bias load are all-reduced, so every rank keeps the
     single-process statistics and applies the same bias update; activation checkpointing's
@@ -203,9 +203,13 @@ class ExpertParallelMoE(MoE):
         P, El = g.ep_size, self.num_experts // g.ep_size
         with self._phase("permute"):
             x_RD = x_TD.index_select(0, plan.token_idx_R)
+        # The experts' data-parallel wrapper (``data_parallel.replicate``), when there is one.
+        experts = self.__dict__.get("_dp_experts")
+        if experts is None:
+            experts = self.experts
         if P == 1:
             with self._phase("experts"):
-                y_RD = self.experts(x_RD, plan.counts_E)
+                y_RD = experts(x_RD, plan.counts_E)
             with self._phase("combine"):
                 return combine(y_RD, plan, x_TD.dtype)
         with self._phase("all_to_all_dispatch"):
@@ -218,7 +222,7 @@ class ExpertParallelMoE(MoE):
             # Rows arrive in (source rank, local expert) blocks; the grouped product wants them by expert.
             block_Q = torch.repeat_interleave(torch.arange(P * El, device=x_QD.device), recv_PX.reshape(-1))
             order_Q = torch.argsort((block_Q % El) * P + block_Q // El, stable=True)
-            y_QD = self.experts(x_QD.index_select(0, order_Q), recv_PX.sum(dim=0))
+            y_QD = experts(x_QD.index_select(0, order_Q), recv_PX.sum(dim=0))
             inverse_Q = torch.empty_like(order_Q)
             inverse_Q[order_Q] = torch.arange(order_Q.shape[0], device=order_Q.device)
             y_QD = y_QD.index_select(0, inverse_Q)

@@ -14,8 +14,11 @@ process group's ``timeout``; a dead or hung peer raises ``MoekitDistributedError
 Lifetime: ``destroy_process_group()`` alone does not stop gloo's worker threads; they stop when the
 last reference to their process group goes. ``ParallelGroups`` holds the only references moekit
 keeps (the sharded layers, the state-dict hooks and ``TrainerParallel`` all reach the groups
-through one ``ParallelGroups``), so ``destroy_parallel`` closes it, destroys the default group and
-collects cycles: the threads are joined there and then, while the interpreter is fully alive.
+through one ``ParallelGroups``; the data-parallel wrappers, whose reducers hold groups too, are
+dropped by its ``on_close`` callbacks), so ``destroy_parallel`` closes it, destroys the default
+group and collects cycles: the threads are joined there and then, while the interpreter is fully
+alive. ``torch._dynamo`` must be imported before the first group is made (``moekit.parallel``
+does it on import; see ``data_parallel``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -50,10 +54,20 @@ class ParallelGroups:
     closed: bool = False
     # The ("dp", "ep") device mesh the groups come from (None for groups built by hand, as in tests).
     mesh: DeviceMesh | None = None
+    # Callbacks that drop other holders of the groups (the data-parallel wrappers), run by ``close``.
+    closers: list[Callable[[], object]] = field(default_factory=list, repr=False)
+
+    def on_close(self, drop: Callable[[], object]) -> None:
+        """Have ``close`` call ``drop`` (which releases some other reference to a process group)."""
+        self.closers.append(drop)
 
     def close(self) -> None:
-        """Drop this object's references to the mesh and its EP and expert-DP process groups (see
-        ``destroy_parallel``); collectives on a closed object raise a ``MoekitDistributedError``."""
+        """Drop this object's references to the mesh and its EP and expert-DP process groups, and
+        run the ``on_close`` callbacks (see ``destroy_parallel``); collectives on a closed object
+        raise a ``MoekitDistributedError``."""
+        closers, self.closers = self.closers, []
+        for drop in closers:
+            drop()
         self.ep_group = self.dp_group = None
         self.mesh = None
         self.closed = True

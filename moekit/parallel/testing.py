@@ -25,9 +25,10 @@ import torch.distributed as dist
 
 from ..layer import MoE
 from .errors import MoekitDistributedError
-from .expert_parallel import shard_model, shard_moe
+from .expert_parallel import shard_moe
 from .groups import ParallelGroups, build_groups, destroy_parallel
-from .training import TrainerParallel, reduce_gradients
+from .data_parallel import replicate
+from .training import TrainerParallel
 
 # Cases: (name, MoE keywords, experts to mask, input batch shape per rank (B, S)).
 CASES: list[tuple[str, dict[str, Any], list[int], tuple[int, int]]] = [
@@ -92,9 +93,10 @@ def run_case(name: str, kwargs: dict[str, Any], mask_spec: Any, bs: tuple[int, i
     J.backward()
 
     x = x_all.detach()[rank * B:(rank + 1) * B].clone().requires_grad_(True)
-    out = ep(x)
+    # Gradients averaged by DistributedDataParallel during backward (world and expert-DP wrappers).
+    wrapper = replicate(ep, groups)
+    out = wrapper(x)
     ((out * g_all[rank * B:(rank + 1) * B]).sum() + ep.aux_loss).backward()
-    reduce_gradients(ep, groups)
 
     rows = slice(rank * B, (rank + 1) * B)
     ids = groups.experts_of(EXPERTS)
@@ -171,15 +173,14 @@ def fault_main(argv: list[str] | None = None) -> int:
 
     def train() -> int:
         torch.manual_seed(0)
-        layer = shard_moe(MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, top_k=2), parallel.groups)
+        layer = parallel.setup_model(MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, top_k=2))
         for step in range(1000):
             if rank == 1 and step == 2:
                 if mode == "kill":
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(3600)
-            out = layer(torch.randn(4, DIM))
+            out = parallel.train_module(torch.randn(4, DIM))
             (out.square().sum() + layer.aux_loss).backward()
-            reduce_gradients(layer, parallel.groups)
         return 0
 
     return parallel.run(train)
@@ -201,8 +202,8 @@ def gloo_threads() -> int:
 
 def lifetime_worker(rank: int, world: int, ports: list[int], out_dir: str) -> None:
     """Entry point for torch.multiprocessing.spawn: three ``TrainerParallel.run`` calls, each on fresh
-    process groups, whose step (forward, backward, gradient reduction, full state-dict gathers, a
-    barrier) returns 0, raises a MoekitDistributedError, or raises a ValueError after the forward
+    process groups, whose step (forward and backward through the DistributedDataParallel wrappers,
+    clipping, full state-dict gathers, a barrier) returns 0, raises a MoekitDistributedError, or raises a ValueError after the forward
     (its autograd graph, which holds the EP group, still alive in the traceback). Records gloo's
     thread count before and after each run, what ``run`` gave, and the error a later forward raises."""
     results: dict[str, dict[str, Any]] = {}
@@ -210,14 +211,15 @@ def lifetime_worker(rank: int, world: int, ports: list[int], out_dir: str) -> No
         init_loopback(rank, world, port)
         parallel = TrainerParallel(build_groups(world, timeout_s=60.0))
         torch.manual_seed(0)
-        model = shard_model(MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, top_k=2), parallel.groups)
+        model = parallel.setup_model(MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, top_k=2))
 
         def step() -> int:
-            out = model(torch.randn(4, DIM))
+            # Through the DistributedDataParallel wrappers, whose reducers hold the groups too.
+            out = parallel.train_module(torch.randn(4, DIM))
             if mode == "other_error":
                 raise ValueError("failed after the forward")
             (out.square().sum() + model.aux_loss).backward()
-            parallel.reduce_and_clip(model, list(model.parameters()), 1.0)
+            parallel.clip(model, list(model.parameters()), 1.0)
             model.state_dict()
             dist.barrier()
             if mode == "collective_error":

@@ -1,27 +1,30 @@
-"""Training under expert + data parallelism: batch sharding, gradient reduction, clipping by the
-global norm, optimizer-state resharding and checkpoint saving.
+"""Training under expert + data parallelism: batch sharding, data-parallel wrappers, clipping by
+the global norm, optimizer-state resharding and checkpoint saving.
 
 Convention: every rank's loss is its local objective (mean over its own tokens, plus the
-global balancing losses), and gradients are *averaged* over the world, as DistributedDataParallel
-does. Non-expert parameters are all-reduced over the world; an expert shard is summed over its
-expert-DP replicas only, since its gradient already holds the contributions of every rank of its
-EP group (the all-to-all backward brought them); both are divided by the world size. With equal
-per-rank batches this equals the single-process gradient of the mean loss over the whole batch.
+global balancing losses), and gradients are *averaged* over the world by
+``DistributedDataParallel`` (``data_parallel.replicate``: non-expert parameters over the world,
+expert shards over their expert-DP replicas, divided by the world size). With equal per-rank
+batches this equals the single-process gradient of the mean loss over the whole batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from .data_parallel import no_sync, replicate
 from .errors import MoekitDistributedError, guarded
 from .expert_parallel import ExpertParallelMoE, expert_parameters, gather_experts, shard_model
 from .groups import ParallelGroups, destroy_parallel, init_parallel
@@ -38,46 +41,9 @@ def shard_batch(tensor_B: torch.Tensor, groups: ParallelGroups) -> torch.Tensor:
     return tensor_B[groups.rank * per:(groups.rank + 1) * per]
 
 
-def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup | None, scale: float, op: str,
-                     timeout_s: float) -> None:
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    guarded(op, lambda: dist.all_reduce(flat, group=group), timeout_s)
-    flat.mul_(scale)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
-def reduce_gradients(model: nn.Module, groups: ParallelGroups, average: bool = True) -> None:
-    """All-reduce gradients: non-expert over the world, expert shards over their replicas.
-
-    A parameter without a gradient on this rank contributes zeros (its gradient is created), so
-    every rank makes the same calls. ``average`` divides by the world size (the mean-loss
-    convention above); without it gradients are summed (a sum-over-ranks objective).
-    """
-    if groups.world_size == 1:
-        return
-    experts = expert_parameters(model)
-    buckets: dict[tuple[bool, torch.dtype], list[torch.Tensor]] = {}
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        buckets.setdefault((id(p) in experts, p.grad.dtype), []).append(p.grad)
-    scale = 1.0 / groups.world_size if average else 1.0
-    for (is_expert, _), grads in buckets.items():
-        if is_expert:
-            _all_reduce_flat(grads, groups.dp_group, scale, "all_reduce(expert gradients)", groups.timeout_s)
-        else:
-            _all_reduce_flat(grads, None, scale, "all_reduce(gradients)", groups.timeout_s)
-
 def clip_grad_norm(model: nn.Module, params: list[torch.Tensor], max_norm: float,
                    groups: ParallelGroups) -> torch.Tensor:
-    """Clip by the global gradient norm (call after ``reduce_gradients``).
+    """Clip by the global gradient norm (call after the data-parallel backward has averaged them).
 
     Replicated gradients count once; expert shards' squared norms are summed over the EP group.
     Returns the total norm before clipping, as ``torch.nn.utils.clip_grad_norm_`` does.
@@ -173,13 +139,32 @@ class TrainerParallel:
 
     def __init__(self, groups: ParallelGroups) -> None:
         self.groups = groups
+        # The world DistributedDataParallel of the model (``replicate``); dropped by ``close``.
+        self._wrapper: DistributedDataParallel | None = None
 
     @property
     def is_main(self) -> bool:
         return self.groups.is_main
 
     def setup_model(self, model: nn.Module) -> nn.Module:
-        return shard_model(model, self.groups)
+        """Shard the experts (in place) and wrap the model for data parallelism; returns ``model``
+        itself (its state-dict keys unchanged): run training forwards through ``train_module``."""
+        model = shard_model(model, self.groups)
+        self._wrapper = replicate(model, self.groups)
+        return model
+
+    @property
+    def train_module(self) -> nn.Module:
+        """The model under its data-parallel wrapper: call it for forwards whose backward trains.
+        Do not keep it past ``run``: it holds the process groups (see ``data_parallel``)."""
+        if self._wrapper is None:
+            self.groups.require_open("train_module")
+            raise RuntimeError("train_module needs setup_model first")
+        return self._wrapper
+
+    def no_sync(self, sync: bool) -> AbstractContextManager[None]:
+        """Skip the gradient all-reduce unless ``sync``: for the micro-batches before a step's last."""
+        return contextlib.nullcontext() if sync else no_sync(self.train_module)  # type: ignore[arg-type]
 
     def attach_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
         attach_optimizer(optimizer, model, self.groups)
@@ -191,8 +176,8 @@ class TrainerParallel:
         return dataclasses.replace(batch, **{f.name: shard_batch(getattr(batch, f.name), self.groups)
                                              for f in dataclasses.fields(batch)})
 
-    def reduce_and_clip(self, model: nn.Module, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-        reduce_gradients(model, self.groups)
+    def clip(self, model: nn.Module, params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+        """Clip the (already averaged) gradients by their global norm; returns the norm."""
         return clip_grad_norm(model, params, max_norm, self.groups)
 
     def mean_metrics(self, sums: dict[str, float]) -> dict[str, float]:
@@ -234,7 +219,9 @@ class TrainerParallel:
             self.close()
 
     def close(self) -> None:
-        """Destroy the process groups and join gloo's threads now (``destroy_parallel``); idempotent."""
+        """Drop the data-parallel wrapper, destroy the process groups and join gloo's threads now
+        (``destroy_parallel``); idempotent."""
+        self._wrapper = None
         destroy_parallel(self.groups)
 
 

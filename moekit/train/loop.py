@@ -28,7 +28,7 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..config import ConfigError
 from ..data.batches import Batch, eval_batches, random_batch, train_batch_seed
 from ..data.corpus import TokenData
+from ..health import CorruptExpert, CorruptExpertError, quarantine_experts, scan_weights
 from ..lm.model import LM
 from ..model_ops import aux_loss, reset_routing_stats, routing_report, update_router_biases
 from .checkpoint import CheckpointError, append_line, atomic_write_bytes, load_checkpoint, load_newest, model_state, \
@@ -150,20 +151,26 @@ class Trainer:
         # Each term / grad_accum summed in float64, as Python floats were: the same logged values.
         sums_L = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         start = time.perf_counter()
+        # Under parallelism the forward runs through the data-parallel wrapper, which averages the
+        # gradients during the last micro-batch's backward.
+        forward = model if self.parallel is None else self.parallel.train_module
         for micro in range(cfg.grad_accum):
             b = self.batch(self.step, micro)
-            with self.autocast():
-                logits_BSV = model(b.input_ids)
-                ce = F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]).float(), b.targets.reshape(-1))
-                terms = {"ce": ce, "aux": aux_loss(model)}
-                for name, fn in self.extra_losses.items():
-                    terms[name] = fn(model, b, logits_BSV)
-            loss = sum(terms.values())
-            (loss / cfg.grad_accum).backward()
+            last = micro == cfg.grad_accum - 1
+            with nullcontext() if self.parallel is None else self.parallel.no_sync(last):
+                with self.autocast():
+                    logits_BSV = forward(b.input_ids)
+                    ce = F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]).float(), b.targets.reshape(-1))
+                    terms = {"ce": ce, "aux": aux_loss(model)}
+                    for name, fn in self.extra_losses.items():
+                        terms[name] = fn(model, b, logits_BSV)
+                loss = sum(terms.values())
+                (loss / cfg.grad_accum).backward()
             sums_L += torch.stack([_as_float64(terms[k], self.device) for k in names]) / cfg.grad_accum
+        del forward
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.parallel is not None:
-            grad_norm = self.parallel.reduce_and_clip(model, params, cfg.grad_clip)
+            grad_norm = self.parallel.clip(model, params, cfg.grad_clip)
         else:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         # The step's one host sync: every loss term and the gradient norm in one read.
@@ -402,3 +409,17 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     restore_moe_state(meta["moe"], model, path, stats=False)
     model.to(device).eval()
     return model, cfg, meta["meta"]
+
+
+def load_checked(path: str | Path, quarantine: bool = False,
+                 device: str | torch.device = "cpu") -> tuple[LM, TrainConfig, list[CorruptExpert]]:
+    """``load_trained`` plus a weight scan (``moekit.health.scan_weights``): (model, TrainConfig,
+    findings). Corrupted experts raise CorruptExpertError naming the file, unless ``quarantine``
+    masks them (``moekit.health.quarantine_experts``)."""
+    model, cfg, _ = load_trained(path, device)
+    findings = scan_weights(model)
+    if findings:
+        if not quarantine:
+            raise CorruptExpertError(findings, str(path))
+        quarantine_experts(model, findings)
+    return model, cfg, findings
