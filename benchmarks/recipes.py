@@ -35,7 +35,7 @@ import torch
 
 from moekit.explain import (explain_text, label_affinity, latency_breakdown, per_expert_loss, render_html,
                             render_terminal, routing_change, weight_drift)
-from moekit.health import mask_sweep, plot_mask_sweep
+from moekit.explain.mask_sweep import mask_sweep, plot_mask_sweep
 from moekit.lm import LM, LMConfig
 from moekit.model_ops import moe_layers
 from moekit.recipes import (LabelRoutingLoss, add_experts, btx, filter_labels, finetune_experts, merge_experts,

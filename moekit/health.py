@@ -1,9 +1,9 @@
 """Fault tolerance for MoE models: find corrupted experts, quarantine them, report their health.
 
 * ``scan_weights`` finds experts whose weights (stacked expert rows or router rows) hold NaN/Inf.
-* ``load_checked`` loads a checkpoint and scans it: a corrupted expert raises
-  ``CorruptExpertError`` naming file, layer, expert and tensor, or with ``quarantine=True`` is
-  masked so the model keeps serving with the other experts.
+* ``quarantine_experts`` masks the experts a scan found, so the model keeps serving with the
+  others; ``moekit.train.load_checked`` loads a trained run and scans it (``CorruptExpertError``
+  names file, layer, expert and tensor).
 * ``Quarantine`` (opt-in, run time): when a layer raises ``ExpertNonFiniteError`` the named
   experts are masked and that layer's forward is rerun; each event is recorded.
 * ``health_report`` gives each expert's state: ok, masked, corrupt weights, non-finite outputs,
@@ -18,7 +18,6 @@ Shape legend: E experts.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ class CorruptExpertError(ValueError):
         self.findings = findings
         prefix = f"{where}: " if where else ""
         names = "; ".join(f"{f.layer} expert {f.expert} ({', '.join(f.tensors)})" for f in findings)
-        super().__init__(f"{prefix}non-finite (NaN/Inf) weights in {names}. load_checked(path, quarantine=True) "
+        super().__init__(f"{prefix}non-finite (NaN/Inf) weights in {names}. moekit.train.load_checked(path, quarantine=True) "
                          f"masks them and serves with the other experts; `moekit health` reports them")
 
 
@@ -90,20 +89,6 @@ def quarantine_experts(model: nn.Module, findings: list[CorruptExpert]) -> None:
                     rows = p[ids]
                     p[ids] = torch.nan_to_num(rows, nan=0.0, posinf=0.0, neginf=0.0)
         layer.stats.nonfinite_E[ids] = True
-
-
-def load_checked(path: str | Path, quarantine: bool = False) -> tuple[nn.Module, Any, list[CorruptExpert]]:
-    """``load_trained`` plus a weight scan: (model, TrainConfig, findings). Corrupted experts raise
-    CorruptExpertError naming the file, unless ``quarantine`` masks them."""
-    from .train.trainer import load_trained
-
-    model, cfg, _ = load_trained(path)
-    findings = scan_weights(model)
-    if findings:
-        if not quarantine:
-            raise CorruptExpertError(findings, str(path))
-        quarantine_experts(model, findings)
-    return model, cfg, findings
 
 
 @dataclass
@@ -220,63 +205,3 @@ def parse_mask_spec(specs: list[str]) -> dict[str, list[int]] | list[int]:
     if per_layer and everywhere:
         raise ValueError("--mask-experts: give ids for every layer or per layer (LAYER:ids), not both")
     return per_layer if per_layer else everywhere
-
-
-def mask_sweep(trainer: Any, max_masked: int | None = None, strategy: str = "random", repeats: int = 3,
-               max_tokens: int | None = None, seed: int = 0) -> list[dict[str, Any]]:
-    """Validation loss with m = 0, 1, ... experts masked in every MoE layer (``trainer.evaluate``).
-
-    strategy ``most_used`` masks each layer's m most-loaded experts (loads measured unmasked),
-    ``random`` averages ``repeats`` random draws per m. Returns [{masked, loss, per_label, ...}].
-    """
-    if strategy not in ("random", "most_used"):
-        raise ValueError(f"strategy={strategy!r} is not one of ['random', 'most_used']")
-    layers = moe_layers(trainer.model)
-    if not layers:
-        raise ValueError("the model has no MoE layers to mask")
-    E, K = layers[0][1].num_experts, layers[0][1].top_k
-    limit = E - K if max_masked is None else min(max_masked, E - K)
-    for _, layer in layers:
-        layer.unmask_experts()
-    base = trainer.evaluate(max_tokens=max_tokens)
-    order = {name: sorted(range(E), key=lambda e: -base["routing"][name]["utilization"][e]) for name, _ in layers}
-    gen = torch.Generator().manual_seed(seed)
-    rows = [{"masked": 0, "loss": base["loss"], "loss_std": 0.0, "per_label": base["per_label"], "draws": []}]
-    for m in range(1, limit + 1):
-        draws = []
-        for r in range(1 if strategy == "most_used" else repeats):
-            chosen = {}
-            for name, layer in layers:
-                ids = order[name][:m] if strategy == "most_used" else torch.randperm(E, generator=gen)[:m].tolist()
-                layer.unmask_experts()
-                layer.mask_experts(ids)
-                chosen[name] = sorted(ids)
-            result = trainer.evaluate(max_tokens=max_tokens)
-            draws.append({"experts": chosen, "loss": result["loss"], "per_label": result["per_label"]})
-        losses = torch.tensor([d["loss"] for d in draws], dtype=torch.float64)
-        labels = draws[0]["per_label"].keys()
-        rows.append({"masked": m, "loss": float(losses.mean()),
-                     "loss_std": float(losses.std()) if len(draws) > 1 else 0.0,
-                     "per_label": {k: sum(d["per_label"][k] for d in draws) / len(draws) for k in labels},
-                     "draws": draws})
-    for _, layer in layers:
-        layer.unmask_experts()
-    return rows
-
-
-def plot_mask_sweep(curves: dict[str, list[dict[str, Any]]]) -> bytes:
-    """PNG: validation loss against experts masked per layer, one line per curve name."""
-    from .report.plots import new_figure, png
-
-    fig = new_figure((6, 4))
-    ax = fig.subplots()
-    for name, rows in curves.items():
-        xs = [r["masked"] for r in rows]
-        ys = [r["loss"] for r in rows]
-        ax.errorbar(xs, ys, yerr=[r["loss_std"] for r in rows], marker="o", ms=3, capsize=3, label=name)
-    ax.set_xlabel("experts masked in every MoE layer")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title("degradation under expert masking")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return png(fig)

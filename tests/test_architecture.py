@@ -46,9 +46,6 @@ LEVEL = {unit: i for i, units in enumerate(LEVELS) for unit in units}
 
 # (importer, imported) -> why it is still there and what removes it.
 KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("health", "train"): "health.mask_sweep loads a trained run and evaluates with the trainer; "
-                         "the sweep belongs with explain/",
-    ("health", "report"): "health.plot_mask_sweep draws with report.plots; it belongs with the sweep",
     ("parallel", "train"): "parallel/training.py saves with train.checkpoint; DCP checkpoints in parallel/ "
                            "(issue 16 item 2) remove it",
 }

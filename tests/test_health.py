@@ -4,13 +4,13 @@ import torch
 
 from moekit import moe_config
 from moekit.data.corpus import TokenData, TokenSplit
-from moekit.health import (CorruptExpertError, Quarantine, health_report, load_checked, mask_sweep, parse_mask_spec,
-                           plot_mask_sweep, scan_weights)
+from moekit.explain.mask_sweep import mask_sweep, plot_mask_sweep
+from moekit.health import CorruptExpertError, Quarantine, health_report, parse_mask_spec, scan_weights
 from moekit.layer import ExpertNonFiniteError
 from moekit.lm import LM, LMConfig
 from moekit.model_ops import mask_experts, moe_layers
 from moekit.recipes import save_model
-from moekit.train import TrainConfig, Trainer
+from moekit.train import TrainConfig, Trainer, load_checked
 
 from capture_util import captured
 

@@ -49,7 +49,7 @@ def run_health(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     from ..config import ConfigError
-    from ..health import mask_sweep, plot_mask_sweep
+    from ..explain.mask_sweep import mask_sweep, plot_mask_sweep
     from ..model_ops import moe_layers
     from ..train.trainer import Trainer
 

@@ -75,7 +75,7 @@ def load_model(path: str | Path, tokenizer: str | Path | None = None) -> tuple[L
         tok = load_serve_tokenizer(path if tokenizer is None else tokenizer)
     else:
         from ..data.tokenizer import ByteTokenizer, load_tokenizer
-        from ..health import load_checked
+        from ..train import load_checked
 
         model, cfg, findings = load_checked(path, quarantine=True)
         if tokenizer is not None:
