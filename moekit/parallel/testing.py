@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from ..layer import MoE
 from .errors import MoekitDistributedError
-from .expert_parallel import shard_moe
+from .expert_parallel import shard_model, shard_moe
 from .groups import ParallelGroups, build_groups, destroy_parallel
 from .data_parallel import replicate
 from .training import TrainerParallel
@@ -270,4 +270,46 @@ def checkpoint_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         err[f"stats:{name}"] = _max_err(buf.double(), bufs_p[name].double())
     err["passes"] = float(ckpt.stats.passes)
     destroy_parallel(groups)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(err))
+
+
+def dcp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Entry point for torch.multiprocessing.spawn: train an EP=world layer one step (AdamW), save it
+    with ``save_dcp``, then load the folder into a fresh layer under EP=1 (world x 1 mesh) with
+    ``load_dcp_parallel``. Rank 0 writes the gathered reference (model state, full expert moments)
+    to ``out_dir/reference.pt``; every rank records its largest difference after the reload."""
+    from .dcp import load_dcp_parallel, save_dcp
+    from .expert_parallel import gather_experts
+
+    init_loopback(rank, world, port)
+    ep_groups = build_groups(world, timeout_s=60.0)
+    torch.manual_seed(0)
+    kwargs = dict(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, top_k=2, aux_loss_coef=0.01)
+    layer = shard_model(MoE(**kwargs), ep_groups)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    wrapper = replicate(layer, ep_groups)
+    torch.manual_seed(100 + rank)
+    (wrapper(torch.randn(6, DIM)).square().sum() + layer.aux_loss).backward()
+    optimizer.step()
+    del wrapper
+    folder = save_dcp(Path(out_dir), 1, layer, optimizer, {"note": "dcp test"}, ep_groups)
+    full = layer.state_dict()
+    moments = {f"{n}.{k}": (gather_experts(v, ep_groups) if n.startswith("experts.") else v)
+               for n, p in layer.named_parameters() for k, v in optimizer.state[p].items() if k != "step"}
+    if rank == 0:
+        torch.save({"model": full, "moments": moments}, Path(out_dir, "reference.pt"))
+
+    dp_groups = build_groups(1, timeout_s=60.0)
+    torch.manual_seed(1)
+    fresh = shard_model(MoE(**kwargs), dp_groups, sync=False)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=5.0)
+    record = load_dcp_parallel(folder, fresh, fresh_opt, dp_groups)
+    err = {"model": max(_max_err(v, full[k]) for k, v in fresh.state_dict().items()),
+           "moments": max(_max_err(fresh_opt.state[p][k], moments[f"{n}.{k}"])
+                          for n, p in fresh.named_parameters() for k in ("exp_avg", "exp_avg_sq")),
+           "step": abs(float(fresh_opt.state[next(fresh.parameters())]["step"]) - 1.0),
+           "lr": abs(fresh_opt.param_groups[0]["lr"] - 1e-2),
+           "meta": 0.0 if record["meta"] == {"note": "dcp test"} and record["step"] == 1 else float("inf"),
+           "expert_rows_here": float(fresh.experts.gate_up_proj.shape[0])}
+    destroy_parallel(ep_groups, dp_groups)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(err))
