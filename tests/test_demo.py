@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 
 from moekit.cli import main
 from moekit.cli.demo import (DemoMoE, compare, demo_configs, first_reach, interpolate, label_entropy,
-                             label_expert_mi, plain_words, run_demo, seed_statistics, specialisation,
+                             label_expert_mi, plain_words, register, run_demo, seed_statistics, specialisation,
                              STORED_SEED_SPREAD)
 from moekit.config import ConfigError
 
@@ -83,10 +84,16 @@ def test_demo_moe_design_errors_name_the_flags(tmp_path):
     with pytest.raises(ConfigError, match=r"--top-k 8 exceeds --num-experts 4"):
         demo_configs("tiny", tmp_path, "d", DemoMoE(num_experts=4, top_k=8, shared_experts=0))
     cfg = demo_configs("small", tmp_path, "d", DemoMoE(num_experts=32, top_k=7, shared_experts=1, balance="bias",
-                                                       lr=5e-3, warmup_steps=60))
+                                                       lr=5e-3, warmup_steps=60, z_loss_coef=0.0))
     moe = cfg["moe"].model.moe
     assert (moe.expert_hidden, moe.shared.num, moe.shared.hidden) == (64, 1, 64)
     assert moe.router.bias_update_rate == 1e-3 and moe.balance.aux_loss_coef == 0.0
+    assert moe.balance.z_loss_coef == 0.0
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert parser.parse_args(["demo", "--z-loss-coef", "0"]).z_loss_coef == 0.0
+    assert parser.parse_args(["demo"]).z_loss_coef == DemoMoE().z_loss_coef == demo_configs(
+        "small", tmp_path, "d")["moe"].model.moe.balance.z_loss_coef
     assert (cfg["moe"].lr, cfg["moe"].warmup_steps, cfg["dense"].lr, cfg["dense"].warmup_steps) == (5e-3, 60, 3e-3, 30)
 
 

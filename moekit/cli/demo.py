@@ -55,7 +55,8 @@ class DemoMoE:
     """The demo MoE's design, on top of the size's dense model.
 
     ``balance``: "aux" (the Switch load-balancing loss, ``aux_loss_coef``) or "bias" (DeepSeek-V3's
-    aux-loss-free per-expert bias, ``bias_update_rate``). ``lr``/``warmup_steps`` None: dense's."""
+    aux-loss-free per-expert bias, ``bias_update_rate``); ``z_loss_coef``: the ST-MoE router z-loss.
+    ``lr``/``warmup_steps`` None: dense's."""
 
     # 64 experts of hidden 64, top-7 + 1 shared: the best equal-token loss of the sweep in
     # docs/training.md ("Choosing the MoE").
@@ -65,6 +66,7 @@ class DemoMoE:
     balance: str = "aux"
     aux_loss_coef: float = 0.01
     bias_update_rate: float = 1e-3
+    z_loss_coef: float = 1e-3
     lr: float | None = None
     warmup_steps: int | None = None
 
@@ -109,7 +111,7 @@ def demo_configs(size: str, out_dir: Path, data_dir: str, moe: DemoMoE | None = 
     balance = ({"aux_loss_coef": moe.aux_loss_coef} if moe.balance == "aux"
                else {"aux_loss_coef": 0.0, "bias_update_rate": moe.bias_update_rate})
     moe_cfg = moe_config(dim=s["dim"], num_experts=moe.num_experts, expert_hidden=h, top_k=moe.top_k,
-                         z_loss_coef=1e-3, **balance, **shared)
+                         z_loss_coef=moe.z_loss_coef, **balance, **shared)
     moe_train = {**common_train, "lr": moe.lr or s["lr"],
                  "warmup_steps": s["warmup_steps"] if moe.warmup_steps is None else moe.warmup_steps}
     return {
@@ -541,7 +543,7 @@ def print_summary(runs: list[dict[str, Any]], comparison: dict[str, Any], summar
 def run(args: argparse.Namespace) -> int:
     moe = DemoMoE(num_experts=args.num_experts, top_k=args.top_k, shared_experts=args.shared_experts,
                   balance=args.balance, aux_loss_coef=args.aux_loss_coef, bias_update_rate=args.bias_update_rate,
-                  lr=args.moe_lr, warmup_steps=args.moe_warmup)
+                  z_loss_coef=args.z_loss_coef, lr=args.moe_lr, warmup_steps=args.moe_warmup)
     run_demo(args.out_dir, args.data_dir, args.size, args.steps, moe, args.seed, args.seeds, args.corpus,
              use_apt=not args.no_apt, progress=not args.no_progress, threads=args.threads)
     return 0
@@ -568,6 +570,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="aux: Switch load-balancing loss; bias: aux-loss-free expert bias (DeepSeek-V3)")
     p.add_argument("--aux-loss-coef", type=NONNEGATIVE_NUMBER, default=d.aux_loss_coef)
     p.add_argument("--bias-update-rate", type=number_in(0, low_open=True), default=d.bias_update_rate)
+    p.add_argument("--z-loss-coef", type=NONNEGATIVE_NUMBER, default=d.z_loss_coef,
+                   help="router z-loss (ST-MoE) coefficient; 0 disables it")
     p.add_argument("--moe-lr", type=number_in(0, 1, low_open=True), default=d.lr, help="MoE learning rate (default: dense's)")
     p.add_argument("--moe-warmup", type=NONNEGATIVE_INT, default=d.warmup_steps,
                    help="MoE warm-up steps (default: dense's)")
