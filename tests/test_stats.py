@@ -125,3 +125,41 @@ def test_stats_stay_exact_after_bf16_cast():
     r = layer.report()
     assert sum(r.tokens_per_expert) == 903.0 and r.assignments == 903
     assert sum(r.coactivation[e][e] for e in range(2)) == 903.0
+
+
+@pytest.mark.parametrize("kw", [{"capacity_factor": 1.0}, {"score_func": "sigmoid"}, {"router": "expert_choice", "capacity_factor": 1.0}])
+def test_deferred_updates_give_the_totals_of_updating_every_pass(kw):
+    """``defer_updates(4)`` over 11 passes of varied sizes (some with padding, one expert masked for
+    a stretch so it idles): every buffer equals updating pass by pass (counts exactly, float sums to
+    rounding), whether read mid-block (which adds the waiting passes) or at the end."""
+    torch.manual_seed(0)
+    eager, deferred = _layer(**kw), _layer(**kw)
+    deferred.load_state_dict(eager.state_dict())
+    deferred.stats.defer_updates(4)
+    for i, T in enumerate((9, 3, 14, 1, 6, 20, 2, 7, 5, 11, 4)):
+        if i == 2:
+            eager.mask_experts([4])
+            deferred.mask_experts([4])
+        if i == 8:
+            eager.unmask_experts([4])
+            deferred.unmask_experts([4])
+        x = torch.randn(T, D)
+        mask = (torch.rand(T) > 0.3) if i % 3 == 0 else None
+        with torch.no_grad():
+            eager(x, token_mask=mask)
+            deferred(x, token_mask=mask)
+        if i == 5:  # a read in the middle of a block adds the waiting passes
+            assert deferred.stats._pending
+            assert torch.equal(deferred.stats.tokens_E, eager.stats.tokens_E)
+            assert not deferred.stats._pending
+    assert len(deferred.stats._pending) == 1  # passes 10 and 11 went in with the block closed at pass 10
+    for name, want in eager.stats.named_buffers():
+        got = getattr(deferred.stats, name)
+        if want.is_floating_point():
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9, msg=name)
+        else:
+            assert torch.equal(got, want), name
+    assert int(deferred.stats.idle_steps_E[4]) == int(eager.stats.idle_steps_E[4])
+    assert deferred.stats.forward_passes == 11
+    with pytest.raises(ValueError, match="every=0 must be an int >= 1"):
+        deferred.stats.defer_updates(0)

@@ -52,6 +52,10 @@ log = logging.getLogger("moekit.serve")
 
 Event = dict[str, Any]
 
+# Forwards whose routing statistics each MoE layer adds in one pass (RoutingStats.defer_updates; a
+# read of the statistics, as /metrics does, adds the waiting ones first).
+STATS_EVERY = 32
+
 
 @dataclass
 class ServeLimits(Config):
@@ -156,6 +160,8 @@ class Engine:
         self.metrics = metrics
         self.device = next(model.parameters()).device
         self.layers: dict[str, MoE] = dict(moe_layers(model))
+        for layer in self.layers.values():
+            layer.stats.defer_updates(STATS_EVERY)
         # (T, K) expert ids per layer of the last forward, captured when one of its requests traces
         # or records routing (moekit.capture_routing; the layers keep no routing themselves).
         self._last_topk: dict[str, torch.Tensor | None] = {}
