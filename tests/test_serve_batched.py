@@ -128,6 +128,39 @@ def test_pool_slots_are_reused_and_bounded():
     torch.testing.assert_close(out_BV[0], ref_V, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", [{}, {"attention": "mla", "attention_options": {
+    "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}}])
+def test_compacted_pool_keeps_every_row_and_is_read_as_one_view(attention):
+    """Rows in slots 1, 3, 4 of a 5-slot pool (0 and 2 free, as after finished sequences) move into
+    slots 0..2 (one copy of each moved row's positions): the step reads one view of the pool and
+    gives each row the logits of LM.forward over its whole sequence; acquire takes the lowest slot."""
+    torch.manual_seed(0)
+    model = tiny_lm(**attention)
+    pool = KVPool(model.config.n_layers, 5, model.config.max_seq_len)
+    caches = [pool.acquire() for _ in range(5)]
+    prompts = [torch.randint(0, 257, (1, n)) for n in (4, 2, 6, 3, 5)]
+    with torch.no_grad():
+        for p, c in zip(prompts, caches):
+            model(p, cache=c)
+    pool.release(caches[0])
+    pool.release(caches[2])
+    rows = [caches[1], caches[3], caches[4]]
+    pool.compact(rows)
+    assert sorted(c.slot for c in rows) == [0, 1, 2] and sorted(pool.free) == [3, 4]
+    rows.sort(key=lambda c: c.slot)
+    assert RowCaches(rows)._first_slot == 0
+    tokens = torch.tensor([7, 8, 9])
+    out_BV = decode_step(model, tokens, rows)
+    row_prompts = {id(c): p for c, p in zip(caches, prompts)}
+    with torch.no_grad():
+        for b, c in enumerate(rows):
+            ref_V = model(torch.cat([row_prompts[id(c)], tokens[b].view(1, 1)], dim=1))[0, -1]
+            torch.testing.assert_close(out_BV[b], ref_V, rtol=1e-4, atol=1e-5)
+    assert pool.acquire().slot == 3
+    with pytest.raises(ValueError, match="slot 1 is not a free slot of this pool"):
+        pool.move(rows[0], 1)
+
+
 def test_truncate_cache_undoes_a_failed_step():
     model = tiny_lm()
     caches = prefilled(model, [torch.randint(0, 257, (1, 5))])

@@ -73,9 +73,36 @@ class KVPool:
             raise ValueError(f"{end} positions exceed the KV pool's capacity of {self.capacity}")
 
     def acquire(self) -> SlotCache:
+        """A cache in the lowest free slot (running sequences stay packed at the start of the pool)."""
         if not self.free:
             raise RuntimeError(f"all {self.slots} KV cache slots are in use")
-        return SlotCache(self, self.free.pop())
+        slot = min(self.free)
+        self.free.remove(slot)
+        return SlotCache(self, slot)
+
+    def compact(self, caches: list[SlotCache]) -> None:
+        """Put ``caches`` (of this pool) in slots 0..n-1: each one past them moves into a free slot
+        below n (a copy of its cached positions), so a step over them reads one view of the pool
+        (``RowCaches``) instead of gathering every row, step after step, once a sequence in a low
+        slot has finished."""
+        n = len(caches)
+        holes = sorted(slot for slot in self.free if slot < n)
+        movers = sorted((c for c in caches if c.slot >= n), key=lambda c: c.slot)
+        for slot, cache in zip(holes, movers):
+            self.move(cache, slot)
+
+    def move(self, cache: SlotCache, slot: int) -> None:
+        """Copy ``cache``'s cached positions to free slot ``slot``, which it takes; its old slot is freed."""
+        if cache.pool is not self or slot not in self.free:
+            raise ValueError(f"slot {slot} is not a free slot of this pool (free: {sorted(self.free)})")
+        n = cache.length
+        for entries in self.entries:
+            for buf in entries or ():
+                buf[slot, ..., :n, :] = buf[cache.slot, ..., :n, :]
+        self.free.remove(slot)
+        self.free.append(cache.slot)
+        cache.slot = slot
+        cache.layers = [None] * self.n_layers  # views of the old slot
 
     def release(self, cache: SlotCache) -> None:
         if cache.slot not in self.free:

@@ -430,7 +430,8 @@ class Engine:
         if not rows:
             return
         if self._pool is not None:
-            # Rows in slot order: consecutive slots are read as one view of the pool (RowCaches).
+            # Rows in slots 0..B-1, in slot order: read as one view of the pool (RowCaches).
+            self._pool.compact([r.cache for r in rows if isinstance(r.cache, SlotCache)])
             rows.sort(key=lambda r: r.cache.slot if isinstance(r.cache, SlotCache) else -1)
         tokens_B = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long, device=self.device)
         if self.batchable and len(rows) > 1:
