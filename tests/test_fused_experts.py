@@ -11,6 +11,7 @@ Shape legend: T tokens, D model dim, E experts, K top-k, F expert hidden, R kept
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -309,3 +310,42 @@ def test_bf16_blocks_with_and_without_native_bf16_products(native, monkeypatch):
     assert _rel(out, ref_out) < TOL[torch.bfloat16]
     for name, g in grads.items():
         assert _rel(g, ref_grads[name]) < TOL[torch.bfloat16], name
+
+
+def test_auto_schedule_near_the_modeled_threshold_is_measured_once(monkeypatch):
+    """CPU float32, schedule auto, rows per expert within TRIAL_BAND of the modeled loop threshold:
+    one trial per shape picks the schedule (cached; the global RNG untouched) and the result equals
+    both fixed schedules'. Far from the threshold the model's answer stands, with no trial."""
+    from moekit.ops import fused, kernels
+
+    T = 100
+    experts = _experts("swiglu", "auto")
+    x_TD, logits_TE, dout_TD = _inputs(T, torch.float32)
+    rows = T * K / E
+    latency_us = 1.0
+    k = kernels.CPUKernels(capability="X", bf16_flags=False, native_bf16=False, threads=torch.get_num_threads(),
+                           matmul_gflops=100.0, bf16_matmul_gflops=None, op_latency_us=latency_us)
+    k = dataclasses.replace(k, op_latency_us=latency_us * 2 * rows / k.loop_min_rows(D, 2 * F, F))
+    assert k.loop_min_rows(D, 2 * F, F) == pytest.approx(2 * rows)   # modeled: grouped, inside the band
+    monkeypatch.setitem(kernels._CACHE, torch.get_num_threads(), k)
+    monkeypatch.setattr(fused, "_TRIED", {})
+    trials = []
+    real_trial = fused._trial
+    monkeypatch.setattr(fused, "_trial", lambda *args: trials.append(args[3]) or real_trial(*args))
+    rng = torch.get_rng_state()
+    out, grads, _ = _run(experts, x_TD, logits_TE, dout_TD, None)
+    _run(experts, x_TD, logits_TE, dout_TD, None)
+    assert trials == [pytest.approx(rows)], "one trial for the shape, reused by backward and later calls"
+    assert list(fused._TRIED.values())[0] in ("grouped", "loop")
+    assert torch.equal(torch.get_rng_state(), rng)
+    for backend in ("grouped_mm", "loop"):
+        fixed = _experts("swiglu", backend)
+        fixed_out, fixed_grads, _ = _run(fixed, x_TD, logits_TE, dout_TD, None)
+        torch.testing.assert_close(out, fixed_out, rtol=1e-6, atol=1e-6)
+        for name, g in grads.items():
+            torch.testing.assert_close(g, fixed_grads[name], rtol=1e-6, atol=1e-6)
+    monkeypatch.setitem(kernels._CACHE, torch.get_num_threads(),
+                        dataclasses.replace(k, op_latency_us=k.op_latency_us * 4 * fused.TRIAL_BAND))
+    monkeypatch.setattr(fused, "_TRIED", {})
+    _run(experts, x_TD, logits_TE, dout_TD, None)
+    assert len(trials) == 1 and fused._TRIED == {}, "outside the band: the model decides, no trial"

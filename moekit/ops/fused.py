@@ -23,7 +23,9 @@ Two schedules share the math:
   ``loop``     one expert block at a time with torch.mm, products written straight into the
                (R, .) buffers.
   ``auto``     resolved inside the op at run time (``moekit.ops.kernels``): loop where the
-               measured per-op latency is small against a block's product time, else grouped.
+               measured per-op latency is small against a block's product time, else grouped;
+               near that modeled threshold, whichever ran faster in a one-off timed trial of both
+               on blocks of the shape (``_trial``; the model leaves out cache locality).
 On CPU, half-precision blocks run natively where the CPU has bf16 dot products (measured by
 ``cpu_kernels``), else in float32 and stored back in the input dtype, except blocks of at most
 NATIVE_DTYPE_MAX_ROWS rows in forward (decode), which run in the input dtype. Combine and the
@@ -36,12 +38,15 @@ The plain composition (permute -> experts.forward -> combine) stays the referenc
 
 from __future__ import annotations
 
+import math
+import time
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .grouped import compute_dtype, resolve_schedule
+from .grouped import compute_dtype, resolve_backend, resolve_schedule
+from .kernels import cpu_kernels
 from .permute import token_sum as _token_sum
 
 SCHEDULES = ("grouped", "loop", "auto")
@@ -146,11 +151,84 @@ def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts_E, 0, dtype=torch.int32)
 
 
-def _schedule(schedule: str, x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, R: int) -> str:
+def _schedule(schedule: str, x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, R: int,
+              act_name: str, gated: bool) -> str:
     if schedule != "auto":
         return schedule
     E, U, D = w1_EUD.shape
-    return resolve_schedule(x_TD, D, U, w2_EDF.shape[-1], R / E)
+    Fh, rows = w2_EDF.shape[-1], R / E
+    modeled = resolve_schedule(x_TD, D, U, Fh, rows)
+    if x_TD.device.type != "cpu" or resolve_backend("auto", x_TD, (D, U, Fh)) != "grouped_mm" or rows < 1:
+        return modeled
+    threshold = cpu_kernels().loop_min_rows(D, U, Fh)
+    if not threshold / TRIAL_BAND <= rows <= threshold * TRIAL_BAND:
+        return modeled
+    key = (torch.get_num_threads(), x_TD.dtype, D, U, Fh, act_name, gated, round(math.log2(rows)))
+    found = _TRIED.get(key)
+    if found is None:
+        found = _TRIED[key] = _trial(x_TD.dtype, w1_EUD, w2_EDF, rows, act_name, gated)
+    return found
+
+
+# CPU ``auto`` near the modeled threshold: the schedule that ran faster on blocks of this shape, per
+# (threads, dtype, D, U, F, activation, rows per expert to the nearest power of 2).
+_TRIED: dict[tuple, str] = {}
+# The trial runs where the modeled threshold (CPUKernels.loop_min_rows) is within this factor of the
+# rows per expert: the model leaves out what the loop's cache locality saves on the elementwise
+# passes, which at small D is more than the product time it assumes (demo D 128, F 128, 512 rows
+# per expert: loop 0.94x grouped in CPU time at 1 thread, modeled threshold 890 rows).
+TRIAL_BAND = 8.0
+TRIAL_BYTES = 8 * 2**20
+TRIAL_EVICT_BYTES = 64 * 2**20
+TRIAL_RUNS = 3
+TRIAL_BUDGET_S = 2.0  # past it (a busy machine), stop after the first timed pair
+
+
+@torch.no_grad()
+def _trial(dtype: torch.dtype, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, rows: float, act_name: str,
+           gated: bool) -> str:
+    """Time forward + backward of both schedules on random blocks of ``rows`` rows for as many of the
+    experts as make about TRIAL_BYTES of per-row temporaries (so the grouped passes leave the cache as
+    they do in a layer), at least 2, each run starting from an evicted cache; the faster (minimum of
+    TRIAL_RUNS timed runs each, interleaved, after one untimed run) wins. Random data from a private
+    generator (the global RNG is untouched); the weights are the layer's first experts'. Both
+    schedules compute the same block products, so the choice changes speed, not results."""
+    E, U, D = w1_EUD.shape
+    Fh = w2_EDF.shape[-1]
+    n = max(1, round(rows))
+    E_t = min(E, max(2, TRIAL_BYTES // (n * (2 * D + U + Fh) * torch.finfo(dtype).bits // 8)))
+    R = n * E_t
+    gen = torch.Generator().manual_seed(0)
+    x_TD = torch.randn(R, D, generator=gen).to(dtype)
+    dout_TD = torch.randn(R, D, generator=gen).to(dtype)
+    token_idx_R = torch.randperm(R, generator=gen)
+    inverse_S = torch.empty_like(token_idx_R).scatter_(0, token_idx_R, torch.arange(R))
+    weight_R = torch.rand(R, generator=gen)
+    counts_E = torch.full((E_t,), n, dtype=torch.long)
+    w1, w2 = w1_EUD[:E_t].detach(), w2_EDF[:E_t].detach()
+    evict = torch.zeros(TRIAL_EVICT_BYTES // 4)
+
+    def run(sched: str) -> float:
+        evict.add_(1.0)  # a layer's blocks start from memory, not from the last run's cache
+        start = time.perf_counter()
+        forward = _forward_grouped if sched == "grouped" else _forward_loop
+        backward = _backward_grouped if sched == "grouped" else _backward_loop
+        h_RU, y_RD = forward(x_TD, w1, w2, token_idx_R, counts_E, act_name, gated)
+        _combine(y_RD, weight_R, inverse_S, token_idx_R, R)
+        dx_RD = backward(x_TD, w1, w2, weight_R, token_idx_R, h_RU, dout_TD, act_name, gated, counts_E)[0]
+        _token_sum(dx_RD, inverse_S, token_idx_R, R, _acc_dtype(dx_RD))
+        return time.perf_counter() - start
+
+    best = {"grouped": math.inf, "loop": math.inf}
+    began = time.perf_counter()
+    for i in range(TRIAL_RUNS + 1):
+        for sched in best:
+            seconds = run(sched)
+            if i:  # the first run of each allocates its buffers
+                best[sched] = min(best[sched], seconds)
+        if i and time.perf_counter() - began > TRIAL_BUDGET_S:
+            break
+    return min(best, key=best.__getitem__)
 
 
 # ---------------------------------------------------------------------------------------------- forward
@@ -190,7 +268,7 @@ def _fused_op(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, we
               token_idx_R: torch.Tensor, inverse_S: torch.Tensor | None, counts_E: torch.Tensor, act_name: str,
               gated: bool, schedule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out_TD in x's dtype, y_RD unweighted expert outputs, h_RU pre-activations)."""
-    sched = _schedule(schedule, x_TD, w1_EUD, w2_EDF, token_idx_R.shape[0])
+    sched = _schedule(schedule, x_TD, w1_EUD, w2_EDF, token_idx_R.shape[0], act_name, gated)
     run = _forward_grouped if sched == "grouped" else _forward_loop
     h_RU, y_RD = run(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated)
     out_TD = _combine(y_RD, weight_R, inverse_S, token_idx_R, x_TD.shape[0]).to(x_TD.dtype)
@@ -260,7 +338,7 @@ def _fused_backward_op(dout_TD: torch.Tensor, x_TD: torch.Tensor, w1_EUD: torch.
                        counts_E: torch.Tensor, h_RU: torch.Tensor, act_name: str, gated: bool,
                        schedule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx_TD, dw1_EUD, dw2_EDF, dweight_R)."""
-    sched = _schedule(schedule, x_TD, w1_EUD, w2_EDF, token_idx_R.shape[0])
+    sched = _schedule(schedule, x_TD, w1_EUD, w2_EDF, token_idx_R.shape[0], act_name, gated)
     run = _backward_grouped if sched == "grouped" else _backward_loop
     dx_RD, dw1, dw2, dweight_R = run(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD.contiguous(),
                                      act_name, gated, counts_E)
