@@ -107,3 +107,80 @@ def test_output_router_logits_after_patching(family: str, hooks_first: bool) -> 
     out.aux_loss.backward()
     layer = model.get_submodule(names[0])
     assert layer.router.weight.grad is not None and float(layer.router.weight.grad.abs().sum()) > 0
+
+
+def counted_tokens(model: torch.nn.Module, name: str) -> int:
+    """Tokens that layer ``name``'s routing statistics counted since they were last reset."""
+    layer = model.get_submodule(name)
+    return moekit.routing_report(model, warn=False)[name].assignments // layer.top_k
+
+
+MIXTRAL_LOSS = {"aux_loss_coef": 0.02, "aux_loss_convention": "mixtral"}
+
+
+def with_capacity(model: torch.nn.Module, factor: float) -> None:
+    for _, layer in moekit.moe_layers(model):
+        layer.config.router.capacity_factor = factor
+
+
+@pytest.mark.parametrize("family,balance,capacity", [(family, MIXTRAL_LOSS, None) for family in sorted(FAMILIES)]
+                         + [("qwen3_moe", {"aux_loss_coef": 0.02, "aux_loss_convention": "switch",
+                                           "z_loss_coef": 1e-3}, None),
+                            ("mixtral", MIXTRAL_LOSS, 1.0)])
+def test_attention_mask_leaves_padding_out_of_moekit_losses(family: str, balance: dict, capacity: float | None) -> None:
+    """moekit.aux_loss of a patched model called with attention_mask equals the loss of the same
+    batch with the padding removed: each layer run on only its real tokens' inputs (float64)."""
+    model = tiny_hf_model(family, std=0.3).double().train()
+    names = patch_model(model, balance=balance)
+    with_capacity(model, capacity)
+    ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(3))
+    mask = (torch.arange(7)[None, :] < torch.tensor([[7], [4], [2]])).long()  # right padding
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args, name=name: inputs.__setitem__(name, args[0].detach())) for name in names]
+    out = model(ids, attention_mask=mask, output_router_logits=True)
+    for hook in hooks:
+        hook.remove()
+    padded = moekit.aux_loss(model).detach()
+    assert counted_tokens(model, names[0]) == int(mask.sum())
+    for name in names:  # the batch without its padding, layer by layer
+        model.get_submodule(name)(inputs[name][mask.bool()])
+    unpadded = moekit.aux_loss(model).detach()
+    assert float(unpadded) > 0
+    assert abs(float(padded) - float(unpadded)) < 1e-12 * float(unpadded)
+    if balance is MIXTRAL_LOSS and capacity is None and out.aux_loss is not None:
+        # transformers' own loss with the same attention_mask, pooled the same way (it computes in float32).
+        assert abs(float(padded) - 0.02 * float(out.aux_loss.detach())) < 1e-6 * float(padded)
+    model(ids, attention_mask=torch.ones_like(ids))  # no padding: the plain forward's loss
+    ones = moekit.aux_loss(model).detach()
+    model(ids)
+    assert float(ones) == float(moekit.aux_loss(model).detach())
+    assert abs(float(ones) - float(padded)) > 1e-4 * float(padded)  # the padding would have counted
+
+
+def test_attention_mask_reaches_recomputation_and_generate() -> None:
+    """Under HF gradient checkpointing the recomputed layers use the call's mask (a capacity layer's
+    output depends on it); left-padded generate masks the padding of every cached step."""
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[1] * 6, [1, 1, 1, 0, 0, 0]])
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_hf_model("qwen3_moe", std=0.3).double().train()
+        patch_model(model, balance=MIXTRAL_LOSS)
+        with_capacity(model, 1.0)
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        out = model(ids, attention_mask=mask, labels=ids)
+        (out.loss + moekit.aux_loss(model)).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    model = tiny_hf_model("mixtral").eval()
+    names = patch_model(model)
+    left = torch.tensor([[0, 0, 0, 1, 1, 1], [1] * 6])
+    with torch.no_grad():
+        model.generate(ids, attention_mask=left, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    # 9 real prompt tokens, then 2 rows x 2 decode steps (the third new token is not run).
+    assert counted_tokens(model, names[0]) == 9 + 2 * 2
