@@ -151,6 +151,8 @@ def test_streaming_equals_the_plain_answer(served):
     assert [t for c in chunks for t in c["choices"][0].get("token_ids", [])] == plain["choices"][0]["token_ids"]
     assert chunks[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
     assert all("usage" not in c for c in chunks)  # only with stream_options.include_usage
+    assert all(list(c) == ["id", "object", "created", "model", "choices"] and c["object"] == "text_completion"
+               and c["id"] == chunks[0]["id"] and c["model"] == plain["model"] for c in chunks)
     with client.stream("POST", "/v1/completions",
                        json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         with_usage = sse_events(r)[:-1]

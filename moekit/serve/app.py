@@ -572,11 +572,14 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
         by_index = {c.index: c for c in choices}
         kind = "chat.completion.chunk" if chat else "text_completion"
 
+        # The fields around a chunk's choice, encoded once per stream: each token encodes its choice only
+        # (the same text as encoding the whole chunk, {"id", "object", "created", "model", "choices"[, "usage"]}).
+        head = json.dumps({"id": rid, "object": kind, "created": created, "model": engine.model_name},
+                          ensure_ascii=False)
+        opening, closing = "data: " + head[:-1] + ', "choices": [', ('], "usage": null}' if include_usage else "]}") + "\n\n"
+
         def chunk(choice: dict[str, Any]) -> str:
-            body = {"id": rid, "object": kind, "created": created, "model": engine.model_name, "choices": [choice]}
-            if include_usage:
-                body["usage"] = None
-            return sse(body)
+            return opening + json.dumps(choice, ensure_ascii=False) + closing
 
         def piece(c: _Choice, text: str, event: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
             ids = [event["token_id"]] if event and event["type"] == "token" else []
