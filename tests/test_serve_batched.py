@@ -274,16 +274,22 @@ def test_engine_quarantines_an_expert_that_produces_nan():
         engine.stop()
 
 
-def test_engine_batches_mla_models():
-    options = {"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}
-    model = tiny_lm(attention="mla", attention_options=options)
+@pytest.mark.parametrize("attention", ["mla", "gpt_oss"])
+def test_engine_batches_mla_and_gpt_oss_models(attention):
+    """Batched steps past gpt-oss's sliding window (3) with its sinks: offline generate's tokens."""
+    torch.manual_seed(0)
+    model = tiny_lm(attention=attention, attention_options=ATTENTION_KINDS[attention], n_kv_heads=2)
+    if attention == "gpt_oss":
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.self_attn.sinks.normal_()
     assert can_batch(model)
     engine = Engine(model, ByteTok(), ServeLimits(max_batch=4))
     try:
-        reqs = [GenRequest(prompt_ids=[5 + i, 6, 7], max_tokens=5, temperature=0.9, seed=i) for i in range(3)]
+        reqs = [GenRequest(prompt_ids=[5 + i, 6, 7], max_tokens=6, temperature=0.9, seed=i) for i in range(3)]
         run_requests(engine, reqs)
         for i, r in enumerate(reqs):
-            ref = generate(model, torch.tensor([r.prompt_ids]), 5, temperature=0.9, seed=i, stop_token=256)
+            ref = generate(model, torch.tensor([r.prompt_ids]), 6, temperature=0.9, seed=i, stop_token=256)
             assert r.generated == ref[0, 3:].tolist()
         assert engine.counts["batched_steps"] >= 4 and engine.counts["packed_prefills"] == 1
     finally:

@@ -30,15 +30,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..lm.gpt_oss import GptOssAttention
 from ..lm.mla import MLAttention
 from ..lm.model import ALL, LM, Attention, KVCache, Visible, causal_mask, position_mask
 
 
 def can_batch(model: LM) -> bool:
     """True when every attention module is of a kind the engine batches: plain multi-head /
-    grouped-query, or MLA (its latent cache goes through the same protocol). gpt-oss attention is
+    grouped-query, MLA (its latent cache goes through the same protocol) and gpt-oss (sinks and a
+    per-layer window, through ``Cache.visible``). Another module, whose cache use is unknown, is
     served row by row."""
-    return all(type(layer.self_attn) in (Attention, MLAttention) for layer in model.layers)
+    return all(type(layer.self_attn) in (Attention, MLAttention, GptOssAttention) for layer in model.layers)
 
 
 def truncate_cache(cache: KVCache) -> None:
