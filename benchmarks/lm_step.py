@@ -130,12 +130,22 @@ def measure(compiled: bool, repeats: int, steps: int, device: torch.device) -> d
         ratios.append(per["moe"] / per["dense"])
     tokens = B * S
     dense_ms, moe_ms = statistics.median(times["dense"]), statistics.median(times["moe"])
+    calls = {kind: aten_calls(step, batches[0]) for kind, (_, step) in runs.items()}
     return {"mode": "compiled" if compiled else "eager", "dense_ms": round(dense_ms, 2), "moe_ms": round(moe_ms, 2),
             "dense_tok_s": round(tokens / dense_ms * 1e3), "moe_tok_s": round(tokens / moe_ms * 1e3),
             "moe_over_dense": round(statistics.median(ratios), 3),
             "ratio_min_max": [round(min(ratios), 3), round(max(ratios), 3)],
+            "dense_aten_calls": calls["dense"], "moe_aten_calls": calls["moe"],
             "warmup_s": round(warm_s, 1), "dense_ms_all": [round(t, 2) for t in times["dense"]],
             "moe_ms_all": [round(t, 2) for t in times["moe"]]}
+
+
+def aten_calls(step: Callable[[torch.Tensor, torch.Tensor], None], batch: torch.Tensor) -> int:
+    """aten operator calls (nested ones included) of one step, counted by torch.profiler: a measure of
+    per-op overhead that a loaded machine does not blur."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(batch[:, :-1], batch[:, 1:])
+    return sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,10 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{info['cpu_model']}  capability {info['torch_cpu_capability']}  threads {info['torch_threads']}  "
           f"OpenMP env {info['openmp_env'] or 'default'}  load {info['loadavg_start'][0]:.2f} -> "
           f"{info['loadavg_end'][0]:.2f}")
-    print(f"{'mode':9} {'dense ms':>9} {'moe ms':>9} {'dense tok/s':>12} {'moe tok/s':>10} {'moe/dense':>10} {'range':>14}")
+    print(f"{'mode':9} {'dense ms':>9} {'moe ms':>9} {'dense tok/s':>12} {'moe tok/s':>10} {'moe/dense':>10} {'range':>14} "
+          f"{'aten calls dense/moe':>21}")
     for r in rows:
         print(f"{r['mode']:9} {r['dense_ms']:9.1f} {r['moe_ms']:9.1f} {r['dense_tok_s']:12d} {r['moe_tok_s']:10d} "
-              f"{r['moe_over_dense']:10.3f} {str(r['ratio_min_max']):>14}")
+              f"{r['moe_over_dense']:10.3f} {str(r['ratio_min_max']):>14} "
+              f"{r['dense_aten_calls']:>10d}/{r['moe_aten_calls']:<10d}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "lm_step", "command": " ".join(["python", *sys.argv]), "shapes": DEMO,
