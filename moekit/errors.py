@@ -2,8 +2,8 @@
 (docs/architecture.md) so that every folder can raise and catch the same class.
 
 ``CheckpointError`` is every failure to read or write a checkpoint or model folder: moekit
-training checkpoints (``moekit.train.checkpoint``: ``ChecksumError``, ``DiskFullError``) and
-Hugging Face / moekit model folders (``moekit.hf``: ``OutputFolderError``). The message names the
+training checkpoints (``ChecksumError``, ``DiskFullError``, raised by ``moekit.files``,
+``moekit.train.checkpoint`` and ``moekit.parallel.dcp``) and Hugging Face / moekit model folders (``moekit.hf``: ``OutputFolderError``). The message names the
 file, and the tensor where one is at fault. It is a ``ValueError``, so ``except ValueError`` keeps
 catching it; the command line prints it as one line (``moekit.cli.known_errors``).
 
@@ -16,6 +16,14 @@ from __future__ import annotations
 
 class CheckpointError(ValueError):
     """A checkpoint or model folder cannot be read or written; the message names the file (and tensor)."""
+
+
+class ChecksumError(CheckpointError):
+    """A tensor, file or the metadata of a checkpoint does not match its stored digest (it is corrupted)."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written for lack of space; nothing was left half-written."""
 
 
 class ConfigError(ValueError):
@@ -34,4 +42,4 @@ class ConfigError(ValueError):
         return ConfigError(f"{where}: {self}", config=self.config, field=self.field, value=self.value)
 
 
-__all__ = ["CheckpointError", "ConfigError"]
+__all__ = ["CheckpointError", "ChecksumError", "ConfigError", "DiskFullError"]

@@ -1,16 +1,20 @@
 """Operations over every MoE layer of a model: naming, losses, bias updates, reports, masking,
-and ``capture_routing``, the opt-in way to see each forward's routing and dispatch plan."""
+the per-layer state a checkpoint keeps (``moe_state``), and ``capture_routing``, the opt-in way
+to see each forward's routing and dispatch plan."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from .balance.losses import PooledSums, pooled_mixtral_loss
+from .errors import CheckpointError
 from .layer import MoE, RoutingEvent
 from .stats import LayerReport, warn_on_collapse
 
@@ -144,3 +148,46 @@ def mask_experts(model: nn.Module, experts: Mapping[str, Iterable[int]] | Iterab
         ids = list(experts)
         for layer in layers.values():
             layer.mask_experts(ids)
+
+
+def moe_state(model: nn.Module) -> dict[str, Any]:
+    """Per MoE layer, the state a checkpoint keeps beside the tensors: masked and frozen experts,
+    the bias load, routing-statistics buffers (as lists; float64 values round-trip exactly through
+    JSON) and the forward-pass count. Empty for a non-module snapshot."""
+    if not isinstance(model, nn.Module):
+        return {}
+    out = {}
+    for name, layer in moe_layers(model):
+        out[name] = {"masked": layer.masked_experts, "frozen": layer.frozen_experts,
+                     "bias_load_E": layer.bias_load_E.cpu().tolist(),
+                     "stats": {k: v.cpu().tolist() for k, v in layer.stats.named_buffers(recurse=False)},
+                     "forward_passes": layer.stats.forward_passes}
+    return out
+
+
+def restore_moe_state(state: dict[str, Any], model: nn.Module, path: str | Path, stats: bool = True) -> None:
+    """Re-apply ``moe_state`` (read from checkpoint ``path``, named in errors): masked experts always;
+    frozen experts and routing statistics if ``stats`` (resuming training; a model loaded for eval
+    or serving starts with fresh statistics). A state that does not fit raises CheckpointError."""
+    layers = dict(moe_layers(model))
+    unknown = sorted(set(state) - set(layers))
+    if unknown:
+        raise CheckpointError(f"checkpoint {path} has MoE state for layers {unknown[:5]} that the model lacks")
+    for name, s in state.items():
+        layer = layers[name]
+        layer.unmask_experts()
+        try:
+            if s["masked"]:
+                layer.mask_experts(s["masked"])
+            if not stats:
+                continue
+            layer.unfreeze_experts()
+            if s["frozen"]:
+                layer.freeze_experts(s["frozen"])
+            with torch.no_grad():
+                layer.bias_load_E.copy_(torch.tensor(s["bias_load_E"], dtype=layer.bias_load_E.dtype))
+                for k, buf in layer.stats.named_buffers(recurse=False):
+                    buf.copy_(torch.tensor(s["stats"][k], dtype=buf.dtype))
+            layer.stats.forward_passes = int(s["forward_passes"])
+        except (KeyError, IndexError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"checkpoint {path}: MoE state of {name} does not fit the model ({err})") from None

@@ -22,7 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "moekit"
 # Low to high; the same order as the table in docs/architecture.md.
 LEVELS: list[set[str]] = [
     {"errors"},                                     # error types every folder raises and catches
-    {"config_base"},                                # the one config base: dataclass, checks, JSON, --set
+    {"config_base", "files"},                       # the one config base; crash-safe file writes
     {"config"},                                     # MoEConfig and its parts
     {"router"},                                     # x_TD -> Routing
     {"balance"},                                    # losses of routing counts and scores
@@ -45,10 +45,7 @@ LEVELS: list[set[str]] = [
 LEVEL = {unit: i for i, units in enumerate(LEVELS) for unit in units}
 
 # (importer, imported) -> why it is still there and what removes it.
-KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("parallel", "train"): "parallel/training.py saves with train.checkpoint; DCP checkpoints in parallel/ "
-                           "(issue 16 item 2) remove it",
-}
+KNOWN_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 _MODULE_STRING = re.compile(r"^moekit(\.[A-Za-z_][A-Za-z0-9_]*)+(:[A-Za-z_][A-Za-z0-9_]*)?$")
 
@@ -167,8 +164,10 @@ def test_one_checkpoint_error():
     from moekit.hf import CheckpointError as HFCheckpointError
     from moekit.hf import OutputFolderError
     from moekit.train import CheckpointError as TrainCheckpointError
+    from moekit.errors import ChecksumError as ErrorsChecksumError
     from moekit.train.checkpoint import ChecksumError, DiskFullError
 
+    assert ChecksumError is ErrorsChecksumError
     assert HFCheckpointError is TrainCheckpointError is moekit.CheckpointError is CheckpointError
     assert all(issubclass(cls, CheckpointError) for cls in (ChecksumError, DiskFullError, OutputFolderError))
     assert issubclass(CheckpointError, ValueError)

@@ -7,8 +7,11 @@ single-process safetensors checkpoint (``model.<name>``, full (E, ...) expert te
 their shards; ``optim.<index>.<name>`` for the optimizer), ``moekit.json`` with the rest of the
 metadata (``{"step", "meta", "optim", "moe"}``, as ``train.checkpoint.load_checkpoint`` returns
 it) and ``sha256.json``, the digest of every other file. The folder is written as
-``step_<step>.dcp.tmp`` and renamed when complete, so a killed save leaves no folder that looks
-whole; a file that changes afterwards fails its digest on load.
+``step_<step>.dcp.tmp`` (holding its writer's process id until the shards are written, so
+``train.checkpoint.remove_stale_temp`` leaves a live save alone) and renamed when complete, so a
+killed save leaves no folder that looks whole; a file that changes afterwards fails its digest
+on load (ChecksumError). ``train.checkpoint`` lists, resumes, loads and prunes these folders
+beside the single-process files.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ChecksumError
+from ..files import WRITER_FILE, atomic_write_bytes, fsync_dir, mark_writer
+from ..model_ops import moe_state
 from .errors import guarded
 from .expert_parallel import ExpertParallelMoE
 from .groups import ParallelGroups
@@ -102,30 +108,36 @@ def _digests(folder: Path) -> dict[str, str]:
 def save_dcp(folder: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
              meta: dict[str, Any], groups: ParallelGroups) -> Path:
     """Write ``folder/step_<step>.dcp`` (collective: every rank writes its shards; rank 0 the
-    metadata, the digests and the rename). Returns the folder."""
-    from ..train.checkpoint import moe_state
-
+    metadata, the digests, the rename and the ``latest`` pointer). Returns the folder. Pruning
+    older checkpoints is the caller's (``train.checkpoint.prune_checkpoints``)."""
     groups.require_open("save_dcp")
     folder = Path(folder)
     final, tmp = folder / f"step_{step:08d}.dcp", folder / f"step_{step:08d}.dcp.tmp"
     if groups.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
+        mark_writer(tmp)
     guarded("barrier(checkpoint folder)", lambda: dist.barrier(), groups.timeout_s)
     state, optim = _state(model, optimizer, groups)
     guarded("dcp.save", lambda: dcp.save(state, checkpoint_id=tmp), groups.timeout_s)
     if groups.is_main:
         record = {"step": step, "meta": meta, "optim": optim, "moe": moe_state(model)}
-        (tmp / META_FILE).write_text(json.dumps(record))
-        (tmp / DIGEST_FILE).write_text(json.dumps(_digests(tmp), sort_keys=True))
+        (tmp / WRITER_FILE).unlink()
+        atomic_write_bytes(tmp / META_FILE, json.dumps(record).encode())
+        atomic_write_bytes(tmp / DIGEST_FILE, json.dumps(_digests(tmp), sort_keys=True).encode())
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
-        (folder / "latest").write_text(final.name)
+        fsync_dir(folder)
+        atomic_write_bytes(folder / "latest", final.name.encode())
     guarded("barrier(checkpoint written)", lambda: dist.barrier(), groups.timeout_s)
     return final
 
 
-def _verify(folder: Path) -> dict[str, Any]:
+def verify_dcp(folder: str | Path) -> dict[str, Any]:
+    """Check every file of a DCP checkpoint against ``sha256.json``; returns its metadata
+    ({"step", "meta", "optim", "moe"}). A missing, extra or changed file raises ChecksumError,
+    a folder without its metadata CheckpointError; both name the folder."""
+    folder = Path(folder)
     try:
         stored = json.loads((folder / DIGEST_FILE).read_text())
         record = json.loads((folder / META_FILE).read_text())
@@ -134,7 +146,7 @@ def _verify(folder: Path) -> dict[str, Any]:
     found = _digests(folder)
     bad = sorted(n for n in set(stored) | set(found) if stored.get(n) != found.get(n))
     if bad:
-        raise CheckpointError(f"DCP checkpoint {folder}: file {bad[0]!r} is missing, extra or fails its "
+        raise ChecksumError(f"DCP checkpoint {folder}: file {bad[0]!r} is missing, extra or fails its "
                               f"sha256 checksum; the checkpoint is corrupted")
     return record
 
@@ -146,22 +158,26 @@ def load_dcp(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     folder = Path(folder)
-    record = _verify(folder)
+    record = verify_dcp(folder)
     metadata = dcp.FileSystemReader(str(folder)).read_metadata()
     tensors = {k: torch.empty(md.size, dtype=md.properties.dtype)
                for k, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
-    dcp.load(tensors, checkpoint_id=folder, no_dist=True)
+    with warnings.catch_warnings():
+        # DCP says it assumes a single process without a process group: that is this function's intent.
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled", category=UserWarning)
+        dcp.load(tensors, checkpoint_id=folder, no_dist=True)
     return tensors, record
 
 
 def load_dcp_parallel(folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                      groups: ParallelGroups) -> dict[str, Any]:
+                      groups: ParallelGroups, verified: bool = False) -> dict[str, Any]:
     """Load a DCP checkpoint into an expert-parallel ``model`` (and ``optimizer``) under any EP size,
     in place: each rank reads the rows of the experts it holds. Collective. Returns the metadata.
     The optimizer's missing state entries are made as zeros of the stored shapes (this rank's rows
-    for expert moments), then filled."""
+    for expert moments), then filled. ``verified``: the caller has just run ``verify_dcp`` on this
+    folder (the digests are not computed again)."""
     folder = Path(folder)
-    record = _verify(folder)
+    record = json.loads((folder / META_FILE).read_text()) if verified else verify_dcp(folder)
     if optimizer is not None:
         stored = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
         params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -1,5 +1,6 @@
 """Training under expert + data parallelism: batch sharding, data-parallel wrappers, clipping by
-the global norm, optimizer-state resharding and checkpoint saving.
+the global norm, optimizer-state resharding, and sharded checkpoints (``parallel.dcp``: each rank
+writes and reads only its own expert rows).
 
 Convention: every rank's loss is its local objective (mean over its own tokens, plus the
 global balancing losses), and gradients are *averaged* over the world by
@@ -108,31 +109,6 @@ def attach_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, groups:
     optimizer.register_load_state_dict_pre_hook(slice_)
 
 
-class _Snapshot:
-    """A precomputed ``state_dict()`` for writers that ask a module or optimizer for one."""
-
-    def __init__(self, state: dict[str, Any]) -> None:
-        self._state = state
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._state
-
-
-def save_checkpoint_parallel(folder: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer | None,
-                             meta: dict[str, Any], keep: int, groups: ParallelGroups) -> Path:
-    """Gather full expert tensors on every rank (collective), write on rank 0 in the single-process
-    layout (``moekit.train.checkpoint.save_checkpoint``), then wait for the write on all ranks."""
-    from ..train.checkpoint import save_checkpoint
-
-    model_sd = model.state_dict()
-    optim = None if optimizer is None else _Snapshot(optimizer.state_dict())
-    path = Path(folder) / f"step_{step:08d}.safetensors"
-    if groups.is_main:
-        path = save_checkpoint(folder, step, _Snapshot(model_sd), optim, meta, keep=keep)  # type: ignore[arg-type]
-    guarded("barrier(checkpoint)", lambda: dist.barrier(), groups.timeout_s)
-    return path
-
-
 class TrainerParallel:
     """What ``moekit.train.Trainer`` calls under ``--expert-parallel``: one object, so the trainer's
     hooks stay one line each. Every rank runs the same global batch schedule and keeps its rows."""
@@ -187,10 +163,19 @@ class TrainerParallel:
         return {k: float(v) / self.groups.world_size for k, v in zip(keys, t.tolist())}
 
     def save(self, folder: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             meta: dict[str, Any], keep: int) -> Path:
-        meta = {**meta, "expert_parallel": self.groups.ep_size, "world_size": self.groups.world_size}
-        return save_checkpoint_parallel(folder, step, model, optimizer, meta, keep, self.groups)
+             meta: dict[str, Any]) -> Path:
+        """Save ``folder/step_<step>.dcp`` (``dcp.save_dcp``, collective): no rank gathers the experts."""
+        from .dcp import save_dcp
 
+        meta = {**meta, "expert_parallel": self.groups.ep_size, "world_size": self.groups.world_size}
+        return save_dcp(folder, step, model, optimizer, meta, self.groups)
+
+    def load(self, folder: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Load a DCP checkpoint whose files the caller has verified (``dcp.verify_dcp``) into the
+        sharded ``model`` and ``optimizer`` under this run's EP size (collective); returns its metadata."""
+        from .dcp import load_dcp_parallel
+
+        return load_dcp_parallel(folder, model, optimizer, self.groups, verified=True)
 
     def main_first(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0, then on the others (e.g. building a shared data cache once)."""

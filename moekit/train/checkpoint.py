@@ -19,11 +19,16 @@ next save or resume. A full disk raises ``DiskFullError`` with the space needed 
 temporary file, so the previous checkpoint stays the resume point.
 
 Files written before checksums (``moekit-checkpoint-v1``) still load, unverified.
+
+Sharded checkpoints: an expert-parallel run saves ``step_XXXXXXXX.dcp/`` folders instead
+(``moekit.parallel.dcp``: torch.distributed.checkpoint, each rank writes its own expert rows, a
+sha256 digest of every file). Listing, resuming (newest verified first, across both kinds),
+loading (``load_checkpoint`` returns the same single-process tensors in one process), pruning to
+the newest ``keep`` and removing dead writers' ``step_XXXXXXXX.dcp.tmp`` folders treat both kinds alike.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -34,80 +39,19 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ChecksumError, DiskFullError
+from ..files import NO_SPACE, atomic_write_bytes, fsync_dir, process_alive, writer_gone
+from ..model_ops import moe_state, restore_moe_state
 
 FORMAT = "moekit-checkpoint-v2"
 LEGACY_FORMATS = ("moekit-checkpoint-v1",)
 STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
+STEP_DCP = re.compile(r"^step_(\d+)\.dcp$")
+DCP_TEMP = re.compile(r"^step_\d+\.dcp\.tmp$")
 TEMP_FILE = re.compile(r"^\.(?:step_\d+\.safetensors|latest|metrics\.jsonl|config\.json)\.(\d+)\.tmp$")
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
-class ChecksumError(CheckpointError):
-    """A tensor or the metadata of a checkpoint does not match its stored digest (the file is corrupted)."""
-
-
-class DiskFullError(CheckpointError):
-    """A checkpoint could not be written for lack of space; nothing was left half-written."""
 
 
 # ---------------------------------------------------------------------- writing
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename itself is still atomic
-    finally:
-        os.close(fd)
-
-
-def _human(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _free_bytes(folder: Path) -> int | None:
-    try:
-        return shutil.disk_usage(folder).free
-    except OSError:
-        return None
-
-
-def atomic_write_bytes(path: Path, data: bytes, on_full: str = "") -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file and a rename.
-
-    A failure removes the temporary file; no space (ENOSPC/EDQUOT) raises DiskFullError naming the
-    size needed, the space free and ``on_full`` (what the caller keeps)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        if err.errno in NO_SPACE:
-            free = _free_bytes(path.parent)
-            raise DiskFullError(f"no space left to write {path}: it needs {_human(len(data))}"
-                                f"{'' if free is None else f', {_human(free)} free'} in {path.parent}; "
-                                f"the partial file was removed{on_full}") from None
-        raise
-    _fsync_dir(path.parent)
-
-
 def append_line(path: Path, line: str) -> None:
     """Append ``line`` and a newline in one write; a short write (full disk) is cut back off, so the
     file never ends in half a line. Raises DiskFullError when there is no space."""
@@ -132,32 +76,27 @@ def append_line(path: Path, line: str) -> None:
 
 def remove_stale_temp(folder: str | Path) -> list[Path]:
     """Remove temporary files of ``atomic_write_bytes`` (checkpoint, ``latest``, ``metrics.jsonl``,
-    ``config.json``) whose writer process is gone (or is this one,
-    which has no write in progress when this is called); returns what was removed."""
+    ``config.json``) and sharded checkpoints' ``step_*.dcp.tmp`` folders whose writer process is gone
+    (or is this one, which has no write in progress when this is called); returns what was removed."""
     folder = Path(folder)
     removed = []
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
+        if DCP_TEMP.match(p.name) and p.is_dir():
+            if writer_gone(p):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+            continue
         m = TEMP_FILE.match(p.name)
         if m is None:
             continue
         pid = int(m.group(1))
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and process_alive(pid):
             continue
         p.unlink(missing_ok=True)
         removed.append(p)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------- digests and state
@@ -188,51 +127,6 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def moe_state(model: torch.nn.Module) -> dict[str, Any]:
-    """Per MoE layer: masked and frozen experts, routing-statistics buffers (as lists; float64 values
-    round-trip exactly through JSON) and the forward-pass count. Empty for a non-module snapshot."""
-    if not isinstance(model, torch.nn.Module):
-        return {}
-    from ..model_ops import moe_layers
-
-    out = {}
-    for name, layer in moe_layers(model):
-        out[name] = {"masked": layer.masked_experts, "frozen": layer.frozen_experts,
-                     "bias_load_E": layer.bias_load_E.cpu().tolist(),
-                     "stats": {k: v.cpu().tolist() for k, v in layer.stats.named_buffers(recurse=False)},
-                     "forward_passes": layer.stats.forward_passes}
-    return out
-
-
-def restore_moe_state(state: dict[str, Any], model: torch.nn.Module, path: str | Path, stats: bool = True) -> None:
-    """Re-apply ``moe_state``: masked experts always; frozen experts and routing statistics if ``stats``
-    (resuming training; a model loaded for eval or serving starts with fresh statistics)."""
-    from ..model_ops import moe_layers
-
-    layers = dict(moe_layers(model))
-    unknown = sorted(set(state) - set(layers))
-    if unknown:
-        raise CheckpointError(f"checkpoint {path} has MoE state for layers {unknown[:5]} that the model lacks")
-    for name, s in state.items():
-        layer = layers[name]
-        layer.unmask_experts()
-        try:
-            if s["masked"]:
-                layer.mask_experts(s["masked"])
-            if not stats:
-                continue
-            layer.unfreeze_experts()
-            if s["frozen"]:
-                layer.freeze_experts(s["frozen"])
-            with torch.no_grad():
-                layer.bias_load_E.copy_(torch.tensor(s["bias_load_E"], dtype=layer.bias_load_E.dtype))
-                for k, buf in layer.stats.named_buffers(recurse=False):
-                    buf.copy_(torch.tensor(s["stats"][k], dtype=buf.dtype))
-            layer.stats.forward_passes = int(s["forward_passes"])
-        except (KeyError, IndexError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"checkpoint {path}: MoE state of {name} does not fit the model ({err})") from None
-
-
 def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict without the second name of tied weights (safetensors refuses shared storage)."""
     seen: set[int] = set()
@@ -248,17 +142,46 @@ def _unique_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # ---------------------------------------------------------------------- save
 def step_of(path: Path) -> int | None:
-    m = STEP_FILE.match(path.name)
+    """The step of a checkpoint's name (``step_N.safetensors`` or ``step_N.dcp``), else None."""
+    m = STEP_FILE.match(path.name) or STEP_DCP.match(path.name)
     return int(m.group(1)) if m else None
 
 
+def is_dcp(path: str | Path) -> bool:
+    """Whether ``path`` is a sharded (DCP) checkpoint folder, ``step_N.dcp``."""
+    path = Path(path)
+    return STEP_DCP.match(path.name) is not None and path.is_dir()
+
+
 def checkpoints(folder: str | Path) -> list[Path]:
-    """Complete checkpoint files in ``folder`` (temporary files never carry the final name), newest first."""
+    """Complete checkpoints in ``folder``, files and DCP folders, newest first (temporary files and
+    folders never carry the final name); at one step a DCP folder sorts before a file."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(step_of(p), p) for p in folder.iterdir() if step_of(p) is not None and p.is_file()]
-    return [p for _, p in sorted(found, key=lambda sp: sp[0], reverse=True)]
+    found = [(step_of(p), is_dcp(p), p) for p in folder.iterdir()
+             if (STEP_FILE.match(p.name) and p.is_file()) or is_dcp(p)]
+    return [p for *_, p in sorted(found, key=lambda s: s[:2], reverse=True)]
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint file, or a DCP folder by renaming it to its temporary name first (a kill
+    during the removal leaves a folder ``remove_stale_temp`` clears, never a damaged checkpoint)."""
+    if not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    doomed = path.with_name(path.name + ".tmp")
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    fsync_dir(path.parent)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def prune_checkpoints(folder: str | Path, keep: int, newest: Path) -> None:
+    """Keep the newest ``keep`` checkpoints of ``folder`` (both kinds) and ``newest``; ``keep`` <= 0 keeps all."""
+    for p in checkpoints(folder)[keep:] if keep > 0 else []:
+        if p != newest:
+            remove_checkpoint(p)
 
 
 def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -286,9 +209,7 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module, optim
     atomic_write_bytes(path, save(tensors, metadata=metadata), on_full=keeps)
     atomic_write_bytes(folder / "latest", path.name.encode(),
                        on_full=f"; {path.name} was written in full and is the resume point")
-    for p in checkpoints(folder)[keep:] if keep > 0 else []:
-        if p != path:
-            p.unlink(missing_ok=True)
+    prune_checkpoints(folder, keep, path)
     return path
 
 
@@ -318,14 +239,16 @@ def checkpoint_folder(path: str | Path) -> Path | None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint file, or a run/checkpoint folder (its newest checkpoint)."""
+    """A checkpoint file or DCP folder, or a run/checkpoint folder (its newest checkpoint)."""
     path = Path(path)
+    if is_dcp(path):
+        return path
     if path.is_dir():
         folder = checkpoint_folder(path)
         found = latest_checkpoint(folder) if folder is not None else None
         if found is None:
-            raise CheckpointError(f"{path} holds no checkpoint (no step_*.safetensors in it or in "
-                                  f"{path / 'checkpoints'})")
+            raise CheckpointError(f"{path} holds no checkpoint (no step_*.safetensors or step_*.dcp in it "
+                                  f"or in {path / 'checkpoints'})")
         return found
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -353,15 +276,21 @@ def _verify(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, st
                             f"the file is corrupted (resume from an older checkpoint)")
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def load_checkpoint(path: str | Path, dcp_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, metadata) of a moekit checkpoint, every tensor verified against its digest.
 
     Metadata: {"step", "meta", "optim", "moe"}. A truncated, foreign or corrupted file raises
-    CheckpointError (ChecksumError for a digest mismatch) naming the file."""
+    CheckpointError (ChecksumError for a digest mismatch) naming the file. A DCP folder gives the
+    same single-process tensors (``parallel.dcp.load_dcp``), or, without ``dcp_tensors``, none: its
+    files verified, for an expert-parallel resume that reads each rank's rows itself."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
     path = resolve_checkpoint(path)
+    if is_dcp(path):
+        from ..parallel.dcp import load_dcp, verify_dcp
+
+        return load_dcp(path) if dcp_tensors else ({}, verify_dcp(path))
     data = path.read_bytes()
     try:
         tensors = load(data)
@@ -384,10 +313,12 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     return tensors, meta
 
 
-def load_newest(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any], list[str]] | None:
-    """The newest checkpoint of a run/checkpoint folder that loads and verifies:
-    (file, tensors, metadata, one line per newer file skipped and why); None if the folder has none.
-    If every file fails, the newest one's error is raised."""
+def load_newest(path: str | Path, dcp_tensors: bool = True
+                ) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any], list[str]] | None:
+    """The newest checkpoint of a run/checkpoint folder that loads and verifies, files and DCP
+    folders alike: (path, tensors, metadata, one line per newer checkpoint skipped and why); None if
+    the folder has none. If every one fails, the newest one's error is raised. ``dcp_tensors``: as
+    ``load_checkpoint``."""
     folder = checkpoint_folder(path)
     if folder is None:
         return None
@@ -400,7 +331,7 @@ def load_newest(path: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[s
     first: CheckpointError | None = None
     for f in files:
         try:
-            tensors, meta = load_checkpoint(f)
+            tensors, meta = load_checkpoint(f, dcp_tensors)
         except CheckpointError as err:
             first = first or err
             skipped.append(f"skipped {f.name}: {err}")

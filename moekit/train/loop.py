@@ -42,8 +42,8 @@ from ..data.corpus import TokenData
 from ..health import CorruptExpert, CorruptExpertError, quarantine_experts, scan_weights
 from ..lm.model import LM
 from ..model_ops import aux_loss, reset_routing_stats, routing_report, update_router_biases
-from .checkpoint import CheckpointError, append_line, atomic_write_bytes, load_checkpoint, load_newest, model_state, \
-    optimizer_state, remove_stale_temp, restore_moe_state, save_checkpoint
+from .checkpoint import CheckpointError, append_line, atomic_write_bytes, is_dcp, load_checkpoint, load_newest, \
+    model_state, optimizer_state, prune_checkpoints, remove_stale_temp, restore_moe_state, save_checkpoint
 from .config import TrainConfig, resolve_device
 from .eval import evaluate_batches
 
@@ -215,30 +215,45 @@ class Trainer:
         }
 
     def save(self) -> Path:
-        if self.parallel is not None:
-            return self.parallel.save(self.out_dir / "checkpoints", self.step, self.model, self.optimizer,
-                                      self.state_meta(), keep=self.cfg.keep_checkpoints)
-        return save_checkpoint(self.out_dir / "checkpoints", self.step, self.model, self.optimizer, self.state_meta(),
-                               keep=self.cfg.keep_checkpoints)
+        """Save a checkpoint (one process: ``step_N.safetensors``; expert-parallel: a sharded
+        ``step_N.dcp`` folder, each rank writing its own experts) and keep the newest ``keep_checkpoints``."""
+        folder = self.out_dir / "checkpoints"
+        if self.parallel is None:
+            return save_checkpoint(folder, self.step, self.model, self.optimizer, self.state_meta(),
+                                   keep=self.cfg.keep_checkpoints)
+        if self.parallel.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp(folder)
+        path = self.parallel.save(folder, self.step, self.model, self.optimizer, self.state_meta())
+        if self.parallel.is_main:
+            prune_checkpoints(folder, self.cfg.keep_checkpoints, path)
+        return path
 
     def resume(self, path: str | Path) -> Path:
         """Load model, optimizer, step, timers, RNG states, routing statistics and masked experts.
 
-        ``path`` is a checkpoint file, or a run/checkpoint folder: its newest checkpoint that loads and
-        verifies (newer ones that do not are named in ``self.resume_skipped``). Returns the file used."""
+        ``path`` is a checkpoint file or DCP folder, or a run/checkpoint folder: its newest checkpoint
+        (of either kind) that loads and verifies (newer ones that do not are named in
+        ``self.resume_skipped``). Returns the checkpoint used. Under expert parallelism each rank
+        reads only its experts' rows of a DCP folder; a single-process file loads whole and is sliced."""
         path = Path(path)
         self.resume_skipped = []
-        if path.is_dir():
-            found = load_newest(path)
+        # Expert-parallel ranks verify a DCP folder's files but read its tensors through the DCP loader.
+        full = self.parallel is None
+        if path.is_dir() and not is_dcp(path):
+            found = load_newest(path, dcp_tensors=full)
             if found is None:
-                raise CheckpointError(f"{path} holds no checkpoint (no step_*.safetensors in it or in "
-                                      f"{path / 'checkpoints'})")
+                raise CheckpointError(f"{path} holds no checkpoint (no step_*.safetensors or step_*.dcp in it "
+                                      f"or in {path / 'checkpoints'})")
             path, tensors, meta, self.resume_skipped = found
         else:
-            tensors, meta = load_checkpoint(path)
-        model_state(tensors, self.model, path)
-        # load_state_dict casts optimizer moments to their parameter's device (and dtype).
-        optimizer_state(tensors, meta["optim"], self.optimizer, path)
+            tensors, meta = load_checkpoint(path, dcp_tensors=full)
+        if not full and is_dcp(path):
+            self.parallel.load(path, self.model, self.optimizer)
+        else:
+            model_state(tensors, self.model, path)
+            # load_state_dict casts optimizer moments to their parameter's device (and dtype).
+            optimizer_state(tensors, meta["optim"], self.optimizer, path)
         restore_moe_state(meta["moe"], self.model, path, stats=True)
         m = meta["meta"]
         self.step, self.train_time, self.tokens_seen = m["step"], m["train_time"], m["tokens_seen"]
