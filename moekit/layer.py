@@ -320,7 +320,7 @@ class MoE(nn.Module):
             losses = self._losses(routing, batch, valid_T, reduce)
             pooled = (cfg.balance.aux_loss_convention == "mixtral" and cfg.balance.aux_loss_coef > 0
                       and routing.is_token_choice)
-            sums = L.mixtral_sums(routing, self.num_experts, valid_T) if pooled else None
+            sums = L.mixtral_sums(routing, self.num_experts, valid_T, reduce) if pooled else None
             if not again:
                 (self.aux_loss, self.last_losses), self.pooled_loss_sums = losses, sums
         elif not again:

@@ -182,8 +182,6 @@ def test_bad_setups_name_the_problem():
         shard_moe(MoE(dim=8, num_experts=8, expert_hidden=8), _groups(3, world=3))
     with pytest.raises(ConfigError, match=r"token-choice router; router.kind='expert_choice'"):
         shard_moe(MoE(dim=8, num_experts=8, expert_hidden=8, router="expert_choice", capacity_factor=1.0), _groups(2))
-    with pytest.raises(ConfigError, match=r"aux_loss_convention='mixtral'"):
-        shard_moe(MoE(dim=8, num_experts=8, expert_hidden=8, aux_loss_convention="mixtral"), _groups(2))
     with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by the world size 4"):
         shard_batch(torch.zeros(6, 3), _groups(2, world=4))
 

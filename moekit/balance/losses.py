@@ -162,15 +162,22 @@ class PooledSums:
     tokens: torch.Tensor | int
 
 
-def mixtral_sums(routing: Routing, num_experts: int, valid_T: torch.Tensor | None = None) -> PooledSums:
-    """The per-expert sums ``pooled_mixtral_loss`` adds up over layers, for one token-choice routing."""
+def mixtral_sums(routing: Routing, num_experts: int, valid_T: torch.Tensor | None = None,
+                 reduce: Reduce | None = None) -> PooledSums:
+    """The per-expert sums ``pooled_mixtral_loss`` adds up over layers, for one token-choice routing;
+    with ``reduce``, summed over every share of the batch (the token count becomes a tensor)."""
     probs_TE = normalized_scores(routing)
     w_T = token_weights(valid_T, probs_TE)
     idx_TK = plain_topk(routing, routing.topk_idx_TK.shape[1])
     counts_E = expert_counts(idx_TK, num_experts, probs_TE.dtype, w_T)
     if w_T is None:
-        return PooledSums(counts_E, probs_TE.sum(dim=0), probs_TE.shape[0])
-    return PooledSums(counts_E, (probs_TE * w_T.unsqueeze(1)).sum(dim=0), w_T.sum())
+        sums = PooledSums(counts_E, probs_TE.sum(dim=0), probs_TE.shape[0])
+    else:
+        sums = PooledSums(counts_E, (probs_TE * w_T.unsqueeze(1)).sum(dim=0), w_T.sum())
+    if reduce is None:
+        return sums
+    tokens = sums.tokens if isinstance(sums.tokens, torch.Tensor) else probs_TE.new_tensor(float(sums.tokens))
+    return PooledSums(reduce(sums.counts_E), reduce(sums.scores_E), reduce(tokens))
 
 
 def pooled_mixtral_loss(sums: Sequence[PooledSums], num_experts: int) -> torch.Tensor:

@@ -282,13 +282,6 @@ def shard_moe(layer: MoE, groups: ParallelGroups) -> ExpertParallelMoE:
     cfg = layer.config
     if not isinstance(layer.router, TopKRouter):
         raise ConfigError(f"expert parallelism needs a token-choice router; router.kind={cfg.router.kind!r}")
-    if cfg.balance.aux_loss_convention == "mixtral" and cfg.balance.aux_loss_coef > 0:
-        raise ConfigError("balance.aux_loss_convention='mixtral' pools routings across layers in "
-                          "moekit.aux_loss, which is not all-reduced; use 'moekit' or 'switch' under "
-                          "expert parallelism")
-    if cfg.balance.aux_loss_convention == "switch_group" and cfg.balance.aux_loss_coef > 0:
-        raise ConfigError("balance.aux_loss_convention='switch_group' is not all-reduced under expert "
-                          "parallelism; use 'moekit' or 'switch'")
     if cfg.num_experts % groups.ep_size != 0:
         raise ConfigError(f"num_experts={cfg.num_experts} is not divisible by expert_parallel={groups.ep_size}")
     shard = _shard_experts(layer.experts, groups)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ..layer import MoE
+from ..model_ops import aux_loss as model_aux_loss
 from .errors import MoekitDistributedError
 from .expert_parallel import shard_model, shard_moe
 from .groups import ParallelGroups, build_groups, destroy_parallel
@@ -42,6 +43,9 @@ CASES: list[tuple[str, dict[str, Any], list[int], tuple[int, int]]] = [
     ("sigmoid_bias", dict(router="sigmoid_topk", top_k=2, bias_update_rate=0.01, aux_loss_coef=0.01,
                           aux_loss_convention="megatron",
                           seq_aux_loss_coef=0.05), [], (2, 5)),
+    # Per-sequence (switch_group) and pooled over layers (mixtral, in model_ops.aux_loss) under the reduce hook.
+    ("switch_group", dict(top_k=2, aux_loss_convention="switch_group", aux_loss_coef=0.01), [], (2, 5)),
+    ("mixtral", dict(top_k=2, aux_loss_convention="mixtral", aux_loss_coef=0.01), [], (2, 5)),
 ]
 DIM, EXPERTS, HIDDEN = 8, 8, 12
 
@@ -89,14 +93,16 @@ def run_case(name: str, kwargs: dict[str, Any], mask_spec: Any, bs: tuple[int, i
     x_all = torch.randn(N * B, S, DIM, requires_grad=True)
     g_all = torch.randn(N * B, S, DIM)
     out_ref = ref(x_all)
-    J = (out_ref * g_all).sum() + N * ref.aux_loss
+    aux_ref = model_aux_loss(ref)  # the layer's losses, plus its pooled mixtral loss where configured
+    J = (out_ref * g_all).sum() + N * aux_ref
     J.backward()
 
     x = x_all.detach()[rank * B:(rank + 1) * B].clone().requires_grad_(True)
     # Gradients averaged by DistributedDataParallel during backward (world and expert-DP wrappers).
     wrapper = replicate(ep, groups)
     out = wrapper(x)
-    ((out * g_all[rank * B:(rank + 1) * B]).sum() + ep.aux_loss).backward()
+    aux_ep = model_aux_loss(ep)
+    ((out * g_all[rank * B:(rank + 1) * B]).sum() + aux_ep).backward()
 
     rows = slice(rank * B, (rank + 1) * B)
     ids = groups.experts_of(EXPERTS)
@@ -104,6 +110,7 @@ def run_case(name: str, kwargs: dict[str, Any], mask_spec: Any, bs: tuple[int, i
         "output": _max_err(out, out_ref[rows]),
         "input_grad": _max_err(x.grad, x_all.grad[rows]),
         "aux_loss": _max_err(ep.aux_loss, ref.aux_loss),
+        "model_aux_loss": _max_err(aux_ep, aux_ref),
     }
     for key, value in ref.last_losses.items():
         err[f"loss_{key}"] = _max_err(ep.last_losses[key], value)
