@@ -349,3 +349,42 @@ def test_auto_schedule_near_the_modeled_threshold_is_measured_once(monkeypatch):
     monkeypatch.setattr(fused, "_TRIED", {})
     _run(experts, x_TD, logits_TE, dout_TD, None)
     assert len(trials) == 1 and fused._TRIED == {}, "outside the band: the model decides, no trial"
+
+
+@pytest.mark.parametrize("kernel", ["aten", "onednn"])
+def test_one_row_bf16_blocks_with_either_row_kernel(kernel, monkeypatch):
+    """Decode blocks of one row in bf16 run with the kernel the probe picks (ATen's one-row product
+    with oneDNN off, or oneDNN): both give the float64 per-row result, and the process-wide oneDNN
+    flag is as before afterwards."""
+    from moekit.ops import kernels
+
+    monkeypatch.setitem(kernels._ROW_CACHE, (torch.get_num_threads(), torch.bfloat16), kernel)
+    torch.manual_seed(0)
+    T, Kd, Ee, Dd, Fd = 2, 3, 32, 64, 32
+    x = torch.randn(T, Dd).bfloat16()
+    w1 = (torch.randn(Ee, 2 * Fd, Dd) / 8).bfloat16()
+    w2 = (torch.randn(Ee, Dd, Fd) / 6).bfloat16()
+    expert_S = torch.tensor([30, 3, 17, 5, 9, 21])  # six distinct experts: six one-row blocks
+    slot_R = torch.argsort(expert_S, stable=True)
+    token_idx = torch.div(slot_R, Kd, rounding_mode="floor")
+    counts = torch.bincount(expert_S, minlength=Ee)
+    weight = torch.rand(T * Kd)[slot_R]
+    flag = torch._C._get_mkldnn_enabled()
+    with torch.no_grad():
+        out = fused_experts(x, w1, w2, weight, token_idx, counts, "silu", True, "loop")[0]
+    assert torch._C._get_mkldnn_enabled() == flag
+    ref = torch.zeros(T, Dd, dtype=torch.float64)
+    for r in range(6):
+        t, e = int(token_idx[r]), int(expert_S[slot_R[r]])
+        gate, up = (w1[e].double() @ x[t].double()).chunk(2)
+        ref[t] += float(weight[r]) * (w2[e].double() @ (torch.nn.functional.silu(gate) * up))
+    assert _rel(out, ref) < TOL[torch.bfloat16]
+
+
+def test_row_product_kernel_is_measured_once_per_thread_count():
+    from moekit.ops import kernels
+
+    found = kernels.row_product_kernel(torch.bfloat16)
+    assert found in ("aten", "onednn")
+    assert kernels._ROW_CACHE[(torch.get_num_threads(), torch.bfloat16)] == found
+    assert kernels.row_product_kernel(torch.float32) == "aten"  # not probed: only half precision is switched

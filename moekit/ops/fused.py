@@ -38,6 +38,7 @@ The plain composition (permute -> experts.forward -> combine) stays the referenc
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from typing import NamedTuple
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .grouped import compute_dtype, resolve_backend, resolve_schedule
-from .kernels import cpu_kernels
+from .kernels import cpu_kernels, onednn_off, row_product_kernel
 from .permute import token_sum as _token_sum
 
 SCHEDULES = ("grouped", "loop", "auto")
@@ -242,6 +243,15 @@ def _forward_grouped(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gate
     return h_RU, y_RD
 
 
+def _row_kernel(x_TD: torch.Tensor, n: int) -> contextlib.AbstractContextManager[None]:
+    """A one-row CPU half-precision block (decode) runs its products with the kernel that the
+    probe found reads uncached weights faster (``moekit.ops.kernels.row_product_kernel``)."""
+    if n == 1 and x_TD.device.type == "cpu" and x_TD.dtype in (torch.bfloat16, torch.float16):
+        if row_product_kernel(x_TD.dtype) == "aten":
+            return onednn_off()
+    return contextlib.nullcontext()
+
+
 def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated):
     dtype, cdt = x_TD.dtype, compute_dtype(x_TD)
     R, U, D = token_idx_R.shape[0], w1_EUD.shape[1], x_TD.shape[1]
@@ -254,8 +264,9 @@ def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated):
         bdt = dtype if n <= NATIVE_DTYPE_MAX_ROWS else cdt
         x_ND = x_TD.index_select(0, token_idx_R[rows])
         if bdt == dtype:  # products write straight into the saved (R, .) buffers
-            h_NU = torch.mm(x_ND, w1_EUD[e].to(bdt).t(), out=h_RU[rows])
-            torch.mm(_act_forward(h_NU, act_name, gated), w2_EDF[e].to(bdt).t(), out=y_RD[rows])
+            with _row_kernel(x_TD, n):
+                h_NU = torch.mm(x_ND, w1_EUD[e].to(bdt).t(), out=h_RU[rows])
+                torch.mm(_act_forward(h_NU, act_name, gated), w2_EDF[e].to(bdt).t(), out=y_RD[rows])
         else:
             h_NU = x_ND.to(bdt) @ w1_EUD[e].to(bdt).t()
             h_RU[rows] = h_NU
