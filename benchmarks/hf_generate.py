@@ -22,6 +22,8 @@ Variants are timed in interleaved rounds (each round runs every variant once, af
 warm-up round), and each time is the fastest over the rounds, so a burst of load from other
 processes on a shared machine hits every variant alike instead of one.
 
+``--dtype bfloat16`` runs every variant in bfloat16 (default float32).
+
 Run ``python benchmarks/hf_generate.py`` (``--quick`` for a smaller model); prints a table and
 writes benchmarks/results/hf_generate.json.
 """
@@ -108,6 +110,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=None, help="model dim (default 256, 128 with --quick)")
     parser.add_argument("--expert-hidden", type=int, default=None, help="expert hidden size (default dim / 2)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 4, 2 with --quick)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="dtype of every variant (transformers' model and moekit's LM alike)")
     parser.add_argument("--quantize", choices=("int8",), default=None,
                         help="add moekit LM rows in bf16, int8 experts, and int8 experts with bf16 activations")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "hf_generate.json"))
@@ -127,7 +131,7 @@ def main() -> None:
         num_experts_per_tok=args.top_k, norm_topk_prob=True, max_position_embeddings=prompt_len + new + 8)
     torch.manual_seed(0)
     model = randomize_(transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32), std=0.05).eval()
-    model.to(args.device)
+    model.to(args.device, getattr(torch, args.dtype))
     ids = torch.randint(0, config.vocab_size, (args.batch, prompt_len), generator=torch.Generator().manual_seed(0))
     ids = ids.to(args.device)
     mask = torch.ones_like(ids)
@@ -157,7 +161,7 @@ def main() -> None:
                                 leave=lambda: (moekit.reset_routing_stats(model), unpatch_model(model))))
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
-        lm = from_hf(folder, check_finite=False).to(args.device)
+        lm = from_hf(folder, check_finite=False).to(args.device, getattr(torch, args.dtype))
     variants.append(Variant("moekit_lm", lambda: lm(ids), lambda n: lm_generate(lm, ids, n)))
     logits_err: dict[str, float] = {}
     if args.quantize is not None:
@@ -190,7 +194,7 @@ def main() -> None:
     base_prefill, base_decode = results[best_prefill]["prefill_tok_s"], results[best]["decode_tok_s"]
     print(f"Qwen3-MoE D={dim} layers={layers} E={args.experts} K={args.top_k} F={hidden}, batch={args.batch}, "
           f"prompt={prompt_len}, new={new}, torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"{args.device}, {torch.get_num_threads()} CPU threads")
+          f"{args.device}, {args.dtype}, {torch.get_num_threads()} CPU threads")
     print(f"ratios: prefill vs the fastest HF prefill ({best_prefill}), decode vs the fastest HF decode ({best})")
     print(f"{'impl':24s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'prefill x':>10s} {'decode x':>9s} same_tokens")
     for name, r in results.items():
@@ -206,7 +210,7 @@ def main() -> None:
               f"{r['decode_vs_hf_best']:9.2f} {same[name]}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"config": {"dim": dim, "layers": layers, "experts": args.experts, "top_k": args.top_k,
+    record = {"config": {"dim": dim, "layers": layers, "experts": args.experts, "top_k": args.top_k, "dtype": args.dtype,
                          "expert_hidden": hidden, "batch": args.batch, "prompt": prompt_len, "new": new,
                          "repeats": args.repeats, "quantize": args.quantize},
               "env": {"torch": torch.__version__, "transformers": transformers.__version__,
