@@ -388,3 +388,20 @@ def test_row_product_kernel_is_measured_once_per_thread_count():
     assert found in ("aten", "onednn")
     assert kernels._ROW_CACHE[(torch.get_num_threads(), torch.bfloat16)] == found
     assert kernels.row_product_kernel(torch.float32) == "aten"  # not probed: only half precision is switched
+
+
+def test_schedule_trial_keeps_the_model_answer_when_unsure(monkeypatch):
+    """The trial overrides the modeled schedule only when the other one wins by more than
+    TRIAL_MARGIN, and not at all when a first run already takes over 1/8 of TRIAL_BUDGET_S."""
+    from moekit.ops import fused
+
+    w1, w2 = torch.randn(4, 2 * F, D), torch.randn(4, D, F)
+    monkeypatch.setattr(fused, "TRIAL_MARGIN", 1.0)   # nothing wins by 100%
+    assert [fused._trial(torch.float32, w1, w2, 32, "silu", True, m) for m in ("grouped", "loop")] == ["grouped", "loop"]
+    monkeypatch.setattr(fused, "TRIAL_MARGIN", 0.0)
+    monkeypatch.setattr(fused, "TRIAL_BUDGET_S", 0.0)  # every first run is "too slow"
+    runs = []
+    real_forward = fused._forward_loop
+    monkeypatch.setattr(fused, "_forward_loop", lambda *a: runs.append(1) or real_forward(*a))
+    assert fused._trial(torch.float32, w1, w2, 32, "silu", True, "grouped") == "grouped"
+    assert runs == [], "the loop schedule ran after the first run was already over the budget"

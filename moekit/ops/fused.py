@@ -167,7 +167,7 @@ def _schedule(schedule: str, x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: t
     key = (torch.get_num_threads(), x_TD.dtype, D, U, Fh, act_name, gated, round(math.log2(rows)))
     found = _TRIED.get(key)
     if found is None:
-        found = _TRIED[key] = _trial(x_TD.dtype, w1_EUD, w2_EDF, rows, act_name, gated)
+        found = _TRIED[key] = _trial(x_TD.dtype, w1_EUD, w2_EDF, rows, act_name, gated, modeled)
     return found
 
 
@@ -182,18 +182,21 @@ TRIAL_BAND = 8.0
 TRIAL_BYTES = 8 * 2**20
 TRIAL_EVICT_BYTES = 64 * 2**20
 TRIAL_RUNS = 3
-TRIAL_BUDGET_S = 2.0  # past it (a busy machine), stop after the first timed pair
+TRIAL_MARGIN = 0.03
+# Past it (a busy machine), stop after the first timed pair; a first run over 1/8 of it: no trial.
+TRIAL_BUDGET_S = 2.0
 
 
 @torch.no_grad()
 def _trial(dtype: torch.dtype, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, rows: float, act_name: str,
-           gated: bool) -> str:
+           gated: bool, modeled: str = "grouped") -> str:
     """Time forward + backward of both schedules on random blocks of ``rows`` rows for as many of the
     experts as make about TRIAL_BYTES of per-row temporaries (so the grouped passes leave the cache as
     they do in a layer), at least 2, each run starting from an evicted cache; the faster (minimum of
-    TRIAL_RUNS timed runs each, interleaved, after one untimed run) wins. Random data from a private
-    generator (the global RNG is untouched); the weights are the layer's first experts'. Both
-    schedules compute the same block products, so the choice changes speed, not results."""
+    TRIAL_RUNS timed runs each, interleaved, after one untimed run) wins if it beats the ``modeled``
+    schedule by more than TRIAL_MARGIN, else the model's answer stands (noise does not flip it).
+    Random data from a private generator (the global RNG is untouched); the weights are the layer's
+    first experts'. Both schedules compute the same block products: the choice moves speed only."""
     E, U, D = w1_EUD.shape
     Fh = w2_EDF.shape[-1]
     n = max(1, round(rows))
@@ -227,9 +230,12 @@ def _trial(dtype: torch.dtype, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, rows:
             seconds = run(sched)
             if i:  # the first run of each allocates its buffers
                 best[sched] = min(best[sched], seconds)
+            elif seconds > TRIAL_BUDGET_S / 8:  # a busy machine (or big blocks): not worth timing
+                return modeled
         if i and time.perf_counter() - began > TRIAL_BUDGET_S:
             break
-    return min(best, key=best.__getitem__)
+    other = "loop" if modeled == "grouped" else "grouped"
+    return other if best[other] < best[modeled] * (1 - TRIAL_MARGIN) else modeled
 
 
 # ---------------------------------------------------------------------------------------------- forward
