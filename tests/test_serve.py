@@ -544,3 +544,28 @@ def test_events_of_a_step_reach_the_event_loop_in_one_wake_up():
     loop.close()
     handoff.put(queue, 5, reqs[2])
     assert reqs[2].cancelled and not reqs[0].cancelled
+
+
+def test_a_stream_behind_the_engine_gets_its_queued_tokens_in_one_chunk(checkpoint):
+    """When several tokens of a choice wait by the time its stream runs (here: the event loop is
+    woken every 4th step only, or when idle), they go out as one chunk (their text, all their token_ids); a choice
+    with logprobs keeps one chunk per token. Either way the stream equals the plain answer."""
+    engine, server = start(checkpoint)
+    with server, httpx.Client(base_url=server.url, timeout=60) as client:
+        flush = engine._step_listeners[0]
+        steps = iter(range(10**6))
+        engine._step_listeners[0] = lambda: (next(steps) % 4 == 3 or not engine.active) and flush()
+        for logprobs in (None, 1):
+            body = {"prompt": "Behind", "max_tokens": 16, "temperature": 0.9, "seed": 5, "logprobs": logprobs}
+            plain = complete(client, **body)
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                chunks = sse_events(r)[:-1]
+            ids = [c["choices"][0]["token_ids"] for c in chunks]
+            assert [t for i in ids for t in i] == plain["choices"][0]["token_ids"]
+            assert "".join(c["choices"][0]["text"] for c in chunks) == plain["choices"][0]["text"]
+            if logprobs is None:
+                assert max(len(i) for i in ids) > 1 and len(chunks) < len(plain["choices"][0]["token_ids"])
+            else:
+                assert all(len(i) == 1 for i in ids[:-1])
+                got = [x for c in chunks for x in c["choices"][0]["logprobs"]["token_logprobs"]]
+                assert got == pytest.approx(plain["choices"][0]["logprobs"]["token_logprobs"])

@@ -581,9 +581,10 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
         def chunk(choice: dict[str, Any]) -> str:
             return opening + json.dumps(choice, ensure_ascii=False) + closing
 
-        def piece(c: _Choice, text: str, event: dict[str, Any] | None, finish: str | None) -> dict[str, Any]:
-            ids = [event["token_id"]] if event and event["type"] == "token" else []
-            entries = [event.get("logprob")] if ids else []
+        def piece(c: _Choice, text: str, ids: list[int], event: dict[str, Any] | None,
+                  finish: str | None) -> dict[str, Any]:
+            """The chunk's choice for tokens ``ids`` (one token's ``event`` when it has logprobs or a trace)."""
+            entries = [event.get("logprob")] if ids and event else []
             logprobs = None
             if c.req.logprobs is not None:
                 logprobs = chat_logprobs(entries, ids) if chat else completion_logprobs(entries, ids, c.req.logprobs, 0)
@@ -611,19 +612,38 @@ def create_app(engine: Engine, limits: ServeLimits | None = None) -> FastAPI:
                 batch = [await events.get()]
                 while not events.empty():
                     batch.append(events.get_nowait())
-                out = []
+                # A choice's queued tokens go in one chunk (text and token_ids of all), unless each one
+                # carries logprobs or a routing trace.
+                out: list[str] = []
+                held: dict[int, tuple[list[str], list[int]]] = {}
+
+                def release(c: _Choice) -> None:
+                    texts, ids = held.pop(c.index, ([], []))
+                    if ids:
+                        out.append(chunk(piece(c, "".join(texts), ids, None, None)))
+
                 for index, event in batch:
                     c = by_index[index]
                     if event["type"] == "error":
+                        for other in choices:
+                            release(other)
                         out.append(sse(_error_body(event["message"], None, "server_error")))
                         yield "".join(out)
                         return  # as OpenAI's API does: the error event ends the stream, no [DONE]
                     take(c, event)
+                    if event["type"] == "token" and c.req.logprobs is None and not c.req.trace:
+                        texts, ids = held.setdefault(index, ([], []))
+                        texts.append(event["text"])
+                        ids.append(event["token_id"])
+                        continue
+                    release(c)
                     if event["type"] == "token":
-                        out.append(chunk(piece(c, event["text"], event, None)))
+                        out.append(chunk(piece(c, event["text"], [event["token_id"]], event, None)))
                     else:
                         pending -= 1
-                        out.append(chunk(piece(c, event["text"], None, event["finish_reason"])))
+                        out.append(chunk(piece(c, event["text"], [], None, event["finish_reason"])))
+                for c in choices:
+                    release(c)
                 yield "".join(out)
             if include_usage:
                 yield sse({"id": rid, "object": kind, "created": created, "model": engine.model_name,
