@@ -83,6 +83,11 @@ class RoutingStats(nn.Module):
                 self._buffers[name] = buf.to(torch.float64)
         return self
 
+    @property
+    def update_every(self) -> int:
+        """Forwards added to the buffers in one pass (``defer_updates``; 1: each at once)."""
+        return self._every
+
     def defer_updates(self, every: int) -> None:
         """Add forwards to the buffers ``every`` at a time, in one pass over all their tokens, instead
         of a few (E,) reductions per forward (at a server's 16-token decode steps those cost about a

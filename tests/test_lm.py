@@ -102,6 +102,35 @@ def test_generate_cached_equals_uncached_greedy_and_seeded_sampling():
     assert not torch.equal(a, c)
 
 
+def test_generate_adds_every_forwards_routing_statistics():
+    """generate defers the statistics (GENERATE_STATS_EVERY forwards per pass) but returns with all
+    of them added: the same counts and sums as the same forwards run one at a time, and each
+    layer's own setting back."""
+    import copy
+
+    from moekit.lm.generate import GENERATE_STATS_EVERY
+    from moekit.lm.model import KVCache
+    from moekit.model_ops import moe_layers
+
+    model = LM(tiny(moe=moe(), max_seq_len=64)).eval()
+    ref = copy.deepcopy(model)
+    prompt = torch.randint(0, 50, (2, 4))
+    new = GENERATE_STATS_EVERY + 5  # one full deferred pass, then a partial one at the end
+    out = generate(model, prompt, new)
+    cache, step = KVCache(ref.config.n_layers), prompt
+    with torch.no_grad():
+        for i in range(new):  # the same forwards, statistics added one at a time
+            ref(step, cache=cache)
+            step = out[:, 4 + i:5 + i]
+    for (name, got), (_, want) in zip(moe_layers(model), moe_layers(ref)):
+        assert got.stats.update_every == 1, name
+        assert int(got.stats.passes) == new
+        for buf in ("tokens_E", "routed_E", "idle_steps_E"):
+            assert torch.equal(getattr(got.stats, buf), getattr(want.stats, buf)), (name, buf)
+        for buf in ("entropy_sum", "z_sum", "num_tokens", "coactivation_EE"):
+            torch.testing.assert_close(getattr(got.stats, buf), getattr(want.stats, buf)), (name, buf)
+
+
 def test_top_p_keeps_only_the_nucleus():
     from moekit.lm.generate import sample_next
 

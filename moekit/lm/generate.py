@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import torch
 
+from ..stats import RoutingStats
 from .model import LM, KVCache
+
+# Decode steps whose routing statistics each MoE layer adds in one pass while ``generate`` runs
+# (RoutingStats.defer_updates: the totals are the same, and any read adds the waiting ones first).
+# Added one at a time they cost a decode step about a dozen small ops per layer.
+GENERATE_STATS_EVERY = 32
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
@@ -84,7 +90,8 @@ def generate(model: LM, prompt_BS: torch.Tensor, max_new_tokens: int, temperatur
 
     With ``use_cache=False`` each step recomputes the whole sequence (the reference that tests
     compare the cached path against). Generation stops early once every row produced
-    ``stop_token``. The model's context limit caps the total length.
+    ``stop_token``. The model's context limit caps the total length. Routing statistics are
+    added GENERATE_STATS_EVERY forwards at a time while it runs, all of them by the time it returns.
     """
     if prompt_BS.dim() != 2 or prompt_BS.shape[1] == 0:
         raise ValueError(f"prompt must be (B, S) with S >= 1, got shape {tuple(prompt_BS.shape)}")
@@ -101,18 +108,26 @@ def generate(model: LM, prompt_BS: torch.Tensor, max_new_tokens: int, temperatur
         generator = torch.Generator(device=prompt_BS.device).manual_seed(seed)
     was_training = model.training
     model.eval()
+    stats = [m for m in model.modules() if isinstance(m, RoutingStats)]
+    every = [s.update_every for s in stats]
+    for s, n in zip(stats, every):
+        s.defer_updates(max(n, GENERATE_STATS_EVERY))
     cache = KVCache(model.config.n_layers) if use_cache else None
     tokens_BS = prompt_BS
     done_B = torch.zeros(prompt_BS.shape[0], dtype=torch.bool, device=prompt_BS.device)
     step_input = prompt_BS
-    for _ in range(max_new_tokens):
-        logits_BSV = model(step_input if use_cache else tokens_BS, cache=cache)
-        next_B = sample_next(logits_BSV[:, -1], temperature, top_p, generator)
-        tokens_BS = torch.cat([tokens_BS, next_B[:, None]], dim=1)
-        step_input = next_B[:, None]
-        if stop_token is not None:
-            done_B |= next_B == stop_token
-            if bool(done_B.all()):
-                break
-    model.train(was_training)
+    try:
+        for _ in range(max_new_tokens):
+            logits_BSV = model(step_input if use_cache else tokens_BS, cache=cache)
+            next_B = sample_next(logits_BSV[:, -1], temperature, top_p, generator)
+            tokens_BS = torch.cat([tokens_BS, next_B[:, None]], dim=1)
+            step_input = next_B[:, None]
+            if stop_token is not None:
+                done_B |= next_B == stop_token
+                if bool(done_B.all()):
+                    break
+    finally:
+        for s, n in zip(stats, every):
+            s.defer_updates(n)  # adds the waiting forwards
+        model.train(was_training)
     return tokens_BS
