@@ -179,7 +179,7 @@ class MoE(nn.Module):
             valid_T = None
         else:
             valid_T = self._valid_tokens(token_mask, shape)
-            if self.config.router.capacity_factor is None:
+            if self._routes_padding():
                 routing, plan, out_TD = self._route_and_run(x_TD, forced_TK)
                 plan = _valid_counts_plan(plan, routing, valid_T, self.num_experts)
             else:
@@ -204,7 +204,8 @@ class MoE(nn.Module):
         check = self._check_expert_outputs if self.checks_finite else None
         return routing, plan, self._run_routed(x_TD, plan, check)
 
-    # Seams for parallel transforms (moekit.parallel.expert_parallel overrides these five).
+    # Seams for parallel transforms (moekit.parallel.expert_parallel overrides these, and
+    # _routes_padding / _require_real_tokens below).
     def _plan(self, routing: Routing, available_E: torch.Tensor | None) -> DispatchPlan:
         """The dispatch plan of one routing (the kept slots, grouped by expert)."""
         if routing.is_token_choice:
@@ -229,13 +230,22 @@ class MoE(nn.Module):
         """The global ids of the experts whose rows ``self.experts`` holds."""
         return range(self.num_experts)
 
+    def _routes_padding(self) -> bool:
+        """Whether padding tokens go through the routed experts (dropless: static shapes, no host
+        sync) rather than only the real tokens being routed."""
+        return self.config.router.capacity_factor is None
+
+    def _require_real_tokens(self, num_real: int) -> None:
+        """Raise when the batch (``num_real`` real tokens here) holds no real token."""
+        if num_real == 0:
+            raise ValueError(f"{self.layer_name}: token_mask marks no token as real")
+
     def _route_and_run_valid(self, x_TD: torch.Tensor, valid_T: torch.Tensor,
                              forced_TK: torch.Tensor | None = None) -> tuple[Routing, DispatchPlan, torch.Tensor]:
         """Route only the V real tokens (capacity from V, as for the batch without padding); the
         routing and plan come back in T-token indexing, padding rows zero and counted nowhere."""
         idx_V = torch.nonzero(valid_T).squeeze(1)
-        if idx_V.numel() == 0:
-            raise ValueError(f"{self.layer_name}: token_mask marks no token as real")
+        self._require_real_tokens(idx_V.numel())
         forced_VK = None if forced_TK is None else forced_TK.index_select(0, idx_V)
         routing_V, plan_V, out_VD = self._route_and_run(x_TD.index_select(0, idx_V), forced_VK)
         out_TD = out_VD.new_zeros(x_TD.shape[0], out_VD.shape[1]).index_copy(0, idx_V, out_VD)

@@ -17,11 +17,13 @@ import time
 import pytest
 import torch.multiprocessing as mp
 
-from moekit.parallel.testing import CASES, checkpoint_worker, free_port, layer_worker, lifetime_worker
+from moekit.parallel.testing import CASES, PADDED_CASES, checkpoint_worker, free_port, layer_worker, lifetime_worker
 
 TOL = 1e-5
 CASE_NAMES = [c[0] for c in CASES]
-EP2_DP2_CASES = ["dropless", "capacity_probability", "sigmoid_bias"]
+PADDED_NAMES = [c[0] for c in PADDED_CASES]
+EP2_DP2_CASES = ["dropless", "capacity_probability", "sigmoid_bias", "padded_dropless",
+                 "padded_capacity_probability"]
 
 
 def _spawn(tmp_path_factory, world: int, plan: list) -> list[dict]:
@@ -45,7 +47,8 @@ def world4(tmp_path_factory):
 def _check(results: list[dict], key: str) -> None:
     for rank, res in enumerate(results):
         errs = res[key]
-        compared = {k: v for k, v in errs.items() if k not in ("rows_received", "any_dropped")}
+        compared = {k: v for k, v in errs.items() if k not in ("rows_received", "any_dropped", "expert_rows",
+                                                               "real_slots")}
         assert any(k.startswith("grad:experts.") for k in compared)
         bad = {k: v for k, v in compared.items() if not v <= TOL}
         assert not bad, f"rank {rank} {key}: differs from the single-process layer: {bad}"
@@ -56,8 +59,39 @@ def test_ep2_matches_single_process(world2, case):
     _check(world2, f"ep2/{case}")
 
 
+@pytest.mark.parametrize("case", PADDED_NAMES)
+def test_ep2_padded_matches_single_process(world2, case):
+    """token_mask under EP: real tokens' outputs, padding rows (shared experts only), every loss,
+    gradient and statistic equal the single-process layer on the same padded batch."""
+    _check(world2, f"ep2/{case}")
+
+
+def test_ep2_lm_with_token_mask_matches_single_process(world2):
+    """LM.forward(ids, token_mask=) on an expert-parallel LM (capacity 1.0, drops decided on the
+    world's real tokens): logits at real tokens, balancing losses, every gradient and each layer's
+    statistics equal the one-process LM on the same padded batch."""
+    for rank, res in enumerate(world2):
+        errs = dict(res["ep2/lm_padded"])
+        assert errs.pop("any_dropped") > 0
+        assert any(k.startswith("grad:") and ".experts." in k for k in errs)
+        assert any(k.startswith("stats:") for k in errs)
+        bad = {k: v for k, v in errs.items() if not v <= TOL}
+        assert not bad, f"rank {rank}: the expert-parallel LM differs from the single-process LM: {bad}"
+
+
+def test_padding_is_never_routed(world2):
+    """The experts of both ranks together run exactly the real tokens' K slots each, less the slots
+    the single-process layer drops (the drops themselves are compared in the cases above): no
+    padding row is sent, dropless or not, even from a rank holding only padding."""
+    for case in PADDED_NAMES:
+        res = [r[f"ep2/{case}"] for r in world2]
+        assert sum(r["expert_rows"] for r in res) == res[0]["real_slots"] - res[0]["any_dropped"] > 0, case
+    assert world2[0]["ep2/padded_capacity_position_switch"]["any_dropped"] > 0
+    assert world2[0]["ep2/padded_capacity_probability"]["any_dropped"] > 0
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASE_NAMES)
+@pytest.mark.parametrize("case", CASE_NAMES + PADDED_NAMES)
 def test_ep4_matches_single_process(world4, case):
     _check(world4, f"ep4/{case}")
 

@@ -24,7 +24,12 @@ that depends on more than one token is computed on that global batch:
     (see ``all_to_all.global_sum``);
   * routing statistics and the aux-loss-free bias load are all-reduced, so every rank keeps the
     single-process statistics and applies the same bias update; activation checkpointing's
-    recomputation counts nothing (``MoE._record``), on every rank alike.
+    recomputation counts nothing (``MoE._record``), on every rank alike;
+  * padding (``token_mask``): only real tokens are routed, sent and counted, dropless or not, and
+    capacity is decided on the world's real tokens (``MoE._route_and_run_valid``). Outputs,
+    losses, statistics and gradients equal the single-process layer's with the same mask; padding
+    rows get the shared experts' output only (the one-process dropless layer also runs padding
+    through the routed experts, whose output there the contract leaves undefined).
 
 ``shard_moe`` is a transform in place (as FSDP2's ``fully_shard``): the layer keeps its forward,
 router, shared experts, statistics and hooks; only its experts module (now this rank's slice) and
@@ -143,11 +148,20 @@ class ExpertParallelMoE(MoE):
     # ------------------------------------------------------------------ forward
     def forward_with_routing(self, x: torch.Tensor,
                              token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
-        if token_mask is not None:
-            raise NotImplementedError(f"{self.layer_name}: token_mask (padding) is not supported under expert "
-                                      f"parallelism yet; pack sequences without padding instead")
         self.groups.require_open(f"{self.layer_name} forward")
-        return super().forward_with_routing(x)
+        return super().forward_with_routing(x, token_mask)
+
+    def _routes_padding(self) -> bool:
+        """Never: padding would cost all-to-all bytes and expert rows, and the reason the one-process
+        dropless layer routes it (no host sync) does not hold here (the split sizes sync anyway)."""
+        return False
+
+    def _require_real_tokens(self, num_real: int) -> None:
+        """A rank whose tokens are all padding still joins the collectives with zero rows; the error
+        is raised (on every rank alike) only when no rank holds a real token."""
+        total = torch.tensor([num_real], dtype=torch.long, device=self.available_E.device)
+        guarded("all_reduce(real token count)", lambda: dist.all_reduce(total), self.groups.timeout_s)
+        super()._require_real_tokens(int(total))
 
     def _plan(self, routing: Routing, available_E: torch.Tensor | None) -> DispatchPlan:
         """This rank's kept slots, sorted by expert; capacity decided on the global batch. (The profile's

@@ -47,6 +47,15 @@ CASES: list[tuple[str, dict[str, Any], list[int], tuple[int, int]]] = [
     ("switch_group", dict(top_k=2, aux_loss_convention="switch_group", aux_loss_coef=0.01), [], (2, 5)),
     ("mixtral", dict(top_k=2, aux_loss_convention="mixtral", aux_loss_coef=0.01), [], (2, 5)),
 ]
+# Padded cases (``token_mask``): (name, case of CASES whose layer and input they take, padding). Padding
+# "random": right padding, each sequence of random length 0..S; "last_rank_empty": the same, with every
+# token of the last rank padding (it joins the collectives with zero rows).
+PADDED_CASES: list[tuple[str, str, str]] = [
+    ("padded_dropless", "dropless", "random"),
+    ("padded_capacity_probability", "capacity_probability", "random"),
+    ("padded_capacity_position_switch", "capacity_position_switch", "last_rank_empty"),
+    ("padded_mixtral", "mixtral", "last_rank_empty"),
+]
 DIM, EXPERTS, HIDDEN = 8, 8, 12
 
 
@@ -78,8 +87,22 @@ def _masked(spec: Any, ep_size: int) -> list[int]:
     return list(spec)
 
 
+def _token_mask(padding: str | None, N: int, B: int, S: int) -> torch.Tensor | None:
+    """(N*B, S) bool, True at real tokens (right padding), the same on every rank; None: no padding."""
+    if padding is None:
+        return None
+    lengths = torch.randint(0, S + 1, (N * B,), generator=torch.Generator().manual_seed(7))
+    lengths[0] = S  # at least one real token
+    if padding == "last_rank_empty":
+        lengths[(N - 1) * B:] = 0
+    return torch.arange(S)[None, :] < lengths[:, None]
+
+
 def run_case(name: str, kwargs: dict[str, Any], mask_spec: Any, bs: tuple[int, int], groups: ParallelGroups,
-             ) -> dict[str, float]:
+             padding: str | None = None) -> dict[str, float]:
+    """The compared quantities of one case; with ``padding``, both layers get the same token mask and
+    the objective reads real tokens' outputs only (padding rows' outputs are compared on their own:
+    under EP they are the shared experts' output alone, no routed expert ran on them)."""
     N, rank, ep_size = groups.world_size, groups.rank, groups.ep_size
     torch.manual_seed(1234)
     ref = MoE(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, **kwargs)
@@ -92,22 +115,28 @@ def run_case(name: str, kwargs: dict[str, Any], mask_spec: Any, bs: tuple[int, i
     B, S = bs
     x_all = torch.randn(N * B, S, DIM, requires_grad=True)
     g_all = torch.randn(N * B, S, DIM)
-    out_ref = ref(x_all)
+    mask_all = _token_mask(padding, N, B, S)
+    real_all = torch.ones(N * B, S, 1) if mask_all is None else mask_all[..., None].float()
+    out_ref = ref(x_all, mask_all)
     aux_ref = model_aux_loss(ref)  # the layer's losses, plus its pooled mixtral loss where configured
-    J = (out_ref * g_all).sum() + N * aux_ref
+    J = (out_ref * real_all * g_all).sum() + N * aux_ref
     J.backward()
 
-    x = x_all.detach()[rank * B:(rank + 1) * B].clone().requires_grad_(True)
+    rows = slice(rank * B, (rank + 1) * B)
+    x = x_all.detach()[rows].clone().requires_grad_(True)
+    mask = None if mask_all is None else mask_all[rows]
+    expert_rows = []
+    counting = ep.experts.register_forward_hook(lambda m, args, out: expert_rows.append(args[0].shape[0]))
     # Gradients averaged by DistributedDataParallel during backward (world and expert-DP wrappers).
     wrapper = replicate(ep, groups)
-    out = wrapper(x)
+    out = wrapper(x) if mask is None else wrapper(x, mask)
+    counting.remove()
     aux_ep = model_aux_loss(ep)
-    ((out * g_all[rank * B:(rank + 1) * B]).sum() + aux_ep).backward()
+    ((out * real_all[rows] * g_all[rows]).sum() + aux_ep).backward()
 
-    rows = slice(rank * B, (rank + 1) * B)
     ids = groups.experts_of(EXPERTS)
     err = {
-        "output": _max_err(out, out_ref[rows]),
+        "output": _max_err(out * real_all[rows], out_ref[rows] * real_all[rows]),
         "input_grad": _max_err(x.grad, x_all.grad[rows]),
         "aux_loss": _max_err(ep.aux_loss, ref.aux_loss),
         "model_aux_loss": _max_err(aux_ep, aux_ref),
@@ -145,7 +174,67 @@ def run_case(name: str, kwargs: dict[str, Any], mask_spec: Any, bs: tuple[int, i
     err["mesh_layout"] = 0.0 if layout_ok else float("inf")
     err["rows_received"] = float(sum(ep.stats.tokens_E[ids.start:ids.stop]))
     err["any_dropped"] = float(ref.report().dropped)
+    err["expert_rows"] = float(sum(expert_rows))
+    if mask is not None:
+        with torch.no_grad():
+            pad = ~mask
+            shared = ep.shared_experts(x[pad]) if ep.shared_experts is not None else torch.zeros_like(x[pad])
+            err["padding_output"] = _max_err(out.detach()[pad], shared)
+        err["real_slots"] = float(mask_all.sum() * ref.top_k)
     return err
+
+
+def run_lm_padded(groups: ParallelGroups) -> dict[str, float]:
+    """A two-layer MoE LM (capacity 1.0, so padding would take capacity if it counted) on a
+    right-padded batch with ``token_mask``: the expert-parallel LM on each rank's rows against the
+    LM on the world's rows; objective: the masked next-token cross-entropy sum plus the balancing
+    losses (gradients averaged over the ranks, as in ``run_case``). Logits compared at real tokens."""
+    from ..config import moe_config
+    from ..lm import LM, LMConfig
+
+    N, rank = groups.world_size, groups.rank
+    V, B, S = 32, 2, 6
+    torch.manual_seed(5)
+    moe = moe_config(dim=DIM, num_experts=EXPERTS, expert_hidden=HIDDEN, top_k=2, capacity_factor=1.0,
+                     aux_loss_coef=0.01, z_loss_coef=1e-3)
+    ref = LM(LMConfig(vocab_size=V, dim=DIM, n_layers=2, n_heads=2, ffn_hidden=16, max_seq_len=S, moe=moe))
+    ep = shard_model(copy.deepcopy(ref), groups)
+    ids_all = torch.randint(0, V, (N * B, S), generator=torch.Generator().manual_seed(3))
+    mask_all = _token_mask("random", N, B, S)
+    assert mask_all is not None
+
+    def objective(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1),
+                                               reduction="none")
+        return (ce * mask[:, 1:].reshape(-1)).sum()
+
+    logits_ref = ref(ids_all, token_mask=mask_all)
+    aux_ref = model_aux_loss(ref)
+    (objective(logits_ref, ids_all, mask_all) + N * aux_ref).backward()
+    rows = slice(rank * B, (rank + 1) * B)
+    wrapper = replicate(ep, groups)
+    logits = wrapper(ids_all[rows], token_mask=mask_all[rows])
+    aux_ep = model_aux_loss(ep)
+    (objective(logits, ids_all[rows], mask_all[rows]) + aux_ep).backward()
+    real = mask_all[rows][..., None]
+    err = {"output": _max_err(logits * real, logits_ref[rows] * real), "aux_loss": _max_err(aux_ep, aux_ref)}
+    ep_params = dict(ep.named_parameters())
+    for pname, p in ref.named_parameters():
+        expected = p.grad / N
+        if ".experts." in pname:
+            ids = groups.experts_of(EXPERTS)
+            expected = expected[ids.start:ids.stop]
+        got = ep_params[pname].grad
+        err[f"grad:{pname}"] = _max_err(got, expected) if got is not None else float("inf")
+    for (name, a), (_, b) in zip(_moe_layers(ep), _moe_layers(ref)):
+        err[f"stats:{name}"] = _max_err(torch.tensor(a.report().tokens_per_expert),
+                                        torch.tensor(b.report().tokens_per_expert))
+    err["any_dropped"] = float(sum(layer.report().dropped for _, layer in _moe_layers(ref)))
+    return err
+
+
+def _moe_layers(model: torch.nn.Module) -> list[tuple[str, MoE]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
 
 
 def layer_worker(rank: int, world: int, port: int, out_dir: str, plan: list[tuple[int, list[str] | None]]) -> None:
@@ -160,6 +249,13 @@ def layer_worker(rank: int, world: int, port: int, out_dir: str, plan: list[tupl
         for name, kwargs, mask_spec, bs in CASES:
             if names is None or name in names:
                 results[f"ep{ep_size}/{name}"] = run_case(name, kwargs, mask_spec, bs, built[-1])
+        cases = {c[0]: c for c in CASES}
+        for name, base, padding in PADDED_CASES:
+            if names is None or name in names:
+                _, kwargs, mask_spec, bs = cases[base]
+                results[f"ep{ep_size}/{name}"] = run_case(name, kwargs, mask_spec, bs, built[-1], padding)
+        if names is None or "lm_padded" in names:
+            results[f"ep{ep_size}/lm_padded"] = run_lm_padded(built[-1])
     destroy_parallel(*built)
     results["_time_s"] = {"total": time.perf_counter() - start}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
