@@ -367,7 +367,7 @@ class MoE(nn.Module):
             terms["aux"] = value = L.switch_aux_loss(routing, E, b.aux_loss_convention, valid_T, batch, reduce)
             total = total + b.aux_loss_coef * value
         if b.z_loss_coef > 0:
-            terms["z"] = value = L.z_loss(routing.logits_TE, valid_T, reduce)
+            terms["z"] = value = L.routing_z_loss(routing, valid_T, reduce)
             total = total + b.z_loss_coef * value
         if b.cv_loss_coef > 0 and token_choice:
             terms["cv"] = value = L.cv_squared_loss(routing, E, K, valid_T, b.cv_unbiased, reduce)
@@ -512,8 +512,8 @@ def _scatter_rows(x_VX: torch.Tensor | None, idx_V: torch.Tensor, T: int, fill: 
 
 
 def _scatter_routing(routing_V: Routing, idx_V: torch.Tensor, T: int) -> Routing:
-    """The routing of V real tokens in T-token indexing; padding rows: logits and scores 0, expert 0
-    with weight 0, noise scale 1 (finite everywhere; the losses and statistics skip them)."""
+    """The routing of V real tokens in T-token indexing; padding rows: logits, scores and logsumexp 0,
+    expert 0 with weight 0, noise scale 1 (finite everywhere; the losses and statistics skip them)."""
     ec_idx = None if routing_V.ec_token_idx_EC is None else idx_V[routing_V.ec_token_idx_EC]
     return dataclasses.replace(
         routing_V,
@@ -524,6 +524,7 @@ def _scatter_routing(routing_V: Routing, idx_V: torch.Tensor, T: int) -> Routing
         ec_token_idx_EC=ec_idx,
         noise_std_TE=_scatter_rows(routing_V.noise_std_TE, idx_V, T, 1.0),
         noisy_logits_TE=_scatter_rows(routing_V.noisy_logits_TE, idx_V, T),
+        logsumexp_T=_scatter_rows(routing_V.logsumexp_T, idx_V, T),
     )
 
 

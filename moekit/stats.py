@@ -142,19 +142,29 @@ class RoutingStats(nn.Module):
         self.dropped.add_(total([p.num_dropped for p in plans]))
         logits_TE = cat([r.logits_TE for r, _, _ in forwards])
         probs_TE = cat([normalized_scores(r) for r, _, _ in forwards])
-        entropy_T = entropy(probs_TE)
-        z_T = torch.logsumexp(logits_TE, dim=-1).square()
         if all(v is None for _, _, v in forwards):
             w_T = None
         else:
             w_T = cat([token_weights(v, r.logits_TE) if v is not None else r.logits_TE.new_ones(r.logits_TE.shape[0])
                        for r, _, v in forwards])
+        if all(r.logsumexp_T is not None for r, _, _ in forwards):
+            # The router's logsumexp, and (softmax scores: log p = l - lse, sum p = 1) the entropy as
+            # lse_t - sum_e p_te l_te: one product over (T, E) instead of clamp, log, mul and sum.
+            lse_T = cat([r.logsumexp_T for r, _, _ in forwards])
+            z_T = lse_T.square()
+            if w_T is None:
+                self.entropy_sum.add_(lse_T.sum() - torch.dot(probs_TE.reshape(-1), logits_TE.reshape(-1)))
+            else:
+                entropy_T = lse_T - torch.linalg.vecdot(probs_TE, logits_TE)
+                self.entropy_sum.add_((entropy_T * w_T).sum())
+        else:
+            entropy_T = entropy(probs_TE)
+            z_T = torch.logsumexp(logits_TE, dim=-1).square()
+            self.entropy_sum.add_(entropy_T.sum() if w_T is None else (entropy_T * w_T).sum())
         if w_T is None:
-            self.entropy_sum.add_(entropy_T.sum())
             self.z_sum.add_(z_T.sum())
             self.num_tokens.add_(sum(r.num_tokens for r, _, _ in forwards))
         else:
-            self.entropy_sum.add_((entropy_T * w_T).sum())
             self.z_sum.add_((z_T * w_T).sum())
             self.num_tokens.add_(w_T.sum())
         if all(r.topk_idx_TK is not None for r, _, _ in forwards):

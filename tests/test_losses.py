@@ -399,3 +399,39 @@ def test_bias_update_survives_bf16_cast():
         layer.router.selection_bias.fill_(0.5)
     moekit.update_router_biases(layer)
     assert float(layer.router.selection_bias[0]) == pytest.approx(0.499, abs=1e-7)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_router_logsumexp_z_loss_value_and_gradient_match_float64(masked):
+    """The router's logsumexp (from its softmax, no second pass) and the z-loss built on it equal
+    torch.logsumexp's in float64, value and gradient to the router weight, with a token mask."""
+    torch.manual_seed(3)
+    layer = moekit.MoE(dim=8, num_experts=6, expert_hidden=8, top_k=2, aux_loss_coef=0.0, z_loss_coef=1.0).train()
+    with torch.no_grad():
+        layer.router.weight.normal_(0.0, 2.0)
+    x = torch.randn(3, 10, 8)
+    mask = (torch.rand(3, 10) > 0.3) if masked else None
+    routing = layer.router(x.reshape(-1, 8))
+    assert routing.logsumexp_T is not None
+    ref_logits = x.reshape(-1, 8).double() @ layer.router.weight.detach().double().t()
+    torch.testing.assert_close(routing.logsumexp_T.double(), torch.logsumexp(ref_logits, -1), rtol=1e-6, atol=1e-6)
+    layer(x, mask)
+    w = layer.router.weight.detach().double().requires_grad_()
+    valid = None if mask is None else mask.reshape(-1)
+    ref = L.z_loss(x.reshape(-1, 8).double() @ w.t(), valid)
+    ref.backward()
+    layer.aux_loss.backward()
+    torch.testing.assert_close(layer.aux_loss.detach().double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(layer.router.weight.grad.double(), w.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_router_logsumexp_only_where_scores_are_the_softmax_of_the_logits():
+    layer = moekit.MoE(dim=8, num_experts=6, expert_hidden=8, top_k=2, z_loss_coef=1.0).train()
+    x = torch.randn(12, 8)
+    assert layer.router(x).logsumexp_T is not None
+    layer.mask_experts([1])
+    assert layer(x) is not None and layer.router(x, layer.available_E).logsumexp_T is None
+    noisy = moekit.MoE(dim=8, num_experts=6, expert_hidden=8, router="noisy_topk", top_k=2).train()
+    assert noisy.router(x).logsumexp_T is None
+    sigmoid = moekit.MoE(dim=8, num_experts=6, expert_hidden=8, router="sigmoid_topk", top_k=2).train()
+    assert sigmoid.router(x).logsumexp_T is None

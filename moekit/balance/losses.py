@@ -208,6 +208,30 @@ def z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor | None = None, reduce:
     return batch_mean(torch.logsumexp(logits_TE, dim=-1).square(), token_weights(valid_T, logits_TE), reduce)
 
 
+class _LogsumexpSquare(torch.autograd.Function):
+    """lse_T^2 (T,) as a function of logits_TE, given lse_T and p_TE = softmax(logits_TE): the
+    gradient 2 lse_t p_te in one pass, with no logsumexp forward or backward over (T, E)."""
+
+    @staticmethod
+    def forward(ctx, logits_TE: torch.Tensor, lse_T: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(lse_T, probs_TE)
+        return lse_T.square()
+
+    @staticmethod
+    def backward(ctx, grad_T: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        lse_T, probs_TE = ctx.saved_tensors
+        return (grad_T * 2.0 * lse_T).unsqueeze(1) * probs_TE, None, None
+
+
+def routing_z_loss(routing: Routing, valid_T: torch.Tensor | None = None, reduce: Reduce | None = None) -> torch.Tensor:
+    """``z_loss(routing.logits_TE, ...)``, from the router's logsumexp where it has one."""
+    lse_T = routing.logsumexp_T
+    if lse_T is None:
+        return z_loss(routing.logits_TE, valid_T, reduce)
+    z_T = _LogsumexpSquare.apply(routing.logits_TE, lse_T, routing.scores_TE.detach())
+    return batch_mean(z_T, token_weights(valid_T, routing.logits_TE), reduce)
+
+
 def cv_squared(x_E: torch.Tensor, eps: float = 1e-10, unbiased: bool = False) -> torch.Tensor:
     """var(x) / mean(x)^2; var divides by E, or by E - 1 when ``unbiased`` (torch.var's default)."""
     if x_E.numel() <= 1:
@@ -308,7 +332,7 @@ def perfect_balance_value(convention: str, top_k: int) -> float:
     return float(top_k) if convention == "mixtral" else 1.0
 
 
-__all__ = ["switch_aux_loss", "pooled_mixtral_aux_loss", "plain_topk", "z_loss", "cv_squared", "cv_squared_loss",
+__all__ = ["switch_aux_loss", "pooled_mixtral_aux_loss", "plain_topk", "z_loss", "routing_z_loss", "cv_squared", "cv_squared_loss",
            "importance", "smooth_load", "sequence_aux_loss", "entropy", "normalized_scores",
            "perfect_balance_value", "token_weights", "token_mean", "expert_counts", "Reduce", "batch_total",
            "batch_mean", "batch_num_valid"]

@@ -35,6 +35,9 @@ class Routing:
     noise_std_TE: torch.Tensor | None = None
     noisy_logits_TE: torch.Tensor | None = None
     score_func: str = "softmax"
+    # (T,) logsumexp of logits_TE (no gradient), where the scores are softmax(logits_TE) and the
+    # router had it at hand; the z-loss and the statistics read it instead of recomputing it.
+    logsumexp_T: torch.Tensor | None = None
 
     @property
     def is_token_choice(self) -> bool:

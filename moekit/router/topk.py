@@ -121,6 +121,9 @@ class TopKRouter(nn.Module):
             keep_TE = group_limited_mask(choice_TE, cfg.n_group, cfg.topk_group, cfg.group_score)
             choice_TE = choice_TE.masked_fill(~keep_TE, float("-inf"))
         topk_idx_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        lse_T = None
+        if self.score_func == "softmax" and choice_TE is scores_TE and select_logits_TE is logits_TE:
+            lse_T = _softmax_logsumexp(logits_TE, scores_TE, topk_idx_TK[:, :1])
         return Routing(
             logits_TE=logits_TE,
             scores_TE=scores_TE,
@@ -129,4 +132,13 @@ class TopKRouter(nn.Module):
             noise_std_TE=noise_std_TE,
             noisy_logits_TE=noisy_TE,
             score_func=self.score_func,
+            logsumexp_T=lse_T,
         )
+
+
+@torch.no_grad()
+def _softmax_logsumexp(logits_TE: torch.Tensor, probs_TE: torch.Tensor, top_T1: torch.Tensor) -> torch.Tensor:
+    """(T,) logsumexp of the logits from their softmax, without another pass over (T, E):
+    log p_j = l_j - lse for every j, taken at each token's most probable expert j (p_j >= 1/E,
+    so its log is well conditioned; error a few ulp of lse)."""
+    return (logits_TE.gather(1, top_T1) - probs_TE.gather(1, top_T1).log()).squeeze(1)
