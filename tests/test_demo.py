@@ -94,7 +94,10 @@ def test_demo_moe_design_errors_name_the_flags(tmp_path):
     assert parser.parse_args(["demo", "--z-loss-coef", "0"]).z_loss_coef == 0.0
     assert parser.parse_args(["demo"]).z_loss_coef == DemoMoE().z_loss_coef == demo_configs(
         "small", tmp_path, "d")["moe"].model.moe.balance.z_loss_coef
-    assert (cfg["moe"].lr, cfg["moe"].warmup_steps, cfg["dense"].lr, cfg["dense"].warmup_steps) == (5e-3, 60, 3e-3, 30)
+    assert (cfg["moe"].lr, cfg["moe"].warmup_steps, cfg["dense"].lr, cfg["dense"].warmup_steps) == (5e-3, 60, 2e-3, 100)
+    # The default: each model at its best learning rate of the sweep, the same warm-up.
+    cfg = demo_configs("small", tmp_path, "d")
+    assert (cfg["moe"].lr, cfg["moe"].warmup_steps, cfg["dense"].lr, cfg["dense"].warmup_steps) == (3e-3, 100, 2e-3, 100)
 
 
 def _evals(points):

@@ -161,8 +161,10 @@ def test_example_configs_load_and_match_the_demo(tmp_path):
     root = Path(__file__).resolve().parents[1] / "configs"
     loaded = {p.stem: TrainConfig.load(p) for p in sorted(root.glob("*.json"))}
     assert {"polyglot_dense", "polyglot_moe", "polyglot_moe_fine", "tiny_moe"} <= set(loaded)
+    # polyglot_moe_fine.json is the 16 x 128 top-4 MoE of the first investigation (docs/training.md), with
+    # its schedule: lr 3e-3 and 30 warm-up steps (the demo's defaults at the time).
     demo = demo_configs("small", tmp_path, "data_cache", DemoMoE(num_experts=16, top_k=4, shared_experts=0,
-                                                                     aux_loss_coef=0.01))
+                                                                     aux_loss_coef=0.01, lr=3e-3, warmup_steps=30))
     assert loaded["polyglot_moe_fine"].model == demo["moe"].model
     assert loaded["polyglot_dense"].model == demo["dense"].model
     for key in ("seq_len", "batch_size", "steps", "lr", "warmup_steps", "eval_every", "eval_tokens", "seed"):

@@ -32,8 +32,9 @@ SEED_RUN = re.compile(r"(dense|moe)_seed\d+")
 
 SIZES: dict[str, dict[str, Any]] = {
     # About ten minutes on two CPU cores, corpus build included.
+    # lr and warm-up: dense's best of the sweep in docs/training.md ("The full-budget sweep").
     "small": {"dim": 128, "n_layers": 4, "n_heads": 4, "ffn_hidden": 512, "seq_len": 128, "batch_size": 16,
-              "steps": 600, "eval_every": 50, "eval_tokens": 32768, "lr": 3e-3, "warmup_steps": 30},
+              "steps": 600, "eval_every": 50, "eval_tokens": 32768, "lr": 2e-3, "warmup_steps": 100},
     # Seconds: for tests and a quick look.
     "tiny": {"dim": 32, "n_layers": 2, "n_heads": 2, "ffn_hidden": 64, "seq_len": 32, "batch_size": 4,
              "steps": 8, "eval_every": 4, "eval_tokens": 1024, "lr": 3e-3, "warmup_steps": 2},
@@ -58,8 +59,8 @@ class DemoMoE:
     aux-loss-free per-expert bias, ``bias_update_rate``); ``z_loss_coef``: the ST-MoE router z-loss.
     ``lr``/``warmup_steps`` None: dense's."""
 
-    # 64 experts of hidden 64, top-7 + 1 shared: the best equal-token loss of the sweep in
-    # docs/training.md ("Choosing the MoE").
+    # 64 experts of hidden 64, top-7 + 1 shared, lr 3e-3: the best equal-token loss of the sweeps in
+    # docs/training.md ("Choosing the MoE", "The full-budget sweep"); the MoE keeps dense's warm-up.
     num_experts: int = 64
     top_k: int = 7
     shared_experts: int = 1
@@ -67,7 +68,7 @@ class DemoMoE:
     aux_loss_coef: float = 0.01
     bias_update_rate: float = 1e-3
     z_loss_coef: float = 1e-3
-    lr: float | None = None
+    lr: float | None = 3e-3
     warmup_steps: int | None = None
 
     def expert_hidden(self, ffn_hidden: int) -> int:
@@ -572,7 +573,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bias-update-rate", type=number_in(0, low_open=True), default=d.bias_update_rate)
     p.add_argument("--z-loss-coef", type=NONNEGATIVE_NUMBER, default=d.z_loss_coef,
                    help="router z-loss (ST-MoE) coefficient; 0 disables it")
-    p.add_argument("--moe-lr", type=number_in(0, 1, low_open=True), default=d.lr, help="MoE learning rate (default: dense's)")
+    p.add_argument("--moe-lr", type=number_in(0, 1, low_open=True), default=d.lr,
+                   help="MoE learning rate (default: the sweep's best for the MoE; dense uses the size's)")
     p.add_argument("--moe-warmup", type=NONNEGATIVE_INT, default=d.warmup_steps,
                    help="MoE warm-up steps (default: dense's)")
     p.add_argument("--seed", type=NONNEGATIVE_INT, default=0)
