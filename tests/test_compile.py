@@ -77,5 +77,7 @@ def test_fused_op_registration_passes_opcheck():
     slot = torch.tensor([0, 4, 6, 8, 1, 2, 3, 5, 7, 9])   # slot t*K + j of each row
     inverse = torch.empty_like(slot).index_put_((slot,), torch.arange(R))
     for schedule in ("grouped", "loop"):
-        torch.library.opcheck(_fused_op, (x, w1, w2, weight, token_idx, inverse, counts, "silu", True, schedule))
+        for keep_act in (False, True):
+            torch.library.opcheck(_fused_op, (x, w1, w2, weight, token_idx, inverse, counts, "silu", True, schedule,
+                                              keep_act))
 

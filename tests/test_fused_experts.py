@@ -406,3 +406,27 @@ def test_schedule_trial_keeps_the_model_answer_when_unsure(monkeypatch):
     monkeypatch.setattr(fused, "_forward_loop", lambda *a: runs.append(1) or real_forward(*a))
     assert fused._trial(torch.float32, w1, w2, 32, "silu", True, "grouped") == "grouped"
     assert runs == [], "the loop schedule ran after the first run was already over the budget"
+
+
+@pytest.mark.parametrize("schedule", ["grouped", "loop"])
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_kept_activation_gives_the_recomputed_gradients_exactly(schedule, act):
+    """The backward with the forward's kept act(gate) equals the one that recomputes it, bit for bit."""
+    from moekit.ops import fused
+
+    torch.manual_seed(1)
+    T, R = 7, 21
+    x = torch.randn(T, D)
+    w1, w2 = torch.randn(E, 2 * F, D), torch.randn(E, D, F)
+    weight, dout = torch.rand(R), torch.randn(T, D)
+    token_idx = torch.arange(R) % T
+    counts = torch.tensor([5, 0, 4, 6, 0, 6])
+    runs = {}
+    for keep in (False, True):
+        out, _, h, act_gate = fused._fused_op(x, w1, w2, weight, token_idx, None, counts, act, True, schedule, keep)
+        assert act_gate.shape == ((R, F) if keep else (R, 0))
+        grads = fused._fused_backward_op(dout, x, w1, w2, weight, token_idx, None, counts, h, act, True, schedule,
+                                         act_gate)
+        runs[keep] = (out, *grads)
+    for kept, recomputed in zip(runs[True], runs[False]):
+        assert torch.equal(kept, recomputed)

@@ -332,7 +332,7 @@ def perfect_balance_value(convention: str, top_k: int) -> float:
     return float(top_k) if convention == "mixtral" else 1.0
 
 
-__all__ = ["switch_aux_loss", "pooled_mixtral_aux_loss", "plain_topk", "z_loss", "routing_z_loss", "cv_squared", "cv_squared_loss",
-           "importance", "smooth_load", "sequence_aux_loss", "entropy", "normalized_scores",
+__all__ = ["switch_aux_loss", "pooled_mixtral_aux_loss", "plain_topk", "z_loss", "routing_z_loss", "cv_squared",
+           "cv_squared_loss", "importance", "smooth_load", "sequence_aux_loss", "entropy", "normalized_scores",
            "perfect_balance_value", "token_weights", "token_mean", "expert_counts", "Reduce", "batch_total",
            "batch_mean", "batch_num_valid"]

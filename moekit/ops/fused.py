@@ -7,11 +7,12 @@ R rows grouped by expert (R <= S; R < S when capacity dropped slots), N one expe
 
 The expert computation is Shazeer 2020's gated FFN y = down(act(gate x) * up x) (or
 y = down(act(up x)) ungated), and the layer output is out_t = sum_r w_r y_r over the rows r of
-token t. The backward saves only the pre-activation h (R, U); the gathered input and the activation are
-recomputed, and weight gradients are grouped products dW_e = dY_e^T X_e, so nothing of size
-(E, ...) is ever materialised per token. The router-weight gradient dw_r = <dout_t, y_r> is
-computed as <g_r, a_r> with g_r = dout_t W2_e (the product backward needs anyway for dL/da_r =
-w_r g_r), so the expert outputs y are not kept.
+token t. The backward saves the pre-activation h (R, U) and, for a gated float32/float64 block that
+can be differentiated, act(gate) (R, F) (half of h's size; it spares the backward the activation
+pass); the gathered input and a = act(gate) * up are recomputed, and weight gradients are grouped
+products dW_e = dY_e^T X_e, so nothing of size (E, ...) is ever materialised per token. The
+router-weight gradient dw_r = <dout_t, y_r> is computed as <g_r, a_r> with g_r = dout_t W2_e (the
+product backward needs anyway for dL/da_r = w_r g_r), so the expert outputs y are not kept.
 
 Combine and the input gradient are deterministic and atomics-free: with the plan's inverse
 permutation inverse_S (slot t*K + j -> its row, R for a dropped slot) the K rows of each token are
@@ -71,14 +72,16 @@ def _act_forward(h_RU: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor
     return _ACT[act_name](gate_RF) * up_RF
 
 
-def _act_forward_parts(h_RU: torch.Tensor, act_name: str,
-                       gated: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _act_forward_parts(h_RU: torch.Tensor, act_name: str, gated: bool,
+                       act_gate_RF: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(a (R, F), act(gate) (R, F) when gated else None): backward recomputes a and hands act(gate)
-    on to ``_act_backward``, so the activation runs once there."""
+    on to ``_act_backward``, so the activation runs once there (not at all when the forward kept
+    act(gate), ``act_gate_RF``)."""
     if not gated:
         return _ACT[act_name](h_RU), None
     gate_RF, up_RF = h_RU.chunk(2, dim=-1)
-    act_gate_RF = _ACT[act_name](gate_RF)
+    if act_gate_RF is None:
+        act_gate_RF = _ACT[act_name](gate_RF)
     return act_gate_RF * up_RF, act_gate_RF
 
 
@@ -120,6 +123,24 @@ FUSED_ACTIVATIONS = tuple(_ACT)
 # where compute_dtype says float32 (CPU bf16 without bf16 units: 8 experts x 1 row took 6-11 ms in
 # bf16 and 80-130 ms through float32 weight copies; the two met at about 16 rows).
 NATIVE_DTYPE_MAX_ROWS = 8
+
+
+def _act_into(z: torch.Tensor, act_name: str, out: torch.Tensor) -> torch.Tensor:
+    """act(z) written into ``out`` (silu without a copy, the others copied in)."""
+    if act_name == "silu":
+        return torch.ops.aten.silu.out(z, out=out)
+    return out.copy_(_ACT[act_name](z))
+
+
+def _keeps_act(x_TD: torch.Tensor, gated: bool, keep_act: bool) -> bool:
+    """Whether the forward keeps act(gate) for the backward: asked, gated, and a float32/float64 input
+    (the dtype every schedule computes in, so the kept values are those a recomputation gives)."""
+    return keep_act and gated and x_TD.dtype in (torch.float32, torch.float64)
+
+
+def _kept(act_gate_RF: torch.Tensor | None, h_RU: torch.Tensor) -> torch.Tensor:
+    """The forward's act(gate) (R, F) for the backward, or an empty (R, 0) when not kept."""
+    return h_RU.new_empty(h_RU.shape[0], 0) if act_gate_RF is None else act_gate_RF
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
@@ -217,9 +238,10 @@ def _trial(dtype: torch.dtype, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, rows:
         start = time.perf_counter()
         forward = _forward_grouped if sched == "grouped" else _forward_loop
         backward = _backward_grouped if sched == "grouped" else _backward_loop
-        h_RU, y_RD = forward(x_TD, w1, w2, token_idx_R, counts_E, act_name, gated)
+        h_RU, y_RD, act_gate_RF = forward(x_TD, w1, w2, token_idx_R, counts_E, act_name, gated, True)
         _combine(y_RD, weight_R, inverse_S, token_idx_R, R)
-        dx_RD = backward(x_TD, w1, w2, weight_R, token_idx_R, h_RU, dout_TD, act_name, gated, counts_E)[0]
+        dx_RD = backward(x_TD, w1, w2, weight_R, token_idx_R, h_RU, dout_TD, act_name, gated, counts_E,
+                         _or_none(act_gate_RF))[0]
         _token_sum(dx_RD, inverse_S, token_idx_R, R, _acc_dtype(dx_RD))
         return time.perf_counter() - start
 
@@ -239,14 +261,15 @@ def _trial(dtype: torch.dtype, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, rows:
 
 
 # ---------------------------------------------------------------------------------------------- forward
-def _forward_grouped(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated):
+def _forward_grouped(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, keep_act=False):
     offs_E = _offsets(counts_E)
     dtype = x_TD.dtype
     x_RD = x_TD.index_select(0, token_idx_R)
     h_RU = F.grouped_mm(x_RD, w1_EUD.to(dtype).transpose(1, 2), offs=offs_E)
     del x_RD
-    y_RD = F.grouped_mm(_act_forward(h_RU, act_name, gated), w2_EDF.to(dtype).transpose(1, 2), offs=offs_E)
-    return h_RU, y_RD
+    a_RF, act_gate_RF = _act_forward_parts(h_RU, act_name, gated)
+    y_RD = F.grouped_mm(a_RF, w2_EDF.to(dtype).transpose(1, 2), offs=offs_E)
+    return h_RU, y_RD, _kept(act_gate_RF if _keeps_act(x_TD, gated, keep_act) else None, h_RU)
 
 
 def _row_kernel(x_TD: torch.Tensor, n: int) -> contextlib.AbstractContextManager[None]:
@@ -258,11 +281,13 @@ def _row_kernel(x_TD: torch.Tensor, n: int) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
-def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated):
+def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, keep_act=False):
     dtype, cdt = x_TD.dtype, compute_dtype(x_TD)
     R, U, D = token_idx_R.shape[0], w1_EUD.shape[1], x_TD.shape[1]
     h_RU = x_TD.new_empty(R, U)
     y_RD = x_TD.new_empty(R, D)
+    keep = _keeps_act(x_TD, gated, keep_act)
+    act_gate_RF = x_TD.new_empty(R, U // 2 if keep else 0)
     for e, start, n in _nonempty_blocks(counts_E, R):
         rows = slice(start, start + n)
         # A block of a few rows is weight-read bound: converting the expert's weights to float32
@@ -272,40 +297,55 @@ def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated):
         if bdt == dtype:  # products write straight into the saved (R, .) buffers
             with _row_kernel(x_TD, n):
                 h_NU = torch.mm(x_ND, w1_EUD[e].to(bdt).t(), out=h_RU[rows])
-                torch.mm(_act_forward(h_NU, act_name, gated), w2_EDF[e].to(bdt).t(), out=y_RD[rows])
+                if keep:
+                    gate_NF, up_NF = h_NU.chunk(2, dim=-1)
+                    a_NF = _act_into(gate_NF, act_name, act_gate_RF[rows]) * up_NF
+                else:
+                    a_NF = _act_forward(h_NU, act_name, gated)
+                torch.mm(a_NF, w2_EDF[e].to(bdt).t(), out=y_RD[rows])
         else:
             h_NU = x_ND.to(bdt) @ w1_EUD[e].to(bdt).t()
             h_RU[rows] = h_NU
             y_RD[rows] = _act_forward(h_NU, act_name, gated) @ w2_EDF[e].to(bdt).t()
-    return h_RU, y_RD
+    return h_RU, y_RD, act_gate_RF
 
 
 @torch.library.custom_op("moekit::fused_experts", mutates_args=())
 def _fused_op(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, weight_R: torch.Tensor,
               token_idx_R: torch.Tensor, inverse_S: torch.Tensor | None, counts_E: torch.Tensor, act_name: str,
-              gated: bool, schedule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (out_TD in x's dtype, y_RD unweighted expert outputs, h_RU pre-activations)."""
+              gated: bool, schedule: str,
+              keep_act: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (out_TD in x's dtype, y_RD unweighted expert outputs, h_RU pre-activations, act(gate) (R, F)
+    for the backward where ``_keeps_act``, else (R, 0))."""
     sched = _schedule(schedule, x_TD, w1_EUD, w2_EDF, token_idx_R.shape[0], act_name, gated)
     run = _forward_grouped if sched == "grouped" else _forward_loop
-    h_RU, y_RD = run(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated)
+    h_RU, y_RD, act_gate_RF = run(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, keep_act)
     out_TD = _combine(y_RD, weight_R, inverse_S, token_idx_R, x_TD.shape[0]).to(x_TD.dtype)
-    return out_TD, y_RD, h_RU
+    return out_TD, y_RD, h_RU, act_gate_RF
 
 
 @_fused_op.register_fake
-def _(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule):
+def _(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule, keep_act=False):
     R = token_idx_R.shape[0]
-    return x_TD.new_empty(x_TD.shape), x_TD.new_empty(R, x_TD.shape[1]), x_TD.new_empty(R, w1_EUD.shape[1])
+    width = w1_EUD.shape[1] // 2 if _keeps_act(x_TD, gated, keep_act) else 0
+    return (x_TD.new_empty(x_TD.shape), x_TD.new_empty(R, x_TD.shape[1]), x_TD.new_empty(R, w1_EUD.shape[1]),
+            x_TD.new_empty(R, width))
 
 
 # ---------------------------------------------------------------------------------------------- backward
-def _backward_grouped(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, act_name, gated, counts_E):
+def _or_none(act_gate_RF: torch.Tensor) -> torch.Tensor | None:
+    """The kept act(gate), or None when the forward kept none (width 0)."""
+    return act_gate_RF if act_gate_RF.shape[-1] else None
+
+
+def _backward_grouped(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, act_name, gated, counts_E,
+                      act_gate_RF=None):
     offs_E = _offsets(counts_E)
     dtype = x_TD.dtype
     w1 = w1_EUD.to(dtype)
     w2 = w2_EDF.to(dtype)
     dout_RD = dout_TD.to(dtype).index_select(0, token_idx_R)
-    a_RF, act_gate_RF = _act_forward_parts(h_RU, act_name, gated)
+    a_RF, act_gate_RF = _act_forward_parts(h_RU, act_name, gated, act_gate_RF)
     # g_r = dout_t W2_e: dw_r = <dout_t, y_r> = <g_r, a_r>, and dL/da_r = w_r g_r.
     g_RF = F.grouped_mm(dout_RD, w2, offs=offs_E)
     dweight_R = (g_RF * a_RF).sum(-1, dtype=_acc_dtype(g_RF)).to(weight_R.dtype)
@@ -321,7 +361,8 @@ def _backward_grouped(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD
     return dx_RD, dw1_EUD.to(w1_EUD.dtype), dw2_EDF.to(w2_EDF.dtype), dweight_R
 
 
-def _backward_loop(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, act_name, gated, counts_E):
+def _backward_loop(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, act_name, gated, counts_E,
+                   act_gate_RF=None):
     cdt = compute_dtype(x_TD)
     R = token_idx_R.shape[0]
     # Every non-empty expert's gradient is written whole below; only the empty ones need zeros
@@ -338,7 +379,8 @@ def _backward_loop(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, a
         tok_N = token_idx_R[rows]
         dout_ND = dout_TD.index_select(0, tok_N).to(cdt)
         h_NU = h_RU[rows].to(cdt)
-        a_NF, act_gate_NF = _act_forward_parts(h_NU, act_name, gated)
+        kept_NF = None if act_gate_RF is None else act_gate_RF[rows]
+        a_NF, act_gate_NF = _act_forward_parts(h_NU, act_name, gated, kept_NF)
         g_NF = dout_ND @ w2_EDF[e].to(cdt)
         dweight_R[rows] = (g_NF * a_NF).sum(-1)
         w_N1 = weight_R[rows].to(cdt).unsqueeze(-1)
@@ -353,38 +395,41 @@ def _backward_loop(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, a
 def _fused_backward_op(dout_TD: torch.Tensor, x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor,
                        weight_R: torch.Tensor, token_idx_R: torch.Tensor, inverse_S: torch.Tensor | None,
                        counts_E: torch.Tensor, h_RU: torch.Tensor, act_name: str, gated: bool,
-                       schedule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dx_TD, dw1_EUD, dw2_EDF, dweight_R)."""
+                       schedule: str, act_gate_RF: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx_TD, dw1_EUD, dw2_EDF, dweight_R); ``act_gate_RF``: the forward's kept act(gate), if any."""
     sched = _schedule(schedule, x_TD, w1_EUD, w2_EDF, token_idx_R.shape[0], act_name, gated)
     run = _backward_grouped if sched == "grouped" else _backward_loop
+    kept_RF = None if act_gate_RF is None else _or_none(act_gate_RF)
     dx_RD, dw1, dw2, dweight_R = run(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD.contiguous(),
-                                     act_name, gated, counts_E)
+                                     act_name, gated, counts_E, kept_RF)
     dx_TD = _token_sum(dx_RD, inverse_S, token_idx_R, x_TD.shape[0], _acc_dtype(dx_RD)).to(x_TD.dtype)
     return dx_TD, dw1, dw2, dweight_R
 
 
 @_fused_backward_op.register_fake
-def _(dout_TD, x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RU, act_name, gated, schedule):
+def _(dout_TD, x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RU, act_name, gated, schedule,
+      act_gate_RF=None):
     return torch.empty_like(x_TD), torch.empty_like(w1_EUD), torch.empty_like(w2_EDF), torch.empty_like(weight_R)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule = inputs
-    ctx.save_for_backward(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, output[2])
+    x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule, *keep = inputs
+    ctx.save_for_backward(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, output[2], output[3])
     ctx.act_name, ctx.gated, ctx.schedule = act_name, gated, schedule
     # y and h carry no gradient: without this autograd would zero-fill (R, D) and (R, U) for them.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dout_TD, _dy, _dh):
-    if dout_TD is None:  # only y or h reached the loss (they are outputs without a gradient)
-        return (None,) * 10
-    x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RU = ctx.saved_tensors
+def _backward(ctx, dout_TD, _dy, _dh, _da):
+    if dout_TD is None:  # only y, h or act(gate) reached the loss (outputs without a gradient)
+        return (None,) * 11
+    x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RU, act_gate_RF = ctx.saved_tensors
     dx, dw1, dw2, dweight = _fused_backward_op(dout_TD, x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S,
-                                               counts_E, h_RU, ctx.act_name, ctx.gated, ctx.schedule)
+                                               counts_E, h_RU, ctx.act_name, ctx.gated, ctx.schedule, act_gate_RF)
     need = ctx.needs_input_grad
     return (dx if need[0] else None, dw1 if need[1] else None, dw2 if need[2] else None,
-            dweight if need[3] else None, None, None, None, None, None, None)
+            dweight if need[3] else None, None, None, None, None, None, None, None)
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -412,8 +457,11 @@ def fused_experts(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor
         raise ValueError(f"weight_R has shape {tuple(weight_R.shape)}, expected ({R},) like token_idx_R")
     if inverse_S is not None and inverse_S.shape[0] % x_TD.shape[0] != 0:
         raise ValueError(f"inverse_S has {inverse_S.shape[0]} slots, not a multiple of the {x_TD.shape[0]} tokens")
-    out_TD, y_RD, _ = _fused_op(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name,
-                                gated, schedule)
+    # The backward reuses the forward's act(gate) (R, F) rather than recomputing it, at half the size
+    # of the pre-activation it keeps anyway; only when a backward can follow.
+    keep_act = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, w1_EUD, w2_EDF, weight_R))
+    out_TD, y_RD, _, _ = _fused_op(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name,
+                                   gated, schedule, keep_act)
     return out_TD, y_RD
 
 
