@@ -288,25 +288,27 @@ def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, 
     y_RD = x_TD.new_empty(R, D)
     keep = _keeps_act(x_TD, gated, keep_act)
     act_gate_RF = x_TD.new_empty(R, U // 2 if keep else 0)
-    for e, start, n in _nonempty_blocks(counts_E, R):
-        rows = slice(start, start + n)
+    blocks = _nonempty_blocks(counts_E, R)
+    sizes = [n for _, _, n in blocks]  # the blocks tile rows [0, R) in order
+    # Every block's views from one split or unbind per tensor, not a slice (or select) per block each.
+    toks, hs, ys, kept = (t.split(sizes) for t in (token_idx_R, h_RU, y_RD, act_gate_RF))
+    gates, ups = (half.split(sizes) for half in h_RU.chunk(2, dim=-1)) if keep else ((), ())
+    w1ts, w2ts = w1_EUD.transpose(1, 2).unbind(0), w2_EDF.transpose(1, 2).unbind(0)
+    for i, (e, _, n) in enumerate(blocks):
         # A block of a few rows is weight-read bound: converting the expert's weights to float32
         # costs more than a half-precision product reading them once (decode).
         bdt = dtype if n <= NATIVE_DTYPE_MAX_ROWS else cdt
-        x_ND = x_TD.index_select(0, token_idx_R[rows])
+        w1t, w2t = (w if w.dtype == bdt else w.to(bdt) for w in (w1ts[e], w2ts[e]))
+        x_ND = x_TD.index_select(0, toks[i])
         if bdt == dtype:  # products write straight into the saved (R, .) buffers
             with _row_kernel(x_TD, n):
-                h_NU = torch.mm(x_ND, w1_EUD[e].to(bdt).t(), out=h_RU[rows])
-                if keep:
-                    gate_NF, up_NF = h_NU.chunk(2, dim=-1)
-                    a_NF = _act_into(gate_NF, act_name, act_gate_RF[rows]) * up_NF
-                else:
-                    a_NF = _act_forward(h_NU, act_name, gated)
-                torch.mm(a_NF, w2_EDF[e].to(bdt).t(), out=y_RD[rows])
+                h_NU = torch.mm(x_ND, w1t, out=hs[i])
+                a_NF = _act_into(gates[i], act_name, kept[i]) * ups[i] if keep else _act_forward(h_NU, act_name, gated)
+                torch.mm(a_NF, w2t, out=ys[i])
         else:
-            h_NU = x_ND.to(bdt) @ w1_EUD[e].to(bdt).t()
-            h_RU[rows] = h_NU
-            y_RD[rows] = _act_forward(h_NU, act_name, gated) @ w2_EDF[e].to(bdt).t()
+            h_NU = x_ND.to(bdt) @ w1t
+            hs[i].copy_(h_NU)
+            ys[i].copy_(_act_forward(h_NU, act_name, gated) @ w2t)
     return h_RU, y_RD, act_gate_RF
 
 
@@ -374,20 +376,28 @@ def _backward_loop(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, a
     dw2.index_fill_(0, empty_N, 0)
     dweight_R = torch.empty_like(weight_R)
     dx_RD = torch.empty(R, x_TD.shape[1], dtype=cdt, device=x_TD.device)
-    for e, start, n in _nonempty_blocks(counts_E, R):
-        rows = slice(start, start + n)
-        tok_N = token_idx_R[rows]
-        dout_ND = dout_TD.index_select(0, tok_N).to(cdt)
-        h_NU = h_RU[rows].to(cdt)
-        kept_NF = None if act_gate_RF is None else act_gate_RF[rows]
-        a_NF, act_gate_NF = _act_forward_parts(h_NU, act_name, gated, kept_NF)
-        g_NF = dout_ND @ w2_EDF[e].to(cdt)
-        dweight_R[rows] = (g_NF * a_NF).sum(-1)
-        w_N1 = weight_R[rows].to(cdt).unsqueeze(-1)
-        torch.mm(dout_ND.mul_(w_N1).t(), a_NF, out=dw2[e])
+    blocks = _nonempty_blocks(counts_E, R)
+    sizes = [n for _, _, n in blocks]  # the blocks tile rows [0, R) in order
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t if t.dtype == cdt else t.to(cdt)
+
+    # Every block's views from one split or unbind per tensor, not a slice (or select) per block each.
+    toks, hs, ws, dws, dxs = (t.split(sizes) for t in (token_idx_R, h_RU, weight_R, dweight_R, dx_RD))
+    kept = (None,) * len(blocks) if act_gate_RF is None else act_gate_RF.split(sizes)
+    w1s, w2s, dw1s, dw2s = w1_EUD.unbind(0), w2_EDF.unbind(0), dw1.unbind(0), dw2.unbind(0)
+    for i, (e, _, _) in enumerate(blocks):
+        tok_N = toks[i]
+        dout_ND = cast(dout_TD.index_select(0, tok_N))
+        h_NU = cast(hs[i])
+        a_NF, act_gate_NF = _act_forward_parts(h_NU, act_name, gated, kept[i])
+        g_NF = torch.mm(dout_ND, cast(w2s[e]))
+        dws[i].copy_((g_NF * a_NF).sum(-1))
+        w_N1 = cast(ws[i]).unsqueeze(-1)
+        torch.mm(dout_ND.mul_(w_N1).t(), a_NF, out=dw2s[e])
         dh_NU = _act_backward(h_NU, g_NF.mul_(w_N1), act_name, gated, act_gate_NF)
-        torch.mm(dh_NU.t(), x_TD.index_select(0, tok_N).to(cdt), out=dw1[e])
-        torch.mm(dh_NU, w1_EUD[e].to(cdt), out=dx_RD[rows])
+        torch.mm(dh_NU.t(), cast(x_TD.index_select(0, tok_N)), out=dw1s[e])
+        torch.mm(dh_NU, cast(w1s[e]), out=dxs[i])
     return dx_RD, dw1.to(w1_EUD.dtype), dw2.to(w2_EDF.dtype), dweight_R
 
 
