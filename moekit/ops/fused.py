@@ -72,26 +72,28 @@ def _act_forward(h_RU: torch.Tensor, act_name: str, gated: bool) -> torch.Tensor
     return _ACT[act_name](gate_RF) * up_RF
 
 
-def _act_forward_parts(h_RU: torch.Tensor, act_name: str, gated: bool,
-                       act_gate_RF: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _act_forward_parts(h_RU: torch.Tensor, act_name: str, gated: bool, act_gate_RF: torch.Tensor | None = None,
+                       halves: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(a (R, F), act(gate) (R, F) when gated else None): backward recomputes a and hands act(gate)
     on to ``_act_backward``, so the activation runs once there (not at all when the forward kept
-    act(gate), ``act_gate_RF``)."""
+    act(gate), ``act_gate_RF``). ``halves``: h's (gate, up) views, if the caller has them."""
     if not gated:
         return _ACT[act_name](h_RU), None
-    gate_RF, up_RF = h_RU.chunk(2, dim=-1)
+    gate_RF, up_RF = h_RU.chunk(2, dim=-1) if halves is None else halves
     if act_gate_RF is None:
         act_gate_RF = _ACT[act_name](gate_RF)
     return act_gate_RF * up_RF, act_gate_RF
 
 
 def _act_backward(h_RU: torch.Tensor, da_RF: torch.Tensor, act_name: str, gated: bool,
-                  act_gate_RF: torch.Tensor | None = None) -> torch.Tensor:
-    """dL/dh (R, U) from dL/da (R, F), given the pre-activation h (and act(gate), if at hand).
-    Overwrites da_RF; both halves of a gated dh are written in place (no copy)."""
+                  act_gate_RF: torch.Tensor | None = None,
+                  halves: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """dL/dh (R, U) from dL/da (R, F), given the pre-activation h (and act(gate) and h's (gate, up)
+    views, if at hand). Overwrites da_RF; both halves of a gated dh are written in place (no copy)."""
     if not gated:
         return _act_grad(h_RU, da_RF, act_name)
-    gate_RF, up_RF = h_RU.chunk(2, dim=-1)
+    gate_RF, up_RF = h_RU.chunk(2, dim=-1) if halves is None else halves
     dh_RU = torch.empty_like(h_RU)
     dgate_RF, dup_RF = dh_RU.chunk(2, dim=-1)
     torch.mul(da_RF, _ACT[act_name](gate_RF) if act_gate_RF is None else act_gate_RF, out=dup_RF)
@@ -385,17 +387,21 @@ def _backward_loop(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, h_RU, dout_TD, a
     # Every block's views from one split or unbind per tensor, not a slice (or select) per block each.
     toks, hs, ws, dws, dxs = (t.split(sizes) for t in (token_idx_R, h_RU, weight_R, dweight_R, dx_RD))
     kept = (None,) * len(blocks) if act_gate_RF is None else act_gate_RF.split(sizes)
+    # h's gate and up halves of every block (h in the compute dtype, gated), else chunked per block.
+    split_halves = gated and h_RU.dtype == cdt
+    halves = tuple(zip(*(half.split(sizes) for half in h_RU.chunk(2, dim=-1)))) if split_halves else ()
     w1s, w2s, dw1s, dw2s = w1_EUD.unbind(0), w2_EDF.unbind(0), dw1.unbind(0), dw2.unbind(0)
     for i, (e, _, _) in enumerate(blocks):
         tok_N = toks[i]
         dout_ND = cast(dout_TD.index_select(0, tok_N))
         h_NU = cast(hs[i])
-        a_NF, act_gate_NF = _act_forward_parts(h_NU, act_name, gated, kept[i])
+        halves_N = halves[i] if split_halves else None
+        a_NF, act_gate_NF = _act_forward_parts(h_NU, act_name, gated, kept[i], halves_N)
         g_NF = torch.mm(dout_ND, cast(w2s[e]))
         dws[i].copy_((g_NF * a_NF).sum(-1))
         w_N1 = cast(ws[i]).unsqueeze(-1)
         torch.mm(dout_ND.mul_(w_N1).t(), a_NF, out=dw2s[e])
-        dh_NU = _act_backward(h_NU, g_NF.mul_(w_N1), act_name, gated, act_gate_NF)
+        dh_NU = _act_backward(h_NU, g_NF.mul_(w_N1), act_name, gated, act_gate_NF, halves_N)
         torch.mm(dh_NU.t(), cast(x_TD.index_select(0, tok_N)), out=dw1s[e])
         torch.mm(dh_NU, cast(w1s[e]), out=dxs[i])
     return dx_RD, dw1.to(w1_EUD.dtype), dw2.to(w2_EDF.dtype), dweight_R
