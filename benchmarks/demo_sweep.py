@@ -32,6 +32,8 @@ from typing import Any
 # The base MoE of stage 1: the demo's default before this sweep.
 BASE_MOE = {"num_experts": 64, "top_k": 7, "shared_experts": 1, "balance": "aux", "aux_loss_coef": 0.01}
 DENSE_LRS = (2e-3, 3e-3, 4.5e-3, 6e-3)
+# The schedule every job starts from (the demo's before this sweep); a job's overrides replace it.
+BASE_SCHEDULE = {"lr": 3e-3, "warmup_steps": 30}
 # A lever joins stage 2's combinations when it beats the base by more than this (nats/byte, same seed).
 MIN_GAIN = 0.003
 
@@ -40,7 +42,8 @@ def job(name: str, model: str, group: str, level: str, seed: int = 0, corpus: st
         moe: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """One run: ``moe`` = DemoMoE fields over BASE_MOE; ``overrides`` = dotted TrainConfig fields."""
     return {"name": name, "model": model, "group": group, "level": level, "seed": seed, "corpus": corpus,
-            "moe": {**BASE_MOE, **(moe or {})} if model == "moe" else None, "overrides": overrides or {}}
+            "moe": {**BASE_MOE, **(moe or {})} if model == "moe" else None,
+            "overrides": {**BASE_SCHEDULE, **(overrides or {})}}
 
 
 def stage1(second_corpus: str | None) -> list[dict[str, Any]]:
