@@ -93,7 +93,8 @@ class RoutingStats(nn.Module):
         of a few (E,) reductions per forward (at a server's 16-token decode steps those cost about a
         tenth of the step). The totals are those of adding each forward (counts exactly, float sums
         up to rounding); reading any buffer, ``report``, ``snapshot`` and a device move add the
-        waiting forwards first. 1 (the default): each forward is added at once."""
+        waiting forwards first. 1 (the default): each forward is added at once; so is a forward whose
+        router scores carry gradients (training), whose graph waiting would keep alive."""
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"defer_updates: every={every!r} must be an int >= 1")
         self.flush()
@@ -110,7 +111,9 @@ class RoutingStats(nn.Module):
         """Add one forward pass (now, or with the next ``every`` - 1, see ``defer_updates``). With
         ``valid_T`` (T,) the per-token sums (entropy, z, tokens, co-activation) skip padding; the
         plan's counts must already exclude it (MoE does that)."""
-        if self._every == 1:
+        if self._every == 1 or routing.scores_TE.requires_grad:
+            # A training forward is added at once: waiting would keep its autograd graph alive.
+            self.flush()
             self._add([(routing, plan, valid_T)])
             return
         self._pending.append((routing, plan, valid_T))

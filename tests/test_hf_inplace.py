@@ -38,6 +38,9 @@ def test_patched_model_matches_and_generates(family: str) -> None:
     assert torch.equal(gen, ref_gen)
     reports = moekit.routing_report(model, warn=False)
     assert sorted(reports) == sorted(names)
+    # Statistics are added 32 no-grad forwards at a time; a report adds the waiting ones: every token of
+    # the forward, the prompt and the 9 decode steps of 2 rows is counted.
+    assert all(counted_tokens(model, n) == 16 + 16 + 9 * 2 for n in names)
     assert unpatch_model(model) == names
     with torch.no_grad():
         assert rel_err(model(ids).logits, ref) < 1e-6

@@ -163,3 +163,23 @@ def test_deferred_updates_give_the_totals_of_updating_every_pass(kw):
     assert deferred.stats.forward_passes == 11
     with pytest.raises(ValueError, match="every=0 must be an int >= 1"):
         deferred.stats.defer_updates(0)
+
+
+def test_deferred_updates_add_a_training_forward_at_once():
+    """A forward whose router scores carry gradients is added at once, with the no-grad passes
+    waiting before it: a deferred list would keep its autograd graph alive."""
+    eager, deferred = _layer(), _layer()
+    deferred.load_state_dict(eager.state_dict())
+    deferred.stats.defer_updates(8)
+    xs = [torch.randn(T, D) for T in (5, 9, 4)]
+    with torch.no_grad():
+        for layer in (eager, deferred):
+            layer(xs[0])
+            layer(xs[1])
+    assert len(deferred.stats._pending) == 2
+    for layer in (eager, deferred):
+        layer(xs[2]).sum().backward()
+    assert deferred.stats.__dict__["_pending"] == []  # read without flushing: nothing waits
+    assert torch.equal(deferred.stats.tokens_E, eager.stats.tokens_E)
+    torch.testing.assert_close(deferred.stats.entropy_sum, eager.stats.entropy_sum, rtol=1e-6, atol=1e-9)
+    assert deferred.stats.forward_passes == 3
