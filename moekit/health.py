@@ -126,11 +126,11 @@ class Quarantine:
     def _guarded(self, name: str, layer: MoE):
         plain = type(layer).forward.__get__(layer)
 
-        def forward(x: torch.Tensor) -> torch.Tensor:
+        def forward(x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
             self._calls += 1
             for _ in range(layer.num_experts):
                 try:
-                    return plain(x)
+                    return plain(x, token_mask=token_mask)
                 except ExpertNonFiniteError as err:
                     self.events.append(QuarantineEvent(name, list(err.experts), self._calls))
                     layer.mask_experts(err.experts)

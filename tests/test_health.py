@@ -106,6 +106,14 @@ def test_runtime_quarantine_keeps_serving(backend):
         torch.testing.assert_close(out, reference(x))
         report = health_report(model)
         assert report["layers.0.mlp"][used]["state"] == "corrupt_weights"
+        # padding reaches the guarded layers: the same output and statistics as the unguarded reference
+        mask = torch.ones_like(x)
+        mask[:, -2:] = 0
+        for m in (model, reference):
+            m.layers[0].mlp.stats.reset()
+        torch.testing.assert_close(model(x, token_mask=mask), reference(x, token_mask=mask))
+        assert torch.equal(model.layers[0].mlp.stats.tokens_E, reference.layers[0].mlp.stats.tokens_E)
+        assert float(model.layers[0].mlp.stats.num_tokens) == mask.sum()
     assert "forward" not in model.layers[0].mlp.__dict__
 
 
