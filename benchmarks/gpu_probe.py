@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,19 +29,11 @@ import torch
 
 import moekit.dispatch.run as run
 from moekit import MoE, moe_config
-from moekit.ops.cuda_kernels import cuda_grouped_mm, gather_max_bytes
+from moekit.ops.cuda_kernels import cuda_grouped_mm, gather_max_bytes, sync_warnings
 
 
 def count_syncs(fn: Callable[[], object]) -> int:
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught)
+    return len(sync_warnings(fn))
 
 
 def median_ms(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

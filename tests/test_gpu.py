@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from moekit import MoE, moe_config
+from moekit.ops.cuda_kernels import sync_warnings
 
 pytestmark = pytest.mark.gpu
 
@@ -170,22 +171,9 @@ def test_dense_train_step_syncs_the_host_once(tmp_path: Path):
     terms and the gradient norm come down in one read. Syncs inside torch's own forward and backward
     kernels are counted apart (a bare forward + backward) and allowed once per micro-batch. (MoE
     dispatch may sync on its own; a dense model isolates the trainer.)"""
-    import warnings
-
     import torch.nn.functional as F
 
     from moekit.train import Trainer
-
-    def syncs(fn) -> list[str]:
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
 
     t = Trainer(_train_cfg(tmp_path, moe=False, grad_accum=3), _token_data())
     t.train_step()  # first step: allocations, optimizer state
@@ -195,28 +183,13 @@ def test_dense_train_step_syncs_the_host_once(tmp_path: Path):
         logits_BSV = t.model(b.input_ids)
         F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]), b.targets.reshape(-1)).backward()
 
-    in_kernels = syncs(forward_backward)
+    in_kernels = sync_warnings(forward_backward)
     t.optimizer.zero_grad(set_to_none=True)
-    in_step = syncs(t.train_step)
+    in_step = sync_warnings(t.train_step)
     assert len(in_step) == 3 * len(in_kernels) + 1, (in_step, in_kernels)
 
 
 # ---------------------------------------------------------------------- host syncs and kernel choices
-def _sync_warnings(fn) -> list[str]:
-    """The synchronizing CUDA calls fn makes (torch.cuda.set_sync_debug_mode counts them)."""
-    import warnings
-
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-
-
 def _first_sync_traceback(fn) -> str:
     """Where the first synchronizing call happens (run again with the debug mode raising)."""
     import traceback
@@ -282,13 +255,13 @@ def test_dropless_layer_train_forward_backward_does_not_sync(dtype):
         (y.float().square().mean() + layer.aux_loss).backward()
 
     step()  # the probe runs here (it syncs), and the allocator settles
-    found = _sync_warnings(step)
+    found = sync_warnings(step)
     if cuda_grouped_mm("cuda", dtype) == "native":
         assert not found, (found, _first_sync_traceback(step))
     else:
         a, w = torch.randn(8, D, device="cuda", dtype=dtype), torch.randn(2, D, D, device="cuda", dtype=dtype)
         offs = torch.tensor([3, 8], device="cuda", dtype=torch.int32)
-        per_product = len(_sync_warnings(lambda: F.grouped_mm(a, w, offs=offs)))
+        per_product = len(sync_warnings(lambda: F.grouped_mm(a, w, offs=offs)))
         assert len(found) <= 6 * per_product, (found, per_product, _first_sync_traceback(step))
 
 
@@ -317,6 +290,6 @@ def test_cuda_decode_takes_the_gather_path_past_the_cpu_limit(dtype, tol):
         assert nbytes > GATHER_MAX_BYTES and use_gather_path(plan, w1, w2, xc)
         cuda(xc)
         out = []
-        assert not _sync_warnings(lambda: out.append(cuda(xc)))
+        assert not sync_warnings(lambda: out.append(cuda(xc)))
         want = ref(x)
     assert _rel(out[0], want) < tol

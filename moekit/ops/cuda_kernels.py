@@ -17,6 +17,9 @@ Shape letters: R rows grouped by expert, E experts (groups), I/O a product's inp
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -104,6 +107,21 @@ def _matches(outs, x_RI, w_EIO, w_EOI, y_RO, counts) -> bool:
         if float((out.double().cpu() - ref).norm()) > tol * max(float(ref.norm()), 1e-12):
             return False
     return True
+
+
+def sync_warnings(fn: Callable[[], object]) -> list[str]:
+    """The messages of the synchronizing CUDA calls ``fn()`` makes (``torch.cuda.set_sync_debug_mode``
+    in "warn" mode reports each one; the previous mode is restored). For tests and benchmarks."""
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
 
 
 def gather_max_bytes(device: torch.device) -> int:
