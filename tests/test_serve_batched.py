@@ -277,12 +277,7 @@ def test_engine_quarantines_an_expert_that_produces_nan():
 @pytest.mark.parametrize("attention", ["mla", "gpt_oss"])
 def test_engine_batches_mla_and_gpt_oss_models(attention):
     """Batched steps past gpt-oss's sliding window (3) with its sinks: offline generate's tokens."""
-    torch.manual_seed(0)
-    model = tiny_lm(attention=attention, attention_options=ATTENTION_KINDS[attention], n_kv_heads=2)
-    if attention == "gpt_oss":
-        with torch.no_grad():
-            for layer in model.layers:
-                layer.self_attn.sinks.normal_()
+    model = attention_lm(attention)
     assert can_batch(model)
     engine = Engine(model, ByteTok(), ServeLimits(max_batch=4))
     try:
@@ -319,17 +314,23 @@ ATTENTION_KINDS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["list", "pool", "consecutive"])
-@pytest.mark.parametrize("attention", sorted(ATTENTION_KINDS))
-def test_steps_serve_every_attention_kind_through_lm_forward(attention, kind):
-    """The cache protocol carries MLA's latent cache and gpt-oss's sinks and per-layer window:
-    packed prefill and batched decode (past the window) equal LM.forward on each whole sequence."""
+def attention_lm(attention: str) -> LM:
+    """A tiny LM of one ATTENTION_KINDS kind, seeded; gpt-oss's sinks made nonzero so they matter."""
     torch.manual_seed(0)
     model = tiny_lm(attention=attention, attention_options=ATTENTION_KINDS[attention], n_kv_heads=2)
     if attention == "gpt_oss":
         with torch.no_grad():
             for layer in model.layers:
                 layer.self_attn.sinks.normal_()
+    return model
+
+
+@pytest.mark.parametrize("kind", ["list", "pool", "consecutive"])
+@pytest.mark.parametrize("attention", sorted(ATTENTION_KINDS))
+def test_steps_serve_every_attention_kind_through_lm_forward(attention, kind):
+    """The cache protocol carries MLA's latent cache and gpt-oss's sinks and per-layer window:
+    packed prefill and batched decode (past the window) equal LM.forward on each whole sequence."""
+    model = attention_lm(attention)
     history = torch.randint(0, 257, (1, 4))
     caches = new_caches(model, 3, kind)
     with torch.no_grad():
