@@ -44,6 +44,12 @@ class LayerReport:
         return asdict(self)
 
 
+# What decode loops pass to ``RoutingStats.defer_updates`` (moekit.lm.generate, the serving engine,
+# patch_model's layers): added one forward at a time, the statistics cost a one-token decode step
+# about a dozen small ops per layer; any read adds the waiting forwards first.
+DECODE_UPDATE_EVERY = 32
+
+
 class RoutingStats(nn.Module):
     """Running counts since the last ``reset()``; buffers follow the layer's device."""
 

@@ -103,19 +103,19 @@ def test_generate_cached_equals_uncached_greedy_and_seeded_sampling():
 
 
 def test_generate_adds_every_forwards_routing_statistics():
-    """generate defers the statistics (GENERATE_STATS_EVERY forwards per pass) but returns with all
+    """generate defers the statistics (DECODE_UPDATE_EVERY forwards per pass) but returns with all
     of them added: the same counts and sums as the same forwards run one at a time, and each
     layer's own setting back."""
     import copy
 
-    from moekit.lm.generate import GENERATE_STATS_EVERY
+    from moekit.stats import DECODE_UPDATE_EVERY
     from moekit.lm.model import KVCache
     from moekit.model_ops import moe_layers
 
     model = LM(tiny(moe=moe(), max_seq_len=64)).eval()
     ref = copy.deepcopy(model)
     prompt = torch.randint(0, 50, (2, 4))
-    new = GENERATE_STATS_EVERY + 5  # one full deferred pass, then a partial one at the end
+    new = DECODE_UPDATE_EVERY + 5  # one full deferred pass, then a partial one at the end
     out = generate(model, prompt, new)
     cache, step = KVCache(ref.config.n_layers), prompt
     with torch.no_grad():

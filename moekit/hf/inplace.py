@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..layer import MoE, recomputing
+from ..stats import DECODE_UPDATE_EVERY
 from .blocks import family_of, moe_from_hf_block
 
 # (hooks, attention_mask or None) per model call in progress in this context, innermost last.
@@ -134,11 +135,6 @@ def text_config(hf_config: Any) -> Any:
     return getter() if callable(getter) else hf_config
 
 
-# Statistics added per forward are a few E-sized reductions per layer, a sizeable share of a
-# one-token decode step; patched layers add them 32 forwards at a time, as moekit.lm.generate does.
-PATCHED_STATS_EVERY = 32
-
-
 def patch_model(hf_model: nn.Module, **overrides: Any) -> list[str]:
     """Replace every sparse MoE block of ``hf_model`` with a weight-sharing moekit layer.
 
@@ -162,9 +158,9 @@ def patch_model(hf_model: nn.Module, **overrides: Any) -> list[str]:
         # Kept outside the module tree so parameters are not listed twice.
         object.__setattr__(moe, "hf_block", block)
         moe.layer_name = name
-        # transformers' generate drives the decode loop: add statistics PATCHED_STATS_EVERY forwards at a
-        # time (no-grad forwards only; any read adds the waiting ones first), as moekit's generate does.
-        moe.stats.defer_updates(PATCHED_STATS_EVERY)
+        # transformers' generate drives the decode loop: no-grad forwards are added to the statistics
+        # DECODE_UPDATE_EVERY at a time, as moekit's generate does.
+        moe.stats.defer_updates(DECODE_UPDATE_EVERY)
         moe.train(block.training)
         parent_name, _, child = name.rpartition(".")
         parent = hf_model.get_submodule(parent_name) if parent_name else hf_model

@@ -8,13 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from ..stats import RoutingStats
+from ..stats import DECODE_UPDATE_EVERY, RoutingStats
 from .model import LM, KVCache
-
-# Decode steps whose routing statistics each MoE layer adds in one pass while ``generate`` runs
-# (RoutingStats.defer_updates: the totals are the same, and any read adds the waiting ones first).
-# Added one at a time they cost a decode step about a dozen small ops per layer.
-GENERATE_STATS_EVERY = 32
 
 
 def sample_next(logits_BV: torch.Tensor, temperature: float, top_p: float,
@@ -91,7 +86,7 @@ def generate(model: LM, prompt_BS: torch.Tensor, max_new_tokens: int, temperatur
     With ``use_cache=False`` each step recomputes the whole sequence (the reference that tests
     compare the cached path against). Generation stops early once every row produced
     ``stop_token``. The model's context limit caps the total length. Routing statistics are
-    added GENERATE_STATS_EVERY forwards at a time while it runs, all of them by the time it returns.
+    added DECODE_UPDATE_EVERY forwards at a time while it runs, all of them by the time it returns.
     """
     if prompt_BS.dim() != 2 or prompt_BS.shape[1] == 0:
         raise ValueError(f"prompt must be (B, S) with S >= 1, got shape {tuple(prompt_BS.shape)}")
@@ -111,7 +106,7 @@ def generate(model: LM, prompt_BS: torch.Tensor, max_new_tokens: int, temperatur
     stats = [m for m in model.modules() if isinstance(m, RoutingStats)]
     every = [s.update_every for s in stats]
     for s, n in zip(stats, every):
-        s.defer_updates(max(n, GENERATE_STATS_EVERY))
+        s.defer_updates(max(n, DECODE_UPDATE_EVERY))
     cache = KVCache(model.config.n_layers) if use_cache else None
     tokens_BS = prompt_BS
     done_B = torch.zeros(prompt_BS.shape[0], dtype=torch.bool, device=prompt_BS.device)

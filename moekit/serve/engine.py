@@ -45,17 +45,13 @@ from ..layer import ExpertNonFiniteError, MoE
 from ..lm.generate import draw, nucleus_probs, sample_next
 from ..lm.model import LM, KVCache
 from ..model_ops import capture_routing, moe_layers
+from ..stats import DECODE_UPDATE_EVERY
 from .batched import KVPool, SlotCache, can_batch, decode_step, prefill_step, truncate_cache
 from .text import stop_ids, stream_decoder
 
 log = logging.getLogger("moekit.serve")
 
 Event = dict[str, Any]
-
-# Forwards whose routing statistics each MoE layer adds in one pass (RoutingStats.defer_updates; a
-# read of the statistics, as /metrics does, adds the waiting ones first).
-STATS_EVERY = 32
-
 
 @dataclass
 class ServeLimits(Config):
@@ -161,7 +157,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.layers: dict[str, MoE] = dict(moe_layers(model))
         for layer in self.layers.values():
-            layer.stats.defer_updates(STATS_EVERY)
+            layer.stats.defer_updates(DECODE_UPDATE_EVERY)
         # (T, K) expert ids per layer of the last forward, captured when one of its requests traces
         # or records routing (moekit.capture_routing; the layers keep no routing themselves).
         self._last_topk: dict[str, torch.Tensor | None] = {}
