@@ -49,6 +49,7 @@ from .config import MoEConfig, moe_config
 from .dispatch import DispatchPlan, plan_expert_choice, plan_token_choice, run_experts
 from .dispatch.run import stage
 from .experts import MLPExperts, ModuleExperts, SharedExperts, SwiGLUExperts
+from .ops import all_finite
 from .router import Routing, build_router
 from .stats import LayerReport, RoutingStats
 
@@ -293,7 +294,7 @@ class MoE(nn.Module):
                              f"{x.shape[-1] if x.dim() else None}, expected dim={self.dim}")
         if x.numel() == 0:
             raise ValueError(f"{self.layer_name}: input of shape {tuple(x.shape)} has no tokens")
-        if self.checks_finite and not bool(torch.isfinite(x).all()):
+        if self.checks_finite and not all_finite(x):
             raise ValueError(f"{self.layer_name}: input contains NaN or Inf values")
 
     @property

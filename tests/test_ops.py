@@ -174,11 +174,38 @@ def test_experts_name_their_kernel_by_weights():
         kernel_weights(Odd(), x_TD)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_matches_reference(dtype):
+    """NaN, +Inf or -Inf anywhere (first, middle, last entry; in a non-contiguous view) is caught as
+    ``torch.isfinite(x).all()`` catches it; huge finite values of both signs are not flagged."""
+    big = torch.finfo(dtype).max
+    x = torch.randn(37, 129).to(dtype)
+    assert ops.all_finite(x) and ref.all_finite(x)
+    extremes = torch.tensor([[big, -big], [-big, big]], dtype=dtype)
+    assert ops.all_finite(extremes) and ref.all_finite(extremes)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        for index in ((0, 0), (18, 64), (36, 128)):
+            bad = x.clone()
+            bad[index] = value
+            assert ops.all_finite(bad) is ref.all_finite(bad) is False, (value, index)
+            assert ops.all_finite(bad.t()) is False
+            assert ops.all_finite(bad[:, ::2]) is ref.all_finite(bad[:, ::2])
+
+
+def test_all_finite_on_empty_integer_and_complex_tensors():
+    assert ops.all_finite(torch.empty(0, 4)) and ops.all_finite(torch.tensor([1, 2], dtype=torch.long))
+    z = torch.randn(5, dtype=torch.complex64)
+    assert ops.all_finite(z)
+    z[3] = complex(0.0, float("inf"))
+    assert not ops.all_finite(z)
+
+
 def test_every_op_has_a_reference_and_a_benchmark():
     """The ops tier's rule: each op module has its functions in reference.py and a benchmark script."""
     benchmarks = PACKAGE.parent / "benchmarks"
     ops_functions = {"grouped": ["grouped_matmul"], "fused": ["fused_experts", "gather_experts"],
-                     "int8": ["int8_experts", "quantize_per_channel"], "permute": ["gather_rows", "token_sum"]}
+                     "int8": ["int8_experts", "quantize_per_channel"], "permute": ["gather_rows", "token_sum"],
+                     "finite": ["all_finite"]}
     modules = {p.stem for p in (PACKAGE / "ops").glob("*.py")} - {"__init__", "reference", "kernels", "cuda_kernels"}
     assert modules == set(ops_functions), f"ops modules {sorted(modules)}: list the new one here"
     for name, functions in ops_functions.items():

@@ -27,6 +27,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from ..ops.cuda_kernels import gather_max_bytes
+from ..ops.finite import all_finite
 from ..ops.fused import FusedWeights, fused_experts, gather_experts
 from ..ops.int8 import Int8Weights, int8_experts, int8_gather_experts
 from .combine import combine, permute
@@ -91,7 +92,7 @@ def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
             else:
                 out_TD = int8_experts(x_TD, q1, s1, q2, s2, plan.weight_R, plan.token_idx_R, plan.counts_E, act,
                                       gated, plan.inverse_S)
-        if check_rows is not None and not bool(torch.isfinite(out_TD).all()):
+        if check_rows is not None and not all_finite(out_TD):
             check_rows(experts(permute(x_TD, plan), plan.counts_E), plan)
         return out_TD
     if isinstance(weights, FusedWeights):
@@ -99,13 +100,13 @@ def run_experts(x_TD: torch.Tensor, plan: DispatchPlan, experts: nn.Module,
         if use_gather_path(plan, w1, w2, x_TD):
             with stage("experts"):
                 out_TD = gather_experts(x_TD, w1, w2, plan.topk_idx_TK, plan.topk_weight_TK, act, gated)
-            if check_rows is not None and not bool(torch.isfinite(out_TD).all()):
+            if check_rows is not None and not all_finite(out_TD):
                 check_rows(experts(permute(x_TD, plan), plan.counts_E), plan)
             return out_TD
         with stage("experts"):
             out_TD, y_RD = fused_experts(x_TD, w1, w2, plan.weight_R, plan.token_idx_R, plan.counts_E, act, gated,
                                          schedule, plan.inverse_S)
-        if check_rows is not None and not bool(torch.isfinite(out_TD).all()):
+        if check_rows is not None and not all_finite(out_TD):
             check_rows(y_RD, plan)
         return out_TD
     with stage("dispatch"):

@@ -95,3 +95,8 @@ def int8_experts(x_TD: torch.Tensor, q1_EUD: torch.Tensor, s1_EU: torch.Tensor, 
     w2 = q2_EDF.to(torch.float64) * s2_ED.to(torch.float64).unsqueeze(-1)
     return fused_experts(x_TD, w1.to(x_TD.dtype), w2.to(x_TD.dtype), weight_R, token_idx_R, counts_E, act_name,
                          gated)
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No entry of x is NaN or +-Inf, entry by entry."""
+    return bool(torch.isfinite(x).all())
