@@ -80,4 +80,7 @@ def test_fused_op_registration_passes_opcheck():
         for keep_act in (False, True):
             torch.library.opcheck(_fused_op, (x, w1, w2, weight, token_idx, inverse, counts, "silu", True, schedule,
                                               keep_act))
+        # Forward only (inference): nothing requires grad, the pre-activation comes back (R, 0).
+        plain = [t.detach() for t in (x, w1, w2, weight)]
+        torch.library.opcheck(_fused_op, (*plain, token_idx, inverse, counts, "silu", True, schedule, False, True))
 

@@ -430,3 +430,28 @@ def test_kept_activation_gives_the_recomputed_gradients_exactly(schedule, act):
         runs[keep] = (out, *grads)
     for kept, recomputed in zip(runs[True], runs[False]):
         assert torch.equal(kept, recomputed)
+
+
+@pytest.mark.parametrize("schedule", ["grouped", "loop"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_only_gives_the_same_outputs_and_keeps_no_pre_activation(schedule, dtype):
+    """``forward_only`` (what ``fused_experts`` passes when no backward can follow) computes each
+    block's pre-activation as a temporary: outputs equal the kept-h forward bit for bit, h comes back
+    (R, 0), and a backward through it raises instead of using the missing h."""
+    from moekit.ops import fused
+
+    torch.manual_seed(2)
+    T, R = 7, 21
+    x = torch.randn(T, D).to(dtype)
+    w1, w2 = torch.randn(E, 2 * F, D).to(dtype), torch.randn(E, D, F).to(dtype)
+    weight, token_idx = torch.rand(R), torch.arange(R) % T
+    counts = torch.tensor([5, 0, 4, 6, 0, 6])
+    kept = fused._fused_op(x, w1, w2, weight, token_idx, None, counts, "silu", True, schedule, False, False)
+    only = fused._fused_op(x, w1, w2, weight, token_idx, None, counts, "silu", True, schedule, False, True)
+    assert kept[2].shape == (R, 2 * F) and only[2].shape == (R, 0)
+    assert torch.equal(only[0], kept[0]) and torch.equal(only[1], kept[1])
+    xg = x.clone().requires_grad_()
+    out = fused._fused_op(xg, w1, w2, weight, token_idx, None, counts, "silu", True, schedule, False, True)[0]
+    with pytest.raises(RuntimeError, match="forward_only=True"):
+        out.float().sum().backward()
+

@@ -263,13 +263,16 @@ def _trial(dtype: torch.dtype, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, rows:
 
 
 # ---------------------------------------------------------------------------------------------- forward
-def _forward_grouped(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, keep_act=False):
+def _forward_grouped(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, keep_act=False,
+                     forward_only=False):
     offs_E = _offsets(counts_E)
     dtype = x_TD.dtype
     x_RD = x_TD.index_select(0, token_idx_R)
     h_RU = F.grouped_mm(x_RD, w1_EUD.to(dtype).transpose(1, 2), offs=offs_E)
     del x_RD
     a_RF, act_gate_RF = _act_forward_parts(h_RU, act_name, gated)
+    if forward_only:
+        h_RU = h_RU.new_empty(h_RU.shape[0], 0)
     y_RD = F.grouped_mm(a_RF, w2_EDF.to(dtype).transpose(1, 2), offs=offs_E)
     return h_RU, y_RD, _kept(act_gate_RF if _keeps_act(x_TD, gated, keep_act) else None, h_RU)
 
@@ -283,17 +286,21 @@ def _row_kernel(x_TD: torch.Tensor, n: int) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
-def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, keep_act=False):
+def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, keep_act=False,
+                  forward_only=False):
     dtype, cdt = x_TD.dtype, compute_dtype(x_TD)
     R, U, D = token_idx_R.shape[0], w1_EUD.shape[1], x_TD.shape[1]
-    h_RU = x_TD.new_empty(R, U)
+    # Forward only (no backward can follow): each block's pre-activation is a temporary of the
+    # block's size, not a slice of an (R, U) buffer kept for the backward.
+    h_RU = x_TD.new_empty(R, 0 if forward_only else U)
     y_RD = x_TD.new_empty(R, D)
     keep = _keeps_act(x_TD, gated, keep_act)
     act_gate_RF = x_TD.new_empty(R, U // 2 if keep else 0)
     blocks = _nonempty_blocks(counts_E, R)
     sizes = [n for _, _, n in blocks]  # the blocks tile rows [0, R) in order
     # Every block's views from one split or unbind per tensor, not a slice (or select) per block each.
-    toks, hs, ys, kept = (t.split(sizes) for t in (token_idx_R, h_RU, y_RD, act_gate_RF))
+    toks, ys, kept = (t.split(sizes) for t in (token_idx_R, y_RD, act_gate_RF))
+    hs = (None,) * len(blocks) if forward_only else h_RU.split(sizes)
     gates, ups = (half.split(sizes) for half in h_RU.chunk(2, dim=-1)) if keep else ((), ())
     w1ts, w2ts = w1_EUD.transpose(1, 2).unbind(0), w2_EDF.transpose(1, 2).unbind(0)
     for i, (e, _, n) in enumerate(blocks):
@@ -304,12 +311,13 @@ def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, 
         x_ND = x_TD.index_select(0, toks[i])
         if bdt == dtype:  # products write straight into the saved (R, .) buffers
             with _row_kernel(x_TD, n):
-                h_NU = torch.mm(x_ND, w1t, out=hs[i])
+                h_NU = torch.mm(x_ND, w1t) if forward_only else torch.mm(x_ND, w1t, out=hs[i])
                 a_NF = _act_into(gates[i], act_name, kept[i]) * ups[i] if keep else _act_forward(h_NU, act_name, gated)
                 torch.mm(a_NF, w2t, out=ys[i])
         else:
             h_NU = x_ND.to(bdt) @ w1t
-            hs[i].copy_(h_NU)
+            if not forward_only:
+                hs[i].copy_(h_NU)
             ys[i].copy_(_act_forward(h_NU, act_name, gated) @ w2t)
     return h_RU, y_RD, act_gate_RF
 
@@ -318,22 +326,26 @@ def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, 
 def _fused_op(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, weight_R: torch.Tensor,
               token_idx_R: torch.Tensor, inverse_S: torch.Tensor | None, counts_E: torch.Tensor, act_name: str,
               gated: bool, schedule: str,
-              keep_act: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              keep_act: bool = False,
+              forward_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (out_TD in x's dtype, y_RD unweighted expert outputs, h_RU pre-activations, act(gate) (R, F)
-    for the backward where ``_keeps_act``, else (R, 0))."""
+    for the backward where ``_keeps_act``, else (R, 0)). ``forward_only``: no backward will follow,
+    so h_RU is not kept (it comes back (R, 0)) and a backward raises."""
     sched = _schedule(schedule, x_TD, w1_EUD, w2_EDF, token_idx_R.shape[0], act_name, gated)
     run = _forward_grouped if sched == "grouped" else _forward_loop
-    h_RU, y_RD, act_gate_RF = run(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, keep_act)
+    h_RU, y_RD, act_gate_RF = run(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, keep_act,
+                                  forward_only)
     out_TD = _combine(y_RD, weight_R, inverse_S, token_idx_R, x_TD.shape[0]).to(x_TD.dtype)
     return out_TD, y_RD, h_RU, act_gate_RF
 
 
 @_fused_op.register_fake
-def _(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule, keep_act=False):
+def _(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name, gated, schedule, keep_act=False,
+      forward_only=False):
     R = token_idx_R.shape[0]
     width = w1_EUD.shape[1] // 2 if _keeps_act(x_TD, gated, keep_act) else 0
-    return (x_TD.new_empty(x_TD.shape), x_TD.new_empty(R, x_TD.shape[1]), x_TD.new_empty(R, w1_EUD.shape[1]),
-            x_TD.new_empty(R, width))
+    return (x_TD.new_empty(x_TD.shape), x_TD.new_empty(R, x_TD.shape[1]),
+            x_TD.new_empty(R, 0 if forward_only else w1_EUD.shape[1]), x_TD.new_empty(R, width))
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -439,13 +451,15 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dout_TD, _dy, _dh, _da):
     if dout_TD is None:  # only y, h or act(gate) reached the loss (outputs without a gradient)
-        return (None,) * 11
+        return (None,) * 12
     x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, h_RU, act_gate_RF = ctx.saved_tensors
+    if h_RU.shape[-1] == 0 and token_idx_R.shape[0]:
+        raise RuntimeError("moekit::fused_experts ran with forward_only=True, which keeps nothing for a backward")
     dx, dw1, dw2, dweight = _fused_backward_op(dout_TD, x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S,
                                                counts_E, h_RU, ctx.act_name, ctx.gated, ctx.schedule, act_gate_RF)
     need = ctx.needs_input_grad
     return (dx if need[0] else None, dw1 if need[1] else None, dw2 if need[2] else None,
-            dweight if need[3] else None, None, None, None, None, None, None, None)
+            dweight if need[3] else None, None, None, None, None, None, None, None, None)
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
@@ -476,8 +490,9 @@ def fused_experts(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor
     # The backward reuses the forward's act(gate) (R, F) rather than recomputing it, at half the size
     # of the pre-activation it keeps anyway; only when a backward can follow.
     keep_act = torch.is_grad_enabled() and any(t.requires_grad for t in (x_TD, w1_EUD, w2_EDF, weight_R))
+    # Without a backward the pre-activation (R, U) is not kept either: blocks use temporaries.
     out_TD, y_RD, _, _ = _fused_op(x_TD, w1_EUD, w2_EDF, weight_R, token_idx_R, inverse_S, counts_E, act_name,
-                                   gated, schedule, keep_act)
+                                   gated, schedule, keep_act, not keep_act)
     return out_TD, y_RD
 
 
