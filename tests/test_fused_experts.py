@@ -333,9 +333,15 @@ def test_auto_schedule_near_the_modeled_threshold_is_measured_once(monkeypatch):
     real_trial = fused._trial
     monkeypatch.setattr(fused, "_trial", lambda *args: trials.append(args[3]) or real_trial(*args))
     rng = torch.get_rng_state()
+    with torch.no_grad():
+        inference = run_experts(x_TD, _plan(logits_TE, None), experts)
+    assert trials == [], "a forward that no backward follows (inference) takes the model's answer, no trial"
     out, grads, _ = _run(experts, x_TD, logits_TE, dout_TD, None)
     _run(experts, x_TD, logits_TE, dout_TD, None)
+    with torch.no_grad():
+        run_experts(x_TD, _plan(logits_TE, None), experts)
     assert trials == [pytest.approx(rows)], "one trial for the shape, reused by backward and later calls"
+    torch.testing.assert_close(inference, out, rtol=1e-6, atol=1e-6)
     assert list(fused._TRIED.values())[0] in ("grouped", "loop")
     assert torch.equal(torch.get_rng_state(), rng)
     for backend in ("grouped_mm", "loop"):

@@ -176,7 +176,7 @@ def _offsets(counts_E: torch.Tensor) -> torch.Tensor:
 
 
 def _schedule(schedule: str, x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, R: int,
-              act_name: str, gated: bool) -> str:
+              act_name: str, gated: bool, forward_only: bool = False) -> str:
     if schedule != "auto":
         return schedule
     E, U, D = w1_EUD.shape
@@ -184,14 +184,22 @@ def _schedule(schedule: str, x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: t
     modeled = resolve_schedule(x_TD, D, U, Fh, rows)
     if x_TD.device.type != "cpu" or resolve_backend("auto", x_TD, (D, U, Fh)) != "grouped_mm" or rows < 1:
         return modeled
+    if forward_only and _TRIED.get(_trial_key(x_TD, D, U, Fh, act_name, gated, rows)) is None:
+        # The trial times a training step (forward + backward); an inference forward (a server's
+        # prefill) takes the model's answer rather than wait a fraction of a second for a trial.
+        return modeled
     threshold = cpu_kernels().loop_min_rows(D, U, Fh)
     if not threshold / TRIAL_BAND <= rows <= threshold * TRIAL_BAND:
         return modeled
-    key = (torch.get_num_threads(), x_TD.dtype, D, U, Fh, act_name, gated, round(math.log2(rows)))
+    key = _trial_key(x_TD, D, U, Fh, act_name, gated, rows)
     found = _TRIED.get(key)
     if found is None:
         found = _TRIED[key] = _trial(x_TD.dtype, w1_EUD, w2_EDF, rows, act_name, gated, modeled)
     return found
+
+
+def _trial_key(x_TD: torch.Tensor, D: int, U: int, Fh: int, act_name: str, gated: bool, rows: float) -> tuple:
+    return (torch.get_num_threads(), x_TD.dtype, D, U, Fh, act_name, gated, round(math.log2(rows)))
 
 
 # CPU ``auto`` near the modeled threshold: the schedule that ran faster on blocks of this shape, per
@@ -331,7 +339,7 @@ def _fused_op(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, we
     """-> (out_TD in x's dtype, y_RD unweighted expert outputs, h_RU pre-activations, act(gate) (R, F)
     for the backward where ``_keeps_act``, else (R, 0)). ``forward_only``: no backward will follow,
     so h_RU is not kept (it comes back (R, 0)) and a backward raises."""
-    sched = _schedule(schedule, x_TD, w1_EUD, w2_EDF, token_idx_R.shape[0], act_name, gated)
+    sched = _schedule(schedule, x_TD, w1_EUD, w2_EDF, token_idx_R.shape[0], act_name, gated, forward_only)
     run = _forward_grouped if sched == "grouped" else _forward_loop
     h_RU, y_RD, act_gate_RF = run(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, keep_act,
                                   forward_only)
