@@ -294,6 +294,15 @@ def _row_kernel(x_TD: torch.Tensor, n: int) -> contextlib.AbstractContextManager
     return contextlib.nullcontext()
 
 
+def _expert_views(w_EXY: torch.Tensor,
+                  blocks: list[tuple[int, int, int]]) -> dict[int, torch.Tensor] | tuple[torch.Tensor, ...]:
+    """w_EXY[e] for the blocks' experts, indexable by expert id: one unbind of all E (one op) when
+    most experts have rows, else a select per block (decode: 8 of 128 experts, not 128 views)."""
+    if 4 * len(blocks) >= w_EXY.shape[0]:
+        return w_EXY.unbind(0)
+    return {e: w_EXY[e] for e, _, _ in blocks}
+
+
 def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, keep_act=False,
                   forward_only=False):
     dtype, cdt = x_TD.dtype, compute_dtype(x_TD)
@@ -310,7 +319,7 @@ def _forward_loop(x_TD, w1_EUD, w2_EDF, token_idx_R, counts_E, act_name, gated, 
     toks, ys, kept = (t.split(sizes) for t in (token_idx_R, y_RD, act_gate_RF))
     hs = (None,) * len(blocks) if forward_only else h_RU.split(sizes)
     gates, ups = (half.split(sizes) for half in h_RU.chunk(2, dim=-1)) if keep else ((), ())
-    w1ts, w2ts = w1_EUD.transpose(1, 2).unbind(0), w2_EDF.transpose(1, 2).unbind(0)
+    w1ts, w2ts = (_expert_views(w.transpose(1, 2), blocks) for w in (w1_EUD, w2_EDF))
     for i, (e, _, n) in enumerate(blocks):
         # A block of a few rows is weight-read bound: converting the expert's weights to float32
         # costs more than a half-precision product reading them once (decode).
