@@ -11,15 +11,19 @@ Reference: ``moekit.ops.reference.all_finite``; benchmark: ``benchmarks/ops_fini
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def all_finite(x: torch.Tensor) -> bool:
-    """True when no entry of x is NaN or +-Inf (always for integer, bool and empty tensors). One
-    host read of a 2-element result."""
+    """True when no entry of x is NaN or +-Inf (always for integer, bool and empty tensors); one
+    read of x, then of its two extremes on the host."""
     if x.numel() == 0 or not (x.is_floating_point() or x.is_complex()):
         return True
     if x.is_complex():
         return all_finite(torch.view_as_real(x))
     low, high = torch.aminmax(x)
-    return bool(torch.isfinite(torch.stack((low, high))).all())
+    if x.device.type == "cpu":  # two scalar reads: 3.6 us against 9.4 for isfinite's ops at (4, 256)
+        return math.isfinite(low.item()) and math.isfinite(high.item())
+    return bool(torch.isfinite(torch.stack((low, high))).all())  # one device-to-host copy

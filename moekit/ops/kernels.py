@@ -33,6 +33,7 @@ the op latency (the team's wake-up) more than the product rate, so the threshold
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -150,16 +151,32 @@ def row_product_kernel(dtype: torch.dtype) -> str:
     return found
 
 
-def _last_level_cache_bytes() -> int:
-    sizes = []
-    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
-        text = path.read_text().strip().upper()
-        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+def _cache_sizes() -> dict[int, int]:
+    """Bytes per cache level of cpu0 (data or unified caches) from sysfs; {} where unreadable."""
+    sizes: dict[int, int] = {}
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
-            sizes.append(int(text.rstrip("KMG")) * scale)
-        except ValueError:
+            text = (index / "size").read_text().strip().upper()
+            level = int((index / "level").read_text())
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            sizes[level] = max(sizes.get(level, 0), int(text.rstrip("KMG")) * scale)
+        except (OSError, ValueError):
             continue
-    return max(sizes, default=32 * 2**20)
+    return sizes
+
+
+def _last_level_cache_bytes() -> int:
+    sizes = _cache_sizes()
+    return max(sizes.values(), default=32 * 2**20)
+
+
+@functools.cache
+def l2_cache_bytes() -> int:
+    """One core's level-2 cache in bytes (sysfs; 1 MiB where unreadable): the working set that
+    blocked passes over large tensors (``moekit.ops.permute.token_sum``) keep in cache."""
+    return _cache_sizes().get(2, 2**20)
 
 
 @torch.no_grad()
