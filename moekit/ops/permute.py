@@ -20,6 +20,11 @@ import torch
 from .kernels import l2_cache_bytes
 
 
+# token_sum's smallest CPU block (below it, per-op dispatch outweighs the cache locality gained:
+# 128-token blocks ran 1.3-3x slower than 256-1024 at D 128 to 1024).
+BLOCK_MIN_TOKENS = 256
+
+
 def gather_rows(x_TD: torch.Tensor, token_idx_R: torch.Tensor) -> torch.Tensor:
     """(T, D) tokens -> (R, D) rows, row r a copy of token token_idx_R[r]."""
     return x_TD.index_select(0, token_idx_R)
@@ -46,13 +51,15 @@ def token_sum(v_RD: torch.Tensor, inverse_S: torch.Tensor | None, token_idx_R: t
     if idx_TK.shape[1] == 0:
         return torch.zeros(T, D, dtype=acc, device=v_RD.device)
     out_TD = torch.empty(T, D, dtype=acc, device=v_RD.device)
-    # On the CPU, a block of tokens at a time whose accumulator fills about one core's L2 cache: the
-    # K slot passes then reread a cached block (and a half-precision slot's cast copy stays in
-    # cache) instead of streaming the whole (T, D) accumulator K times (fine shape, T 4096, K 8,
-    # D 1024: 64 -> 15 ms in float32, 43 -> 14 ms from bf16 rows, 2 threads).
+    # On the CPU, a block of tokens at a time whose accumulator fills half of one core's L2 cache
+    # (the other half holds the slot's gathered rows): the K slot passes then reread a cached block
+    # (and a half-precision slot's cast copy stays in cache) instead of streaming the whole (T, D)
+    # accumulator K times. At least BLOCK_MIN_TOKENS per block, so each op's work outweighs its
+    # dispatch. 2 threads, L2 1 MiB: T 4096, K 8, D 1024: 64 -> 14 ms (float32), 43 -> 14 ms from
+    # bf16 rows (the demo's D 128 LM step: no change measured).
     block = T
     if v_RD.device.type == "cpu" and not torch.compiler.is_compiling():
-        block = max(16, l2_cache_bytes() // (D * torch.finfo(acc).bits // 8))
+        block = max(BLOCK_MIN_TOKENS, l2_cache_bytes() // (2 * D * torch.finfo(acc).bits // 8))
     for start in range(0, T, block):
         idx_BK, out_BD = idx_TK[start:start + block], out_TD[start:start + block]
         w_BK = None if w_TK is None else w_TK[start:start + block]
