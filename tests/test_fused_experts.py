@@ -461,3 +461,33 @@ def test_forward_only_gives_the_same_outputs_and_keeps_no_pre_activation(schedul
     with pytest.raises(RuntimeError, match="forward_only=True"):
         out.float().sum().backward()
 
+
+
+def test_inference_calls_the_op_body_directly_with_the_same_result(monkeypatch):
+    """Without grad, in eager mode on plain tensors, ``fused_experts`` runs the op's body without the
+    custom op's dispatch (same outputs, bit for bit); with grad, or inside a dispatch mode (fake
+    tensors), it goes through ``moekit::fused_experts``."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moekit.ops import fused
+
+    torch.manual_seed(3)
+    T, R = 7, 21
+    x, w1, w2 = torch.randn(T, D), torch.randn(E, 2 * F, D), torch.randn(E, D, F)
+    weight, token_idx = torch.rand(R), torch.arange(R) % T
+    counts = torch.tensor([5, 0, 4, 6, 0, 6])
+    calls = []
+    real_op = fused._fused_op
+    monkeypatch.setattr(fused, "_fused_op", lambda *a: calls.append(1) or real_op(*a))
+    with torch.no_grad():
+        direct = fused.fused_experts(x, w1, w2, weight, token_idx, counts, "silu", True, "loop")
+    assert calls == []
+    via_op = real_op(x, w1, w2, weight, token_idx, None, counts, "silu", True, "loop", False, True)
+    assert torch.equal(direct[0], via_op[0]) and torch.equal(direct[1], via_op[1])
+    fused.fused_experts(x, w1.requires_grad_(), w2, weight, token_idx, counts, "silu", True, "loop")
+    assert calls == [1], "a forward with grad goes through the custom op (its autograd)"
+    plain = (x, w1.detach(), w2, weight, token_idx, counts)
+    with FakeTensorMode() as mode, torch.no_grad():
+        fake = [mode.from_tensor(t) for t in plain]
+        out = fused.fused_experts(*fake[:5], fake[5], "silu", True, "grouped")[0]
+    assert calls == [1, 1] and out.shape == (T, D)
