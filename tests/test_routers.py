@@ -258,3 +258,32 @@ def test_shared_experts_formula(gated):
             y = y / (1 + torch.exp(-(x[t] @ shared.gate.weight[0])))
         rows.append(y)
     torch.testing.assert_close(shared(x), torch.stack(rows))
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_router_logits_of_a_bf16_input_save_no_float32_copy(weight_dtype):
+    """``router_logits`` on a bf16 input gives the values and gradients of
+    ``F.linear(x.float(), W.float(), b)`` and saves x in bf16 for the backward, not a float32 copy
+    of (T, D)."""
+    import torch.nn.functional as F
+
+    from moekit.router.routing import router_logits
+
+    torch.manual_seed(0)
+    T, D, E = 37, 24, 6
+    x = torch.randn(T, D).bfloat16().requires_grad_()
+    w = torch.randn(E, D).to(weight_dtype).requires_grad_()
+    b = torch.randn(E).requires_grad_()
+    dout = torch.randn(T, E)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, tuple(t.shape))) or t, lambda t: t):
+        got = router_logits(x, w, b)
+    assert (torch.float32, (T, D)) not in saved and (torch.bfloat16, (T, D)) in saved
+    got_grads = torch.autograd.grad(got, (x, w, b), dout)
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    want = F.linear(x2.float(), w2.float(), b2)
+    want_grads = torch.autograd.grad(want, (x2, w2, b2), dout)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    for g, h in zip(got_grads, want_grads):
+        assert g.dtype == h.dtype
+        torch.testing.assert_close(g, h, rtol=0, atol=0)

@@ -13,11 +13,10 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import RouterConfig
-from .routing import Routing, routing_dtype
+from .routing import Routing, router_logits
 
 
 def expert_choice_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -41,9 +40,7 @@ class ExpertChoiceRouter(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, x_TD: torch.Tensor, available_E: torch.Tensor | None = None) -> Routing:
-        x_TD = x_TD.to(routing_dtype(x_TD.dtype))
-        bias = None if self.bias is None else self.bias.to(x_TD.dtype)
-        logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype), bias)
+        logits_TE = router_logits(x_TD, self.weight, self.bias)
         masked_TE = logits_TE if available_E is None else logits_TE.masked_fill(~available_E, float("-inf"))
         scores_TE = torch.softmax(masked_TE, dim=-1)
         assert self.config.capacity_factor is not None

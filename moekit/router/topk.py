@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import RouterConfig
-from .routing import Routing, routing_dtype
+from .routing import Routing, router_logits, routing_dtype
 
 
 def group_limited_mask(choice_TE: torch.Tensor, n_group: int, topk_group: int, group_score: str) -> torch.Tensor:
@@ -91,11 +91,11 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, available_E: torch.Tensor | None = None) -> Routing:
         cfg = self.config
-        x_TD = x_TD.to(routing_dtype(x_TD.dtype))
+        if (self.training and cfg.jitter_eps > 0) or self.noise_weight is not None:
+            x_TD = x_TD.to(routing_dtype(x_TD.dtype))  # jitter and the noise product need it upcast
         if self.training and cfg.jitter_eps > 0:
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
-        bias = None if self.bias is None else self.bias.to(x_TD.dtype)
-        logits_TE = F.linear(x_TD, self.weight.to(x_TD.dtype), bias)
+        logits_TE = router_logits(x_TD, self.weight, self.bias)
 
         noise_std_TE = noisy_TE = None
         select_logits_TE = logits_TE
