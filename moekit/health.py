@@ -25,6 +25,7 @@ from torch import nn
 
 from .layer import MoE, ExpertNonFiniteError
 from .model_ops import moe_layers
+from .ops import all_finite
 
 
 class CorruptExpertError(ValueError):
@@ -56,7 +57,7 @@ def scan_weights(model: nn.Module) -> list[CorruptExpert]:
             tensors = []
             for e, module in enumerate(layer.experts.experts):
                 for n, p in module.named_parameters():
-                    if not bool(torch.isfinite(p).all()):
+                    if not all_finite(p):
                         bad.setdefault(e, []).append(f"experts.{e}.{n}")
         else:  # stacked (E, ...) tensors
             tensors = [(f"experts.{n}", p) for n, p in layer.experts.named_parameters()

@@ -45,6 +45,7 @@ from ..layer import ExpertNonFiniteError, MoE
 from ..lm.generate import draw, nucleus_probs, sample_next
 from ..lm.model import LM, KVCache
 from ..model_ops import capture_routing, moe_layers
+from ..ops import all_finite
 from ..stats import DECODE_UPDATE_EVERY
 from .batched import KVPool, SlotCache, can_batch, decode_step, prefill_step, truncate_cache
 from .text import stop_ids, stream_decoder
@@ -576,7 +577,7 @@ class Engine:
             if req.logprobs is None:
                 return token, None
             return token, self._logprob_entry(torch.log_softmax(logits_1V[0].double(), dim=-1), token, req.logprobs)
-        if not bool(torch.isfinite(logits_1V).all()):
+        if not all_finite(logits_1V):
             raise FloatingPointError("the model's logits hold NaN/Inf for this sequence")
         logits_1V = self._adjusted([req], logits_1V)
         token = int(sample_next(logits_1V, req.temperature, req.top_p, req.generator)[0])
