@@ -491,3 +491,8 @@ def test_inference_calls_the_op_body_directly_with_the_same_result(monkeypatch):
         fake = [mode.from_tensor(t) for t in plain]
         out = fused.fused_experts(*fake[:5], fake[5], "silu", True, "grouped")[0]
     assert calls == [1, 1] and out.shape == (T, D)
+    # An experts module's own weights are nn.Parameters: plain tensors to the direct path too.
+    params = (torch.nn.Parameter(w1.detach()), torch.nn.Parameter(w2))
+    with torch.no_grad():
+        from_params = fused.fused_experts(x, *params, weight, token_idx, counts, "silu", True, "loop")
+    assert calls == [1, 1] and torch.equal(from_params[0], direct[0])

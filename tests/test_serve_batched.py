@@ -9,7 +9,7 @@ import torch
 from moekit.config import ConfigError, moe_config
 from moekit.lm import LM, KVCache, LMConfig
 from moekit.lm.generate import draw, generate, nucleus_probs
-from moekit.serve.batched import KVPool, RowCaches, can_batch, decode_step, prefill_step, truncate_cache
+from moekit.serve.batched import KVPool, RowCaches, can_batch, decode_step, mixed_step, prefill_step, truncate_cache
 from moekit.serve.engine import Engine, GenRequest, QueueFullError, ServeLimits
 
 
@@ -203,6 +203,25 @@ def run_requests(engine: Engine, reqs: list[GenRequest]) -> list[list[dict]]:
     return events
 
 
+def test_engine_prefills_prompts_in_the_running_rows_decode_step():
+    """With max_batch 2, later requests take a slot while the other row still runs: their prompts
+    join that row's decode step (a mixed step), and every request keeps its offline tokens."""
+    model = tiny_lm()
+    engine = Engine(model, ByteTok(), ServeLimits(max_batch=2))
+    try:
+        prompts = [[72, 101, 108], [10, 20, 30, 40, 50, 60], [7], [99, 98], [5, 6, 7, 8]]
+        lengths = [3, 9, 4, 7, 5]
+        reqs = [GenRequest(prompt_ids=p, max_tokens=n, temperature=0.9, seed=i)
+                for i, (p, n) in enumerate(zip(prompts, lengths))]
+        run_requests(engine, reqs)
+        assert engine.counts["mixed_steps"] >= 2
+        for i, (p, n, r) in enumerate(zip(prompts, lengths, reqs)):
+            ref = generate(model, torch.tensor([p]), n, temperature=0.9, seed=i, stop_token=256)
+            assert r.generated == ref[0, len(p):].tolist()
+    finally:
+        engine.stop()
+
+
 @pytest.mark.parametrize("max_batch", [1, 4])
 def test_engine_equals_offline_generate(max_batch):
     model = tiny_lm()
@@ -347,6 +366,59 @@ def test_steps_serve_every_attention_kind_through_lm_forward(attention, kind):
             for b, seq in enumerate(seqs):
                 seq.append(int(tokens_B[b]))
     assert [c.length for c in caches] == [len(s) for s in seqs]
+
+
+@pytest.mark.parametrize("attention", [None, *sorted(ATTENTION_KINDS)])
+def test_mixed_step_decodes_rows_and_prefills_prompts_in_one_forward(attention):
+    """Rows decode one token each and new prompts prefill in the same forward (one MoE batch): each
+    output equals LM.forward on its whole sequence, and every cache continues (a decode step after)."""
+    model = tiny_lm(attention_options={"sliding_window": 3}) if attention is None else attention_lm(attention)
+    layer = model.layers[0].mlp
+    pool = KVPool(model.config.n_layers, 6, model.config.max_seq_len)
+    pool.acquire()  # slot 0 unused: rows and slots differ
+    histories = [torch.randint(0, 257, (n,)) for n in (4, 1, 6)]
+    rows = [pool.acquire() for _ in histories]
+    with torch.no_grad():
+        for h, c in zip(histories, rows):
+            model(h[None], cache=c)
+    prompts = [torch.randint(0, 257, (n,)) for n in (5, 1)]
+    fresh = [pool.acquire() for _ in prompts]
+    tokens_B = torch.tensor([7, 8, 9])
+    tokens_before = float(layer.stats.num_tokens)
+    logits_NV, trace_rows = mixed_step(model, tokens_B, rows, prompts, fresh)
+    assert trace_rows == [0, 1, 2, 7, 8] and logits_NV.shape == (5, 257)
+    assert float(layer.stats.num_tokens) - tokens_before == 3 + 6  # one routed batch of every new token
+    seqs = [torch.cat([h, tokens_B[b:b + 1]]).tolist() for b, h in enumerate(histories)] + [p.tolist() for p in prompts]
+    assert [c.length for c in rows + fresh] == [len(s) for s in seqs]
+    with torch.no_grad():
+        for n, seq in enumerate(seqs):
+            torch.testing.assert_close(logits_NV[n], model(torch.tensor([seq]))[0, -1], rtol=1e-4, atol=1e-5)
+    out_BV = decode_step(model, torch.tensor([1, 2, 3, 4, 5]), rows + fresh)
+    with torch.no_grad():
+        for n, seq in enumerate(seqs):
+            ref = model(torch.tensor([seq + [n + 1]]))[0, -1]
+            torch.testing.assert_close(out_BV[n], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_step_and_forward_groups_reject_bad_input():
+    model = tiny_lm(max_seq_len=6)
+    pool = KVPool(model.config.n_layers, 3, 6)
+    row, fresh = pool.acquire(), pool.acquire()
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3, 4, 5]]), cache=row)
+    with pytest.raises(ValueError, match="B = 1 >= 1 row caches"):
+        mixed_step(model, torch.tensor([1, 2]), [row], [torch.tensor([3])], [fresh])
+    with pytest.raises(ValueError, match="got 0 prompts for 1 caches"):
+        mixed_step(model, torch.tensor([1]), [row], [], [fresh])
+    with pytest.raises(ValueError, match="at least one token"):
+        mixed_step(model, torch.tensor([1]), [row], [torch.tensor([], dtype=torch.long)], [fresh])
+    with pytest.raises(ValueError, match="exceed max_seq_len=6"):
+        mixed_step(model, torch.tensor([1]), [row], [torch.arange(7)], [fresh])
+    assert row.length == 5 and fresh.length == 0  # nothing advanced
+    with pytest.raises(ValueError, match="at least one"):
+        model.forward_groups([], torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"non-empty \(B, S\) long tensor"):
+        model.forward_groups([(torch.tensor([[1.0]]), KVCache(2))], torch.tensor([0]))
 
 
 def test_lm_forward_takes_per_row_positions():

@@ -301,6 +301,20 @@ class Block(nn.Module):
             return x_BSD + self.mlp(h_BSD)
         return x_BSD + self.mlp(h_BSD, token_mask=token_mask_BS)
 
+    def forward_groups(self, x_1TD: torch.Tensor, groups: list[tuple[int, int, torch.Tensor, Cache]]) -> torch.Tensor:
+        """``forward`` over several groups of tokens packed along T, each with its own cache layout:
+        group (B_g, S_g, positions (B_g, S_g) or (1, S_g), cache) holds the next B_g * S_g tokens.
+        Attention runs once per group (each over its own cache); the norms and the MLP / MoE run
+        once over all T tokens, which is where mixing groups pays. x (1, T, D) -> (1, T, D)."""
+        h_1TD = self.input_layernorm(x_1TD)
+        parts, start = [], 0
+        for B, S, positions_BS, cache in groups:
+            h_BSD = h_1TD[0, start:start + B * S].view(B, S, -1)
+            parts.append(self.self_attn(h_BSD, positions_BS, cache).reshape(1, B * S, -1))
+            start += B * S
+        x_1TD = x_1TD + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1))
+        return x_1TD + self.mlp(self.post_attention_layernorm(x_1TD))
+
 
 class LM(nn.Module):
     """input_ids (B, S) long -> logits (B, S, V) float32."""
@@ -378,6 +392,34 @@ class LM(nn.Module):
         if logits_at is not None:
             x_BSD = x_BSD[:, logits_at]
         return self.lm_head(self.norm(x_BSD)).float()
+
+    def forward_groups(self, groups: list[tuple[torch.Tensor, Cache]], logits_at: torch.Tensor) -> torch.Tensor:
+        """One forward over several groups of sequences, each continuing its own cache of its own
+        layout: ``groups`` [(input_ids (B_g, S_g) long, cache)] (a serving step: decoding rows one
+        token each, and newly admitted prompts packed into one row). The groups' tokens are packed
+        along one axis T in order (group by group, row-major); attention runs per group over its
+        cache, every token-wise layer (embedding, norms, MLP / MoE, head) once over all T.
+        Returns float32 logits (N, V) at the N packed positions ``logits_at`` (N,) long. Caches
+        advance only when the whole forward succeeded."""
+        if not groups:
+            raise ValueError("forward_groups needs at least one (input_ids, cache) group")
+        layout, ids = [], []
+        for input_ids, cache in groups:
+            if input_ids.dim() != 2 or input_ids.dtype != torch.long or input_ids.numel() == 0:
+                raise ValueError(f"each group's input_ids must be a non-empty (B, S) long tensor, got "
+                                 f"{tuple(input_ids.shape)} {input_ids.dtype}")
+            B, S = input_ids.shape
+            end = cache.end(S)
+            if end > self.config.max_seq_len:
+                raise ValueError(f"{end} positions exceed max_seq_len={self.config.max_seq_len}")
+            layout.append((B, S, cache.positions(S, input_ids.device), cache))
+            ids.append(input_ids.reshape(-1))
+        x_1TD = self.embed_tokens(torch.cat(ids)[None])
+        for layer in self.layers:
+            x_1TD = layer.forward_groups(x_1TD, layout)
+        for B, S, _, cache in layout:
+            cache.advance(S)
+        return self.lm_head(self.norm(x_1TD[0, logits_at])).float()
 
     # ------------------------------------------------------------------ sizes and cost
     def num_params(self) -> int:

@@ -526,9 +526,13 @@ def fused_experts(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor
 
 def _plain_eager(*tensors: torch.Tensor | None) -> bool:
     """Eager mode on plain tensors: not tracing or compiling, no dispatch mode (fake tensors,
-    FLOP counters) active, no tensor subclass among the inputs."""
+    FLOP counters) active, no tensor subclass among the inputs but ``nn.Parameter`` (the experts'
+    own weights: a plain tensor to every kernel)."""
     return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
-            and all(t is None or type(t) is torch.Tensor for t in tensors))
+            and all(t is None or type(t) in _PLAIN for t in tensors))
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def gather_experts(x_TD: torch.Tensor, w1_EUD: torch.Tensor, w2_EDF: torch.Tensor, idx_TK: torch.Tensor,

@@ -257,3 +257,36 @@ def prefill_step(model: LM, prompts: list[torch.Tensor], caches: list[KVCache]) 
     last_B = torch.tensor(lengths, device=prompts[0].device).cumsum(0) - 1
     logits_1BV = model(torch.cat(prompts)[None], cache=PackedCaches(caches, lengths), logits_at=last_B)
     return logits_1BV[0], last_B.tolist()
+
+
+@torch.no_grad()
+def mixed_step(model: LM, tokens_B: torch.Tensor, row_caches: list[KVCache], prompts: list[torch.Tensor],
+               prompt_caches: list[KVCache]) -> tuple[torch.Tensor, list[int]]:
+    """A decode step and a prefill in one forward (a mixed batch, as Sarathi-Serve's and vLLM's
+    chunked prefill form them): row b feeds ``tokens_B[b]`` after ``row_caches[b]`` (attention as in
+    ``decode_step``), prompt p feeds ``prompts[p]`` after ``prompt_caches[p]`` (packed, as in
+    ``prefill_step``), and the MoE layers route all of their tokens as one batch
+    (``LM.forward_groups``), so admitting a prompt costs no forward of its own.
+
+    Returns (logits (B + P, V) float32: each row's next token, then each prompt's, and the packed
+    index of each of those tokens, i.e. its row in the routing ``moekit.capture_routing`` records:
+    0..B-1 for the rows, then each prompt's last token). Cache lengths advance only when the whole
+    step succeeds.
+    """
+    if tokens_B.dim() != 1 or tokens_B.shape[0] != len(row_caches) or not row_caches:
+        raise ValueError(f"tokens must be (B,) with B = {len(row_caches)} >= 1 row caches, "
+                         f"got shape {tuple(tokens_B.shape)}")
+    if len(prompts) != len(prompt_caches) or not prompts:
+        raise ValueError(f"got {len(prompts)} prompts for {len(prompt_caches)} caches; need one per cache, "
+                         f"at least one")
+    lengths = [int(p.shape[0]) for p in prompts]
+    if min(lengths) < 1:
+        raise ValueError(f"every prompt needs at least one token, got lengths {lengths}")
+    B = len(row_caches)
+    last = [B - 1 + end for end in torch.tensor(lengths).cumsum(0).tolist()]
+    rows = list(range(B)) + last
+    logits_NV = model.forward_groups([(tokens_B[:, None], RowCaches(row_caches)),
+                                      (torch.cat(prompts)[None], PackedCaches(prompt_caches, lengths))],
+                                     torch.tensor(rows, device=tokens_B.device))
+    return logits_NV, rows
+

@@ -47,7 +47,7 @@ from ..lm.model import LM, KVCache
 from ..model_ops import capture_routing, moe_layers
 from ..ops import all_finite
 from ..stats import DECODE_UPDATE_EVERY
-from .batched import KVPool, SlotCache, can_batch, decode_step, prefill_step, truncate_cache
+from .batched import KVPool, SlotCache, can_batch, decode_step, mixed_step, prefill_step, truncate_cache
 from .text import stop_ids, stream_decoder
 
 log = logging.getLogger("moekit.serve")
@@ -167,7 +167,7 @@ class Engine:
         self._stop_ids = stop_ids(tokenizer)
         self.counts = {"requests": 0, "rejected": 0, "cancelled": 0, "errors": 0, "tokens_generated": 0,
                        "prompt_tokens": 0, "quarantine_events": 0, "steps": 0, "batched_steps": 0,
-                       "packed_prefills": 0}
+                       "packed_prefills": 0, "mixed_steps": 0}
         self.started_at = time.time()
         self._waiting: collections.deque[GenRequest] = collections.deque()
         self._active: list[GenRequest] = []
@@ -415,23 +415,31 @@ class Engine:
                 self.counts["prompt_tokens"] += len(req.prompt_ids)
         alone = [r for r in fresh if r.echo_logprobs]
         packed = [r for r in fresh if not r.echo_logprobs]
-        if self.batchable and len(packed) > 1:
+        self._active = [r for r in self._active if self._keep(r)]
+        # Prompts join the running rows' decode step (one forward) when there are running rows;
+        # else they are prefilled (packed when several), then decoded with the rest.
+        joining = packed if self._pool is not None and self._active and packed else []
+        if not joining and self.batchable and len(packed) > 1:
             self.counts["packed_prefills"] += 1
             self._prefill(packed)
-        else:
+        elif not joining:
             alone = packed + alone
         for req in alone:
             self._prefill([req])
         self._active = [r for r in self._active if self._keep(r)]
         rows = [r for r in self._active if r.finish_reason is None]
-        if not rows:
+        if not rows and not joining:
             return
         if self._pool is not None:
             # Rows in slots 0..B-1, in slot order: read as one view of the pool (RowCaches).
             self._pool.compact([r.cache for r in rows if isinstance(r.cache, SlotCache)])
             rows.sort(key=lambda r: r.cache.slot if isinstance(r.cache, SlotCache) else -1)
         tokens_B = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long, device=self.device)
-        if self.batchable and len(rows) > 1:
+        if joining and rows:
+            self._mixed(rows, tokens_B, joining)
+        elif joining:  # the running rows failed or finished in this step's lone prefills
+            self._prefill(joining)
+        elif self.batchable and len(rows) > 1:
             self.counts["batched_steps"] += 1
             logits_BV = self._guarded(rows, lambda: decode_step(self.model, tokens_B, [r.cache for r in rows]))
             if logits_BV is not None:
@@ -448,6 +456,29 @@ class Engine:
                     self._record_rows(r, -1, 1)
                     self._accept_one(r, logits_1V, lambda: self._trace(-1))
         self._active = [r for r in self._active if self._keep(r)]
+
+    def _mixed(self, rows: list[GenRequest], tokens_B: torch.Tensor, joining: list[GenRequest]) -> None:
+        """Decode ``rows`` (their last tokens ``tokens_B``) and prefill the prompts of ``joining`` in
+        one forward (``moekit.serve.batched.mixed_step``), then sample every one's next token."""
+        self.counts["mixed_steps"] += 1
+        self.counts["batched_steps"] += 1
+        prompts = [torch.tensor(r.prompt_ids, dtype=torch.long, device=self.device) for r in joining]
+
+        def forward() -> tuple[torch.Tensor, list[int]]:
+            for r in joining:
+                self._new_cache(r)
+            return mixed_step(self.model, tokens_B, [r.cache for r in rows], prompts, [r.cache for r in joining])
+
+        result = self._guarded(rows + joining, forward)
+        if result is None:
+            return
+        logits_NV, trace_rows = result
+        for b, r in enumerate(rows):
+            self._record_rows(r, b, 1)
+        for req, row in zip(joining, trace_rows[len(rows):]):
+            self._active.append(req)
+            self._record_rows(req, row, len(req.prompt_ids))
+        self._accept_rows(rows + joining, logits_NV, trace_rows)
 
     def _prefill(self, reqs: list[GenRequest]) -> None:
         """Run the prompts (one LM.forward, or several packed into one pass) and sample first tokens."""
