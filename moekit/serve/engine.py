@@ -2,11 +2,14 @@
 
 Continuous batching follows Orca (Yu et al., OSDI 2022): the batch is re-formed at every decode
 step, so a request joins as soon as a slot frees and leaves as soon as it finishes. Each step
-(1) admits waiting requests up to ``max_batch`` running sequences and prefills their prompts
-into each sequence's own KV cache, a slot of a preallocated ``KVPool`` (one ``LM.forward`` for a
-lone prompt, else all new prompts packed into one pass, ``moekit.serve.batched.prefill_step``),
-then (2) feeds every running sequence's last token through one batched forward
-(``moekit.serve.batched.decode_step``).
+admits waiting requests up to ``max_batch`` running sequences; each sequence keeps its own KV
+cache, a slot of a preallocated ``KVPool``. When sequences are running, the new prompts join
+their decode step: one forward feeds every running sequence's last token and every new prompt
+(``moekit.serve.batched.mixed_step``, a mixed prefill/decode batch as Sarathi-Serve's and
+vLLM's chunked prefill form them), so an admission costs no forward of its own. Otherwise the
+prompts are prefilled (one ``LM.forward`` for a lone prompt, else all packed into one pass,
+``moekit.serve.batched.prefill_step``), then every running sequence's last token goes through
+one batched forward (``moekit.serve.batched.decode_step``).
 
 Determinism: each request owns a ``torch.Generator`` seeded like offline ``moekit generate``
 (``moekit.lm.generate``) and draws its tokens as ``sample_next`` does on its own (1, V) logits
