@@ -7,18 +7,23 @@ temporary folder and served by ``moekit serve`` in a subprocess (so the clients 
 server's interpreter). For each mode and client count, N clients share a fixed number of streamed
 requests (``--requests`` of up to ``--max-tokens`` tokens, seeded temperature-1 sampling; a
 request ends early only if it draws the end-of-document byte), one after another per client.
-Reported per run: completion tokens/s over the run's wall time, p50/p99 request latency and
-p50/p99 time to first token, and the server's CPU time per completion token (user + system, all
-threads, from /proc on Linux); ratios compare batching on with off at the same client count, in
-the same process. The machine may be shared: compare ratios, not absolute numbers. On a loaded
-machine the tokens/s ratio moves with the load between runs; the CPU time per token does not
-(it counts only what the server did), so the record has both.
+The clients are aiohttp's (as vLLM's serving benchmark), which parse a stream with less CPU than
+httpx's: the load generator shares the machine with the server, and a client that takes more CPU
+per token takes more from the faster mode.
 
-Run ``python benchmarks/serve_load.py`` (``--quick`` for fewer requests); prints a table and
-writes benchmarks/results/serve_load.json. ``--hf mixtral`` (or qwen3_moe, deepseek_v3, ...) serves
-a converted Hugging Face checkpoint instead: a random-init transformers model of that family at
-``--dim``/``--layers`` (other sizes as in ``moekit.hf.testing``), saved with a byte-level BPE
-tokenizer trained here and converted with ``moekit convert --from-hf``; it writes
+Reported per run: completion tokens/s over the run's wall time, p50/p99 request latency and
+p50/p99 time to first token, the server's CPU time per completion token (user + system, all
+threads, from /proc on Linux) and the clients' CPU seconds. The two modes alternate ``--rounds``
+times at each client count (both servers stay up); a round's ratio compares its two runs, which
+ran one after the other, and the summary gives each mode's median run and the median (min-max)
+of the rounds' ratios. The machine may be shared, and on a VM a neighbour's load moves the speed
+of both modes by 10-30% between runs: compare ratios, not absolute numbers.
+
+Run ``python benchmarks/serve_load.py`` (``--quick`` for fewer requests, one round); prints a table
+and writes benchmarks/results/serve_load.json. ``--hf mixtral`` (or qwen3_moe, deepseek_v3, ...)
+serves a converted Hugging Face checkpoint instead: a random-init transformers model of that
+family at ``--dim``/``--layers`` (other sizes as in ``moekit.hf.testing``), saved with a
+byte-level BPE tokenizer trained here and converted with ``moekit convert --from-hf``; it writes
 serve_load_hf_<family>.json.
 """
 
@@ -36,6 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 import torch
 
@@ -97,18 +103,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
-async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> dict[str, float]:
+async def one_request(session: aiohttp.ClientSession, i: int, max_tokens: int) -> dict[str, float]:
     body = {"prompt": f"Request {i}: the quick brown fox", "max_tokens": max_tokens, "temperature": 1.0,
             "seed": i, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first = None
     tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as r:
+    async with session.post("/v1/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for raw in r.content:  # one line at a time
+            if not raw.startswith(b"data: ") or raw.startswith(b"data: [DONE]"):
                 continue
-            event = json.loads(line[6:])
+            event = json.loads(raw[6:])
             if first is None and event["choices"] and event["choices"][0].get("token_ids"):
                 first = time.perf_counter()
             if event.get("usage"):  # the last chunk (OpenAI's include_usage); earlier chunks have None
@@ -122,25 +128,26 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict[s
         queue.put_nowait(i)
     results: list[dict[str, float]] = []
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(session: aiohttp.ClientSession) -> None:
         while not queue.empty():
-            results.append(await one_request(client, queue.get_nowait(), max_tokens))
+            results.append(await one_request(session, queue.get_nowait(), max_tokens))
 
-    limits = httpx.Limits(max_connections=clients + 1)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=clients + 1)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
         # Warm-up: one short request per client at once, so first-call costs of the batched paths
         # (a step over many rows, a packed prefill) are not timed either.
-        await asyncio.gather(*(one_request(client, 10**6 + c, 4) for c in range(clients)))
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
-        wall = time.perf_counter() - t0
+        await asyncio.gather(*(one_request(session, 10**6 + c, 4) for c in range(clients)))
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(client_loop(session) for _ in range(clients)))
+        wall, client_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     latencies = [r["latency"] for r in results]
     ttfts = [r["ttft"] for r in results]
     tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": len(results), "tokens": tokens, "wall_s": wall,
             "tokens_per_s": tokens / wall, "p50_latency_s": percentile(latencies, 50),
             "p99_latency_s": percentile(latencies, 99), "mean_latency_s": statistics.fmean(latencies),
-            "p50_ttft_s": percentile(ttfts, 50), "p99_ttft_s": percentile(ttfts, 99)}
+            "p50_ttft_s": percentile(ttfts, 50), "p99_ttft_s": percentile(ttfts, 99),
+            "client_cpu_s": client_cpu}
 
 
 def serve(checkpoint: Path, max_batch: int, threads: int, queue_size: int) -> tuple[subprocess.Popen, str]:
@@ -167,16 +174,19 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16", help="comma-separated client counts")
     parser.add_argument("--requests", type=int, default=128, help="requests per run (shared by the clients)")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each mode per client count, alternating")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="server torch threads")
-    parser.add_argument("--quick", action="store_true", help="16 requests of 16 tokens")
+    parser.add_argument("--quick", action="store_true", help="16 requests of 16 tokens, one round")
     parser.add_argument("--hf", default=None, metavar="FAMILY", help="serve a converted HF model of this family")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "serve_load.json"))
     args = parser.parse_args()
     if args.quick:
-        args.requests, args.max_tokens = 16, 16
+        args.requests, args.max_tokens, args.rounds = 16, 16, 1
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: need at least 1")
     client_counts = [int(c) for c in args.clients.split(",")]
     modes = {"batching": max(client_counts), "one_at_a_time": 1}
     runs = []
@@ -187,44 +197,33 @@ def main() -> None:
         try:
             for mode, max_batch in modes.items():
                 servers[mode] = serve(checkpoint, max_batch, args.threads, queue_size=args.requests + 1)
-            # Both servers stay up (idle costs nothing); the modes alternate at each client count so
-            # that a change in the machine's load hits both alike.
+            # Both servers stay up (idle costs nothing); the modes alternate, round after round at
+            # each client count, so that a change in the machine's load hits both alike.
             for clients in client_counts:
-                for mode, max_batch in modes.items():
-                    pid = servers[mode][0].pid
-                    cpu_before = cpu_seconds(pid)
-                    run = asyncio.run(load(servers[mode][1], clients, args.requests, args.max_tokens))
-                    cpu_after = cpu_seconds(pid)
-                    # The warm-up requests' few tokens are in the CPU time too (one per client: 1-2% of a run's).
-                    run["server_cpu_ms_per_token"] = (None if cpu_before is None or cpu_after is None
-                                                      else 1000 * (cpu_after - cpu_before) / run["tokens"])
-                    runs.append({"mode": mode, "max_batch": max_batch, **run})
-                    print(f"{mode:>14} clients={clients:>2}: {run['tokens_per_s']:8.1f} tok/s", file=sys.stderr)
+                for round_ in range(args.rounds):
+                    for mode, max_batch in modes.items():
+                        pid = servers[mode][0].pid
+                        cpu_before = cpu_seconds(pid)
+                        run = asyncio.run(load(servers[mode][1], clients, args.requests, args.max_tokens))
+                        cpu_after = cpu_seconds(pid)
+                        # The warm-up requests' few tokens are in the CPU time too (one per client: 1-2% of a run's).
+                        run["server_cpu_ms_per_token"] = (None if cpu_before is None or cpu_after is None
+                                                          else 1000 * (cpu_after - cpu_before) / run["tokens"])
+                        runs.append({"mode": mode, "max_batch": max_batch, "round": round_, **run})
+                        print(f"{mode:>14} clients={clients:>2} round {round_ + 1}: {run['tokens_per_s']:8.1f} tok/s",
+                              file=sys.stderr)
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(30)
-    base = {r["clients"]: r for r in runs if r["mode"] == "one_at_a_time"}
-    for r in runs:
-        off = base[r["clients"]]
-        r["tokens_per_s_vs_one_at_a_time"] = r["tokens_per_s"] / off["tokens_per_s"]
-        cpu, cpu_off = r["server_cpu_ms_per_token"], off["server_cpu_ms_per_token"]
-        # How many times less server CPU a token took than one at a time (load-independent).
-        r["cpu_per_token_vs_one_at_a_time"] = None if not cpu or cpu_off is None else cpu_off / cpu
-    header = (f"{'mode':<14} {'clients':>7} {'tok/s':>8} {'x off':>6} {'p50 lat s':>9} {'p99 lat s':>9} "
-              f"{'p50 TTFT s':>10} {'p99 TTFT s':>10} {'CPU ms/tok':>10} {'x CPU':>6}")
-    print(header)
-    print("-" * len(header))
-    for r in runs:
-        print(f"{r['mode']:<14} {r['clients']:>7} {r['tokens_per_s']:>8.1f} "
-              f"{r['tokens_per_s_vs_one_at_a_time']:>6.2f} {r['p50_latency_s']:>9.3f} {r['p99_latency_s']:>9.3f} "
-              f"{r['p50_ttft_s']:>10.3f} {r['p99_ttft_s']:>10.3f} {r['server_cpu_ms_per_token'] or 0:>10.2f} "
-              f"{r['cpu_per_token_vs_one_at_a_time'] or 0:>6.2f}")
+    summary = summarize(runs, client_counts, list(modes))
+    print_table(summary)
     record = {"benchmark": "serve_load", "moekit": moekit.__version__, "torch": torch.__version__,
               "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu": cpu_features(),
-              "torch_threads_server": args.threads,
+              "torch_threads_server": args.threads, "client": f"aiohttp {aiohttp.__version__}",
+              "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_"))},
               "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
-              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": runs}
+              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "summary": summary, "runs": runs}
     out = Path(args.out)
     if args.hf and args.out == parser.get_default("out"):
         out = out.with_name(f"serve_load_hf_{args.hf}.json")
@@ -232,6 +231,42 @@ def main() -> None:
     out.write_text(json.dumps(record, indent=2))
     print(f"1-minute load average: {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after (shared machine)")
     print(f"wrote {out}")
+
+
+def summarize(runs: list[dict], client_counts: list[int], modes: list[str]) -> list[dict]:
+    """Per client count and mode: the median run's figures (by tokens/s) and the rounds' ratios
+    against one at a time (each round's two runs ran one after the other): median, min and max."""
+    summary = []
+    for clients in client_counts:
+        base = {r["round"]: r for r in runs if r["clients"] == clients and r["mode"] == "one_at_a_time"}
+        for mode in modes:
+            mine = [r for r in runs if r["clients"] == clients and r["mode"] == mode]
+            ratios = [r["tokens_per_s"] / base[r["round"]]["tokens_per_s"] for r in mine]
+            cpu_ratios = [base[r["round"]]["server_cpu_ms_per_token"] / r["server_cpu_ms_per_token"] for r in mine
+                          if r["server_cpu_ms_per_token"] and base[r["round"]]["server_cpu_ms_per_token"]]
+            middle = sorted(mine, key=lambda r: r["tokens_per_s"])[len(mine) // 2]
+            summary.append({**{k: v for k, v in middle.items() if k != "round"}, "rounds": len(mine),
+                            "tokens_per_s_all": [r["tokens_per_s"] for r in mine],
+                            "tokens_per_s_vs_one_at_a_time": statistics.median(ratios),
+                            "tokens_per_s_vs_one_at_a_time_min": min(ratios),
+                            "tokens_per_s_vs_one_at_a_time_max": max(ratios),
+                            # How many times less server CPU a token took than one at a time (load-independent).
+                            "cpu_per_token_vs_one_at_a_time": statistics.median(cpu_ratios) if cpu_ratios else None})
+    return summary
+
+
+def print_table(summary: list[dict]) -> None:
+    header = (f"{'mode':<14} {'clients':>7} {'tok/s':>8} {'x off (min-max)':>17} {'p50 lat s':>9} {'p99 lat s':>9} "
+              f"{'p50 TTFT s':>10} {'p99 TTFT s':>10} {'CPU ms/tok':>10} {'x CPU':>6} {'client CPU s':>12}")
+    print(header)
+    print("-" * len(header))
+    for r in summary:
+        spread = (f"{r['tokens_per_s_vs_one_at_a_time']:.2f} ({r['tokens_per_s_vs_one_at_a_time_min']:.2f}-"
+                  f"{r['tokens_per_s_vs_one_at_a_time_max']:.2f})")
+        print(f"{r['mode']:<14} {r['clients']:>7} {r['tokens_per_s']:>8.1f} {spread:>17} {r['p50_latency_s']:>9.3f} "
+              f"{r['p99_latency_s']:>9.3f} {r['p50_ttft_s']:>10.3f} {r['p99_ttft_s']:>10.3f} "
+              f"{r['server_cpu_ms_per_token'] or 0:>10.2f} {r['cpu_per_token_vs_one_at_a_time'] or 0:>6.2f} "
+              f"{r['client_cpu_s']:>12.2f}")
 
 
 if __name__ == "__main__":

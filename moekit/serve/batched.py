@@ -17,6 +17,11 @@ checked against ``LM.forward`` with one cache per row (tests/test_serve_batched.
 attention kind (standard with sliding window, MLA, gpt-oss); ``can_batch`` says which kinds the
 engine batches, and it decodes the others one row at a time.
 
+``mixed_step`` runs both in one forward (``LM.forward_groups``): the running rows' next tokens
+through ``RowCaches`` and newly admitted prompts through ``PackedCaches``, attention per group and
+every token-wise layer (the MoE layers included) once over all of them, so a prompt that arrives
+while others decode costs no forward of its own.
+
 ``KVPool`` holds static per-slot caches (as gpt-fast's): a ``RowCaches`` over slots of one pool
 writes every row's new entries with one indexed store and reads them with one gather per tensor.
 
