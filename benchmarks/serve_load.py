@@ -16,7 +16,9 @@ p50/p99 time to first token, the server's CPU time per completion token (user + 
 threads, from /proc on Linux) and the clients' CPU seconds. The two modes alternate ``--rounds``
 times at each client count (both servers stay up); a round's ratio compares its two runs, which
 ran one after the other, and the summary gives each mode's median run and the median (min-max)
-of the rounds' ratios. The machine may be shared, and on a VM a neighbour's load moves the speed
+of the rounds' ratios. Then the same requests go through the engine alone in this process (no
+HTTP, no client CPU; ``engine_alone`` in the record), which separates what batching gains in the
+model and engine from what the HTTP layer and the clients take. The machine may be shared, and on a VM a neighbour's load moves the speed
 of both modes by 10-30% between runs: compare ratios, not absolute numbers.
 
 Run ``python benchmarks/serve_load.py`` (``--quick`` for fewer requests, one round); prints a table
@@ -38,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,7 +51,8 @@ import torch
 import moekit
 from moekit.config import moe_config
 from moekit.lm import LM, LMConfig
-from moekit.serve.server import free_port
+from moekit.serve.engine import GenRequest, ServeLimits
+from moekit.serve.server import free_port, load_engine
 from moekit.train.checkpoint import save_checkpoint
 from moekit.train.trainer import TrainConfig
 
@@ -150,6 +154,47 @@ async def load(url: str, clients: int, requests: int, max_tokens: int) -> dict[s
             "client_cpu_s": client_cpu}
 
 
+def in_process(checkpoint: Path, max_batch: int, clients: int, requests: int, max_tokens: int,
+               threads: int) -> dict[str, float]:
+    """The same requests through the engine alone (``moekit.serve.engine.Engine`` in this process,
+    no HTTP): each of ``clients`` submits its next request when its last one is done. What batching
+    gains in the model and the engine, apart from the HTTP layer and the clients' CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    engine = load_engine(checkpoint, ServeLimits(max_batch=max_batch, queue_size=requests + clients))
+    tok = engine.tokenizer
+    ids = iter(range(requests))
+    lock, finished = threading.Lock(), threading.Semaphore(0)
+    tokens = [0]
+
+    def submit_next() -> None:
+        with lock:
+            i = next(ids, None)
+        if i is not None:
+            engine.submit(GenRequest(prompt_ids=tok.encode(f"Request {i}: the quick brown fox"), max_tokens=max_tokens,
+                                     temperature=1.0, seed=i, on_event=on_event))
+
+    def on_event(event: dict) -> None:
+        if event["type"] in ("done", "error"):  # engine thread: this client's next request
+            tokens[0] += event.get("usage", {}).get("completion_tokens", 0)
+            finished.release()
+            submit_next()
+
+    try:
+        engine.start()
+        t0 = time.perf_counter()
+        for _ in range(clients):
+            submit_next()
+        for _ in range(requests):
+            finished.acquire()
+        wall = time.perf_counter() - t0
+    finally:
+        engine.stop()
+        torch.set_num_threads(before)
+    return {"clients": clients, "max_batch": max_batch, "tokens": tokens[0], "wall_s": wall,
+            "tokens_per_s": tokens[0] / wall}
+
+
 def serve(checkpoint: Path, max_batch: int, threads: int, queue_size: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "moekit", "serve", str(checkpoint), "--port", str(port), "--max-batch",
@@ -216,14 +261,32 @@ def main() -> None:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(30)
+        # The engine alone at the largest client count, the modes alternating as above.
+        engine_runs = []
+        for round_ in range(args.rounds):
+            for mode, max_batch in modes.items():
+                run = in_process(checkpoint, max_batch, max(client_counts), args.requests, args.max_tokens,
+                                 args.threads)
+                engine_runs.append({"mode": mode, "round": round_, **run})
     summary = summarize(runs, client_counts, list(modes))
     print_table(summary)
+    engine_ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(engine_runs[::2], engine_runs[1::2])]
+    engine_summary = {"clients": max(client_counts), "tokens_per_s_vs_one_at_a_time": statistics.median(engine_ratios),
+                      "tokens_per_s_vs_one_at_a_time_min": min(engine_ratios),
+                      "tokens_per_s_vs_one_at_a_time_max": max(engine_ratios),
+                      **{f"{mode}_tokens_per_s": statistics.median(r["tokens_per_s"] for r in engine_runs
+                                                                    if r["mode"] == mode) for mode in modes}}
+    print(f"engine alone (no HTTP), {max(client_counts)} clients: batching "
+          f"{engine_summary['batching_tokens_per_s']:.1f} tok/s, one at a time "
+          f"{engine_summary['one_at_a_time_tokens_per_s']:.1f} tok/s, x {statistics.median(engine_ratios):.2f} "
+          f"({min(engine_ratios):.2f}-{max(engine_ratios):.2f})")
     record = {"benchmark": "serve_load", "moekit": moekit.__version__, "torch": torch.__version__,
               "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu": cpu_features(),
               "torch_threads_server": args.threads, "client": f"aiohttp {aiohttp.__version__}",
               "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_"))},
               "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
-              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "summary": summary, "runs": runs}
+              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "summary": summary,
+              "engine_alone": {"summary": engine_summary, "runs": engine_runs}, "runs": runs}
     out = Path(args.out)
     if args.hf and args.out == parser.get_default("out"):
         out = out.with_name(f"serve_load_hf_{args.hf}.json")

@@ -222,6 +222,33 @@ def test_engine_prefills_prompts_in_the_running_rows_decode_step():
         engine.stop()
 
 
+def test_mixed_step_traces_and_records_the_joining_requests_routing():
+    """A request that joins a running row through a mixed step gets its own rows of the step's
+    routing: each token's trace and its routing record equal a plain forward of its sequence."""
+    from moekit import capture_routing
+
+    model = tiny_lm()
+    engine = Engine(model, ByteTok(), ServeLimits(max_batch=2))
+    try:
+        reqs = [GenRequest(prompt_ids=[1, 2, 3], max_tokens=14, temperature=0.0),
+                GenRequest(prompt_ids=[4, 5], max_tokens=2, temperature=0.0),
+                GenRequest(prompt_ids=[9, 8, 7, 6], max_tokens=5, temperature=0.0, trace=True, record_routing=True)]
+        events = run_requests(engine, reqs)
+        assert engine.counts["mixed_steps"] >= 1
+        joined = reqs[2]
+        record = engine.routing_record(joined)
+        seq = joined.prompt_ids + joined.generated[:-1]
+        with torch.no_grad(), capture_routing(model) as cap:
+            model(torch.tensor([seq]))
+        for name, idx_1TK in zip(record.layers, record.topk_idx):
+            offline_TK = cap.last(name).routing.topk_idx_TK
+            assert torch.equal(idx_1TK[0], offline_TK)
+            traces = [ev["experts"][name] for ev in events[2] if ev["type"] == "token"]
+            assert traces == offline_TK[len(joined.prompt_ids) - 1:].tolist()
+    finally:
+        engine.stop()
+
+
 @pytest.mark.parametrize("max_batch", [1, 4])
 def test_engine_equals_offline_generate(max_batch):
     model = tiny_lm()
