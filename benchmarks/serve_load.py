@@ -13,7 +13,8 @@ per token takes more from the faster mode.
 
 Reported per run: completion tokens/s over the run's wall time, p50/p99 request latency and
 p50/p99 time to first token, the server's CPU time per completion token (user + system, all
-threads, from /proc on Linux) and the clients' CPU seconds. The two modes alternate ``--rounds``
+threads, from /proc on Linux; also split into the event-loop thread and the others) and the
+clients' CPU seconds. The two modes alternate ``--rounds``
 times at each client count (both servers stay up); a round's ratio compares its two runs, which
 ran one after the other, and the summary gives each mode's median run and the median (min-max)
 of the rounds' ratios. Then the same requests go through the engine alone in this process (no
@@ -88,6 +89,21 @@ def cpu_seconds(pid: int) -> float | None:
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[str, float] | None:
+    """CPU seconds of process ``pid``'s main thread (the server's event loop) and of its other
+    threads together (the engine thread, torch's and uvicorn's), from /proc; None off Linux."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+        times = {}
+        for tid in tids:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            times[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return None
+    main = times.pop(str(pid), 0.0)
+    return {"event_loop": main, "other_threads": sum(times.values())}
 
 
 def cpu_features() -> dict[str, object]:
@@ -248,9 +264,12 @@ def main() -> None:
                 for round_ in range(args.rounds):
                     for mode, max_batch in modes.items():
                         pid = servers[mode][0].pid
-                        cpu_before = cpu_seconds(pid)
+                        cpu_before, threads_before = cpu_seconds(pid), thread_cpu_seconds(pid)
                         run = asyncio.run(load(servers[mode][1], clients, args.requests, args.max_tokens))
-                        cpu_after = cpu_seconds(pid)
+                        cpu_after, threads_after = cpu_seconds(pid), thread_cpu_seconds(pid)
+                        if threads_before is not None and threads_after is not None:
+                            run["server_cpu_s_by_thread"] = {k: threads_after[k] - threads_before.get(k, 0.0)
+                                                             for k in threads_after}
                         # The warm-up requests' few tokens are in the CPU time too (one per client: 1-2% of a run's).
                         run["server_cpu_ms_per_token"] = (None if cpu_before is None or cpu_after is None
                                                           else 1000 * (cpu_after - cpu_before) / run["tokens"])
