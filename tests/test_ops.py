@@ -99,6 +99,13 @@ def test_gather_rows_and_token_sum_match_reference(capacity_factor):
         assert plan.token_idx_R.shape[0] < 20 * K, "the capacity dropped nothing: the case is not tested"
 
 
+def test_token_sum_of_no_tokens_is_empty():
+    v_RD = torch.zeros(0, D)
+    for inverse_S in (torch.zeros(0, dtype=torch.long), None):
+        out = ops.token_sum(v_RD, inverse_S, torch.zeros(0, dtype=torch.long), 0, torch.float32, torch.zeros(0))
+        assert out.shape == (0, D) and out.dtype == torch.float32
+
+
 @pytest.mark.parametrize("act,gated", [("silu", True), ("gelu", False)])
 @pytest.mark.parametrize("schedule", ["loop", "grouped"])
 @pytest.mark.parametrize("capacity_factor", [None, 0.6], ids=["dropless", "dropping"])

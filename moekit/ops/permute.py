@@ -46,6 +46,8 @@ def token_sum(v_RD: torch.Tensor, inverse_S: torch.Tensor | None, token_idx_R: t
         v_RD = torch.cat((v_RD, v_RD.new_zeros(1, D)))
         if weight_R is not None:
             weight_R = torch.cat((weight_R, weight_R.new_zeros(1)))
+    if T == 0:  # no tokens: nothing to sum (and no K to read off the (0,) slot map)
+        return torch.zeros(0, D, dtype=acc, device=v_RD.device)
     idx_TK = inverse_S.view(T, -1)
     w_TK = None if weight_R is None else weight_R.to(acc)[inverse_S].view(T, -1)
     if idx_TK.shape[1] == 0:
