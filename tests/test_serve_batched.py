@@ -222,6 +222,33 @@ def test_engine_prefills_prompts_in_the_running_rows_decode_step():
         engine.stop()
 
 
+def test_a_failing_mixed_step_fails_only_the_request_that_breaks_it():
+    """A prompt that breaks the forward (here: token 250 in a multi-token input) fails the mixed
+    step; the engine runs prompts and rows apart, so only that request fails and the running row
+    keeps its offline tokens."""
+    model = tiny_lm()
+
+    def poison(_module, args):
+        ids = args[0]
+        if ids.shape[-1] > 1 and bool((ids == 250).any()):
+            raise RuntimeError("poisoned prompt")
+
+    model.embed_tokens.register_forward_pre_hook(poison)
+    engine = Engine(model, ByteTok(), ServeLimits(max_batch=2))
+    try:
+        reqs = [GenRequest(prompt_ids=[1, 2, 3], max_tokens=10, temperature=0.0),
+                GenRequest(prompt_ids=[4, 5], max_tokens=2, temperature=0.0),
+                GenRequest(prompt_ids=[250, 1, 2], max_tokens=4, temperature=0.0)]
+        events = run_requests(engine, reqs)
+        assert engine.counts["mixed_steps"] >= 1
+        assert events[2][-1] == {"type": "error", "message": "RuntimeError: poisoned prompt"}
+        assert events[0][-1]["type"] == "done" and events[1][-1]["type"] == "done"
+        ref = generate(model, torch.tensor([[1, 2, 3]]), 10, temperature=0.0, stop_token=256)
+        assert reqs[0].generated == ref[0, 3:].tolist()
+    finally:
+        engine.stop()
+
+
 def test_mixed_step_traces_and_records_the_joining_requests_routing():
     """A request that joins a running row through a mixed step gets its own rows of the step's
     routing: each token's trace and its routing record equal a plain forward of its sequence."""

@@ -442,23 +442,29 @@ class Engine:
             self._mixed(rows, tokens_B, joining)
         elif joining:  # the running rows failed or finished in this step's lone prefills
             self._prefill(joining)
-        elif self.batchable and len(rows) > 1:
+        else:
+            self._decode(rows, tokens_B)
+        self._active = [r for r in self._active if self._keep(r)]
+
+    def _decode(self, rows: list[GenRequest], tokens_B: torch.Tensor) -> None:
+        """Feed each row's last token (``tokens_B``): one batched forward, or row by row for a
+        model the engine does not batch."""
+        if self.batchable and len(rows) > 1:
             self.counts["batched_steps"] += 1
             logits_BV = self._guarded(rows, lambda: decode_step(self.model, tokens_B, [r.cache for r in rows]))
             if logits_BV is not None:
                 for b, r in enumerate(rows):
                     self._record_rows(r, b, 1)
                 self._accept_rows(rows, logits_BV, list(range(len(rows))))
-        else:
-            for b, r in enumerate(rows):
-                def forward(r: GenRequest = r, b: int = b) -> torch.Tensor:
-                    return self.model(tokens_B[b:b + 1, None], cache=r.cache)[:, -1]
+            return
+        for b, r in enumerate(rows):
+            def forward(r: GenRequest = r, b: int = b) -> torch.Tensor:
+                return self.model(tokens_B[b:b + 1, None], cache=r.cache)[:, -1]
 
-                logits_1V = self._guarded([r], forward)
-                if logits_1V is not None:
-                    self._record_rows(r, -1, 1)
-                    self._accept_one(r, logits_1V, lambda: self._trace(-1))
-        self._active = [r for r in self._active if self._keep(r)]
+            logits_1V = self._guarded([r], forward)
+            if logits_1V is not None:
+                self._record_rows(r, -1, 1)
+                self._accept_one(r, logits_1V, lambda: self._trace(-1))
 
     def _mixed(self, rows: list[GenRequest], tokens_B: torch.Tensor, joining: list[GenRequest]) -> None:
         """Decode ``rows`` (their last tokens ``tokens_B``) and prefill the prompts of ``joining`` in
@@ -472,7 +478,14 @@ class Engine:
                 self._new_cache(r)
             return mixed_step(self.model, tokens_B, [r.cache for r in rows], prompts, [r.cache for r in joining])
 
-        result = self._guarded(rows + joining, forward)
+        try:
+            result = self._guarded(rows + joining, forward, fail=False)
+        except Exception:  # as before mixed steps: prompts and rows apart, so a failure fails its own only
+            log.exception("mixed step failed for %d row(s) and %d prompt(s); running them apart",
+                          len(rows), len(joining))
+            self._prefill(joining)
+            self._decode(rows, tokens_B)
+            return
         if result is None:
             return
         logits_NV, trace_rows = result
@@ -633,9 +646,10 @@ class Engine:
             self._finish(req, "cancelled")
         return req.finish_reason is None
 
-    def _guarded(self, reqs: list[GenRequest], forward: Callable[[], Any]) -> Any | None:
+    def _guarded(self, reqs: list[GenRequest], forward: Callable[[], Any], fail: bool = True) -> Any | None:
         """Run a forward pass; quarantine experts that produce NaN/Inf and retry; on any other error
-        fail ``reqs`` (the other requests keep running). None when the requests failed."""
+        fail ``reqs`` (the other requests keep running), or with ``fail=False`` raise it to the
+        caller. None when the requests failed."""
         want_routing = any(r.trace or r.record_routing for r in reqs)
         for _ in range(1 + sum(layer.num_experts for layer in self.layers.values())):
             try:
@@ -651,6 +665,8 @@ class Engine:
                 if not self._quarantine(err, reqs):
                     return None
             except Exception as err:  # a failing step must not stop the server: fail its requests
+                if not fail:
+                    raise
                 log.exception("forward pass failed for %d request(s)", len(reqs))
                 for r in reqs:
                     self._finish(r, "error", f"{type(err).__name__}: {err}")
