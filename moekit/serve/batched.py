@@ -268,7 +268,7 @@ def prefill_step(model: LM, prompts: list[torch.Tensor], caches: list[KVCache]) 
 def mixed_step(model: LM, tokens_B: torch.Tensor, row_caches: list[KVCache], prompts: list[torch.Tensor],
                prompt_caches: list[KVCache]) -> tuple[torch.Tensor, list[int]]:
     """A decode step and a prefill in one forward (a mixed batch, as Sarathi-Serve's and vLLM's
-    chunked prefill form them): row b feeds ``tokens_B[b]`` after ``row_caches[b]`` (attention as in
+    chunked prefill form them, with whole prompts): row b feeds ``tokens_B[b]`` after ``row_caches[b]`` (attention as in
     ``decode_step``), prompt p feeds ``prompts[p]`` after ``prompt_caches[p]`` (packed, as in
     ``prefill_step``), and the MoE layers route all of their tokens as one batch
     (``LM.forward_groups``), so admitting a prompt costs no forward of its own.
