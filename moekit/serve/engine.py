@@ -7,9 +7,9 @@ cache, a slot of a preallocated ``KVPool``. When sequences are running, the new 
 their decode step: one forward feeds every running sequence's last token and every new prompt
 (``moekit.serve.batched.mixed_step``, a mixed prefill/decode batch as Sarathi-Serve's and
 vLLM's chunked prefill form them, here with whole prompts, not chunks), so an admission costs no
-forward of its own. Otherwise the prompts are prefilled (one ``LM.forward`` for a lone prompt, else all packed into one pass,
-``moekit.serve.batched.prefill_step``), then every running sequence's last token goes through
-one batched forward (``moekit.serve.batched.decode_step``).
+forward of its own. Otherwise the prompts are prefilled (one ``LM.forward`` for a lone prompt,
+else all packed into one pass, ``moekit.serve.batched.prefill_step``), then every running
+sequence's last token goes through one batched forward (``moekit.serve.batched.decode_step``).
 
 Determinism: each request owns a ``torch.Generator`` seeded like offline ``moekit generate``
 (``moekit.lm.generate``) and draws its tokens as ``sample_next`` does on its own (1, V) logits
