@@ -14,13 +14,13 @@ per token takes more from the faster mode.
 Reported per run: completion tokens/s over the run's wall time, p50/p99 request latency and
 p50/p99 time to first token, the server's CPU time per completion token (user + system, all
 threads, from /proc on Linux; also split into the event-loop thread and the others) and the
-clients' CPU seconds. The two modes alternate ``--rounds``
-times at each client count (both servers stay up); a round's ratio compares its two runs, which
-ran one after the other, and the summary gives each mode's median run and the median (min-max)
-of the rounds' ratios. Then the same requests go through the engine alone in this process (no
-HTTP, no client CPU; ``engine_alone`` in the record), which separates what batching gains in the
-model and engine from what the HTTP layer and the clients take. The machine may be shared, and on a VM a neighbour's load moves the speed
-of both modes by 10-30% between runs: compare ratios, not absolute numbers.
+clients' CPU seconds. The two modes alternate ``--rounds`` times at each client count (both
+servers stay up); a round's ratio compares its two runs, which ran one after the other, and the
+summary gives each mode's median run and the median (min-max) of the rounds' ratios. Then the
+same requests go through the engine alone in this process (no HTTP, no client CPU;
+``engine_alone`` in the record), which separates what batching gains in the model and engine from
+what the HTTP layer and the clients take. The machine may be shared, and on a VM a neighbour's
+load moves the speed of both modes by 10-30% between runs: compare ratios, not absolute numbers.
 
 Run ``python benchmarks/serve_load.py`` (``--quick`` for fewer requests, one round); prints a table
 and writes benchmarks/results/serve_load.json. ``--hf mixtral`` (or qwen3_moe, deepseek_v3, ...)
