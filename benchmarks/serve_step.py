@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lm_step import cpu_info  # noqa: E402
+from opsbench import time_pair  # noqa: E402
 
 from moekit.config import moe_config  # noqa: E402
 from moekit.lm import LM, LMConfig  # noqa: E402
@@ -38,7 +38,8 @@ def build(dim: int) -> LM:
     return LM(cfg).eval()
 
 
-def cases(model: LM) -> list[tuple[str, Callable[[], object], str, Callable[[], object]]]:
+def cases(model: LM) -> list[tuple[str, str, Callable[[], object], str, Callable[[], object]]]:
+    """(case, new step's name, new step, baseline's name, baseline) pairs over one KV pool."""
     pool = KVPool(model.config.n_layers, ROWS + 2, model.config.max_seq_len)
     rows = [pool.acquire() for _ in range(ROWS)]
     gen = torch.Generator().manual_seed(1)
@@ -68,23 +69,8 @@ def cases(model: LM) -> list[tuple[str, Callable[[], object], str, Callable[[], 
         for b, c in enumerate(rows):
             model(tokens[b:b + 1, None], cache=c)
 
-    return [(f"{ROWS} rows decode + one {PROMPT}-token prompt", mixed, "mixed_step", separate),
-            (f"{ROWS} rows decode", batched, "decode_step", one_by_one)]
-
-
-def time_pair(a: Callable[[], object], b: Callable[[], object], budget_s: float) -> tuple[float, float, int]:
-    a(), b()
-    best_a = best_b = float("inf")
-    calls, start = 0, time.perf_counter()
-    while calls < 5 or (time.perf_counter() - start < budget_s and calls < 500):
-        t0 = time.perf_counter()
-        a()
-        t1 = time.perf_counter()
-        b()
-        t2 = time.perf_counter()
-        best_a, best_b = min(best_a, t1 - t0), min(best_b, t2 - t1)
-        calls += 1
-    return best_a, best_b, calls
+    return [(f"{ROWS} rows decode + one {PROMPT}-token prompt", "mixed_step", mixed, "prefill + decode_step", separate),
+            (f"{ROWS} rows decode", "decode_step", batched, f"{ROWS} one-row forwards", one_by_one)]
 
 
 def main() -> None:
@@ -99,8 +85,7 @@ def main() -> None:
     rows = []
     print(f"{'case':42s} {'new':>12s} {'ms':>7s} {'baseline':>12s} {'ms':>7s} {'x':>6s}")
     with torch.no_grad():
-        for label, new, new_name, base in cases(model):
-            base_name = "prefill + decode_step" if new_name == "mixed_step" else f"{ROWS} one-row forwards"
+        for label, new_name, new, base_name, base in cases(model):
             new_s, base_s, calls = time_pair(new, base, args.budget)
             rows.append({"case": label, "new": new_name, "new_ms": new_s * 1e3, "baseline": base_name,
                          "baseline_ms": base_s * 1e3, "baseline_over_new": base_s / new_s, "calls": calls})
