@@ -57,6 +57,9 @@ from moekit.serve.server import free_port, load_engine
 from moekit.train.checkpoint import save_checkpoint
 from moekit.train.trainer import TrainConfig
 
+sys.path.insert(0, str(Path(__file__).parent))
+from lm_step import cpu_info  # noqa: E402
+
 
 def write_checkpoint(folder: Path, args: argparse.Namespace) -> Path:
     torch.manual_seed(0)
@@ -104,18 +107,6 @@ def thread_cpu_seconds(pid: int) -> dict[str, float] | None:
         return None
     main = times.pop(str(pid), 0.0)
     return {"event_loop": main, "other_threads": sum(times.values())}
-
-
-def cpu_features() -> dict[str, object]:
-    """The SIMD level torch dispatches to and the CPU's vector flags (what the figures depend on)."""
-    flags: list[str] = []
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        line = next((ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("flags")), "")
-        wanted = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16"}
-        flags = sorted(wanted & set(line.split()))
-    return {"torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "flags": flags,
-            "processor": platform.processor() or platform.machine()}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -300,9 +291,8 @@ def main() -> None:
           f"{engine_summary['one_at_a_time_tokens_per_s']:.1f} tok/s, x {statistics.median(engine_ratios):.2f} "
           f"({min(engine_ratios):.2f}-{max(engine_ratios):.2f})")
     record = {"benchmark": "serve_load", "moekit": moekit.__version__, "torch": torch.__version__,
-              "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu": cpu_features(),
+              "platform": platform.platform(), "cpu_count": os.cpu_count(), "cpu": cpu_info(),
               "torch_threads_server": args.threads, "client": f"aiohttp {aiohttp.__version__}",
-              "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_"))},
               "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]},
               "settings": {k: v for k, v in vars(args).items() if k != "out"}, "summary": summary,
               "engine_alone": {"summary": engine_summary, "runs": engine_runs}, "runs": runs}

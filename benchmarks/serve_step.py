@@ -95,7 +95,6 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "serve_step", "timing": "min over interleaved calls",
                                "torch": torch.__version__, "threads": args.threads, "dim": args.dim,
-                               "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_"))},
                                "load_avg": os.getloadavg(), "cpu": cpu_info(), "results": rows}, indent=1))
     print(f"wrote {out}")
 
