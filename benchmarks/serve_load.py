@@ -85,13 +85,19 @@ def write_hf_checkpoint(folder: Path, args: argparse.Namespace) -> Path:
     return convert_folder(folder / "hf", folder / "converted")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` (all its threads) from /proc; None off Linux."""
+def stat_cpu_seconds(stat: str) -> float | None:
+    """User + system CPU seconds in a /proc ``stat`` file (a process's or one thread's); None when
+    it cannot be read (off Linux, or the thread is gone)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all its threads) from /proc; None off Linux."""
+    return stat_cpu_seconds(f"/proc/{pid}/stat")
 
 
 def thread_cpu_seconds(pid: int) -> dict[str, float] | None:
@@ -99,11 +105,10 @@ def thread_cpu_seconds(pid: int) -> dict[str, float] | None:
     threads together (the engine thread, torch's and uvicorn's), from /proc; None off Linux."""
     try:
         tids = os.listdir(f"/proc/{pid}/task")
-        times = {}
-        for tid in tids:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            times[tid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except OSError:
+        return None
+    times = {tid: stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat") for tid in tids}
+    if None in times.values():
         return None
     main = times.pop(str(pid), 0.0)
     return {"event_loop": main, "other_threads": sum(times.values())}
