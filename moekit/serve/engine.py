@@ -421,12 +421,13 @@ class Engine:
         self._active = [r for r in self._active if self._keep(r)]
         # Prompts join the running rows' decode step (one forward) when there are running rows;
         # else they are prefilled (packed when several), then decoded with the rest.
-        joining = packed if self._pool is not None and self._active and packed else []
-        if not joining and self.batchable and len(packed) > 1:
-            self.counts["packed_prefills"] += 1
-            self._prefill(packed)
-        elif not joining:
-            alone = packed + alone
+        joining = packed if self._pool is not None and self._active else []
+        if not joining:
+            if self.batchable and len(packed) > 1:
+                self.counts["packed_prefills"] += 1
+                self._prefill(packed)
+            else:
+                alone = packed + alone
         for req in alone:
             self._prefill([req])
         self._active = [r for r in self._active if self._keep(r)]
@@ -438,10 +439,8 @@ class Engine:
             self._pool.compact([r.cache for r in rows if isinstance(r.cache, SlotCache)])
             rows.sort(key=lambda r: r.cache.slot if isinstance(r.cache, SlotCache) else -1)
         tokens_B = torch.tensor([r.generated[-1] for r in rows], dtype=torch.long, device=self.device)
-        if joining and rows:
-            self._mixed(rows, tokens_B, joining)
-        elif joining:  # the running rows failed or finished in this step's lone prefills
-            self._prefill(joining)
+        if joining:  # with the running rows' decode step (none left when this step's lone prefills failed them)
+            self._prefill(joining, rows, tokens_B)
         else:
             self._decode(rows, tokens_B)
         self._active = [r for r in self._active if self._keep(r)]
@@ -466,43 +465,22 @@ class Engine:
                 self._record_rows(r, -1, 1)
                 self._accept_one(r, logits_1V, lambda: self._trace(-1))
 
-    def _mixed(self, rows: list[GenRequest], tokens_B: torch.Tensor, joining: list[GenRequest]) -> None:
-        """Decode ``rows`` (their last tokens ``tokens_B``) and prefill the prompts of ``joining`` in
-        one forward (``moekit.serve.batched.mixed_step``), then sample every one's next token."""
-        self.counts["mixed_steps"] += 1
-        self.counts["batched_steps"] += 1
-        prompts = [torch.tensor(r.prompt_ids, dtype=torch.long, device=self.device) for r in joining]
-
-        def forward() -> tuple[torch.Tensor, list[int]]:
-            for r in joining:
-                self._new_cache(r)
-            return mixed_step(self.model, tokens_B, [r.cache for r in rows], prompts, [r.cache for r in joining])
-
-        try:
-            result = self._guarded(rows + joining, forward, fail=False)
-        except Exception:  # as before mixed steps: prompts and rows apart, so a failure fails its own only
-            log.exception("mixed step failed for %d row(s) and %d prompt(s); running them apart",
-                          len(rows), len(joining))
-            self._prefill(joining)
-            self._decode(rows, tokens_B)
-            return
-        if result is None:
-            return
-        logits_NV, trace_rows = result
-        for b, r in enumerate(rows):
-            self._record_rows(r, b, 1)
-        for req, row in zip(joining, trace_rows[len(rows):]):
-            self._active.append(req)
-            self._record_rows(req, row, len(req.prompt_ids))
-        self._accept_rows(rows + joining, logits_NV, trace_rows)
-
-    def _prefill(self, reqs: list[GenRequest]) -> None:
-        """Run the prompts (one LM.forward, or several packed into one pass) and sample first tokens."""
+    def _prefill(self, reqs: list[GenRequest], rows: list[GenRequest] | None = None,
+                 tokens_B: torch.Tensor | None = None) -> None:
+        """Run the prompts of ``reqs`` (one LM.forward, or several packed into one pass) and sample
+        their first tokens. With running ``rows``, their last tokens ``tokens_B`` go through the same
+        forward (``moekit.serve.batched.mixed_step``) and they sample their next tokens too."""
+        rows = rows or []
         prompts = [torch.tensor(r.prompt_ids, dtype=torch.long, device=self.device) for r in reqs]
+        if rows:
+            self.counts["mixed_steps"] += 1
+            self.counts["batched_steps"] += 1
 
         def forward() -> tuple[torch.Tensor, list[int]]:
             for r in reqs:
                 self._new_cache(r)
+            if rows:
+                return mixed_step(self.model, tokens_B, [r.cache for r in rows], prompts, [r.cache for r in reqs])
             if len(reqs) == 1:
                 logits_1SV = self.model(prompts[0][None, :], cache=reqs[0].cache)
                 if reqs[0].echo_logprobs:
@@ -510,14 +488,23 @@ class Engine:
                 return logits_1SV[:, -1], [-1]
             return prefill_step(self.model, prompts, [r.cache for r in reqs])
 
-        result = self._guarded(reqs, forward)
+        try:
+            result = self._guarded(rows + reqs, forward, fail=not rows)
+        except Exception:  # as before mixed steps: prompts and rows apart, so a failure fails its own only
+            log.exception("mixed step failed for %d row(s) and %d prompt(s); running them apart",
+                          len(rows), len(reqs))
+            self._prefill(reqs)
+            self._decode(rows, tokens_B)
+            return
         if result is None:
             return
-        logits_BV, rows = result
-        for req, row in zip(reqs, rows):
+        logits_NV, trace_rows = result
+        for b, r in enumerate(rows):
+            self._record_rows(r, b, 1)
+        for req, row in zip(reqs, trace_rows[len(rows):]):
             self._active.append(req)
             self._record_rows(req, row, len(req.prompt_ids))
-        self._accept_rows(reqs, logits_BV, rows)
+        self._accept_rows(rows + reqs, logits_NV, trace_rows)
 
     def _accept_rows(self, reqs: list[GenRequest], logits_BV: torch.Tensor, trace_rows: list[int]) -> None:
         """``_accept`` for row b of ``logits_BV`` (B, V) and ``reqs[b]``, whose routing is row
