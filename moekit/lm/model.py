@@ -381,9 +381,7 @@ class LM(nn.Module):
                 raise ValueError(f"positions must be (B, S) or (S,) long >= 0 for input_ids {tuple(input_ids.shape)}, "
                                  f"got {tuple(positions.shape)} {positions.dtype}")
         step: Cache = NoCache(positions) if cache is None else cache
-        end = step.end(S)
-        if end > self.config.max_seq_len:
-            raise ValueError(f"{end} positions exceed max_seq_len={self.config.max_seq_len}")
+        self._check_end(step.end(S))
         positions_BS = step.positions(S, input_ids.device)
         x_BSD = self.embed_tokens(input_ids)
         for layer in self.layers:
@@ -409,9 +407,7 @@ class LM(nn.Module):
                 raise ValueError(f"each group's input_ids must be a non-empty (B, S) long tensor, got "
                                  f"{tuple(input_ids.shape)} {input_ids.dtype}")
             B, S = input_ids.shape
-            end = cache.end(S)
-            if end > self.config.max_seq_len:
-                raise ValueError(f"{end} positions exceed max_seq_len={self.config.max_seq_len}")
+            self._check_end(cache.end(S))
             layout.append((B, S, cache.positions(S, input_ids.device), cache))
             ids.append(input_ids.reshape(-1))
         x_1TD = self.embed_tokens(torch.cat(ids)[None])
@@ -420,6 +416,11 @@ class LM(nn.Module):
         for B, S, _, cache in layout:
             cache.advance(S)
         return self.lm_head(self.norm(x_1TD[0, logits_at])).float()
+
+    def _check_end(self, end: int) -> None:
+        """A forward's positions in use after it (a cache's ``end``) must fit the model's context."""
+        if end > self.config.max_seq_len:
+            raise ValueError(f"{end} positions exceed max_seq_len={self.config.max_seq_len}")
 
     # ------------------------------------------------------------------ sizes and cost
     def num_params(self) -> int:

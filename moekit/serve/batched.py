@@ -32,6 +32,8 @@ middle dims (keys and values (B, G, L, Hd); MLA's latent (B, L, C)).
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -288,7 +290,7 @@ def mixed_step(model: LM, tokens_B: torch.Tensor, row_caches: list[KVCache], pro
     if min(lengths) < 1:
         raise ValueError(f"every prompt needs at least one token, got lengths {lengths}")
     B = len(row_caches)
-    last = [B - 1 + end for end in torch.tensor(lengths).cumsum(0).tolist()]
+    last = [B - 1 + end for end in itertools.accumulate(lengths)]
     rows = list(range(B)) + last
     logits_NV = model.forward_groups([(tokens_B[:, None], RowCaches(row_caches)),
                                       (torch.cat(prompts)[None], PackedCaches(prompt_caches, lengths))],
