@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .finite import all_finite
+
 GROUPED_MM_SUPPORT = ("native", "host_sync", "unsupported")
 # Gathered decode weights may take this share of the device's memory (a transient copy).
 GATHER_MEMORY_SHARE = 1 / 64
@@ -102,7 +104,7 @@ def _matches(outs, x_RI, w_EIO, w_EOI, y_RO, counts) -> bool:
     refs = (torch.cat(ref_fwd), torch.cat(ref_t), torch.stack(ref_w))
     tol = 1e-2  # a wrong kernel is off by O(1); bfloat16 rounding and TF32 (where allowed) are not
     for out, ref in zip(outs, refs):
-        if out.shape != ref.shape or not torch.isfinite(out).all():
+        if out.shape != ref.shape or not all_finite(out):
             return False
         if float((out.double().cpu() - ref).norm()) > tol * max(float(ref.norm()), 1e-12):
             return False
